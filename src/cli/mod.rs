@@ -1,0 +1,93 @@
+//! The command line: one file per subcommand. `main.rs` only calls [`main`].
+
+mod generate;
+mod inspect;
+mod tokenize;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+/// Train, sample and inspect a tiny GPT.
+#[derive(Debug, Parser)]
+#[command(name = "tinygpt", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model on a text corpus (or resume a run).
+    Train(train::TrainArgs),
+    /// Generate text from a checkpoint.
+    Generate(generate::GenerateArgs),
+    /// Show a checkpoint's config, sizes, losses and weights.
+    Inspect(inspect::InspectArgs),
+    /// Show the tokens and ids a text becomes.
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+/// Parses the arguments, runs the command and turns any error into one line on stderr.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap formats help, version and usage errors itself.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The checkpoint a user means by `dir`: a checkpoint directory itself, or a run directory's
+/// `best/` (else `last/`).
+pub(crate) fn checkpoint_dir(dir: &Path) -> PathBuf {
+    use crate::checkpoint::resolve;
+    if resolve(dir).join("model.safetensors").exists() {
+        return dir.to_path_buf();
+    }
+    for sub in ["best", "last"] {
+        let d = dir.join(sub);
+        if resolve(&d).join("model.safetensors").exists() {
+            return d;
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// Loads the checkpoint a user named.
+pub(crate) fn load_checkpoint(dir: &Path) -> Result<crate::checkpoint::Checkpoint> {
+    crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
+}
+
+/// Reads a prompt file, naming the problem.
+pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Usage(format!("{what} {}: {e}", path.display())))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Usage(format!(
+            "{what} {} is not valid UTF-8 (first bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}

@@ -1,0 +1,33 @@
+//! `tinygpt tokenize`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::Result;
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Checkpoint whose tokenizer to use.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to tokenize.
+    text: String,
+}
+
+pub fn run(args: TokenizeArgs) -> Result<()> {
+    let ck = super::load_checkpoint(&args.checkpoint)?;
+    let ids = ck.tokenizer.encode(&args.text)?;
+    println!(
+        "{} characters → {} tokens ({} tokenizer)",
+        args.text.chars().count(),
+        ids.len(),
+        format!("{:?}", ck.tokenizer.kind()).to_lowercase()
+    );
+    println!("{:>5}  {:>6}  token", "pos", "id");
+    for (i, &id) in ids.iter().enumerate() {
+        println!("{i:>5}  {id:>6}  {:?}", ck.tokenizer.token_text(id));
+    }
+    println!("ids: {ids:?}");
+    Ok(())
+}

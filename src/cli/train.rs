@@ -1,0 +1,125 @@
+//! `tinygpt train`.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use clap::Args;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::rng::seeded;
+use crate::sample::{generate, SampleOptions};
+use crate::train::trainer::{prepare_out_dir, resume_paths};
+use crate::train::{ProgressMode, RunOptions, Trainer};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Config file (configs/*.toml). Optional with --resume, which uses the checkpoint's.
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Corpus to train on, instead of the config's data.path.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (default: checkpoints/<config name>/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this run directory (or checkpoint directory) exactly where it stopped.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Override a config key, e.g. --set training.max_iters=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Overwrite a run directory that already holds checkpoints.
+    #[arg(long)]
+    force: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Tokens of sample text to print at the end (0 for none).
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let progress = ProgressMode::detect(args.quiet);
+    let (mut trainer, out, resumed) = if let Some(resume) = &args.resume {
+        let (ck_dir, run_dir) = resume_paths(resume);
+        let out = args.out.clone().unwrap_or(run_dir);
+        let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device)?;
+        (trainer, out, true)
+    } else {
+        let path = args
+            .config
+            .as_ref()
+            .ok_or_else(|| Error::Usage("--config is required unless --resume is given".into()))?;
+        let mut config = Config::load(path, &args.set)?;
+        if let Some(d) = &args.data {
+            config.data.path = d.clone();
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        let out = args.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
+        let opts = RunOptions {
+            out: out.clone(),
+            resume: None,
+            force: args.force,
+            progress,
+        };
+        prepare_out_dir(&opts)?;
+        (Trainer::new(config, &device)?, out, false)
+    };
+    let opts = RunOptions {
+        out: out.clone(),
+        resume: resumed.then(|| out.clone()),
+        force: args.force,
+        progress,
+    };
+    if resumed {
+        prepare_out_dir(&opts)?;
+    }
+    let say = |s: String| {
+        if progress != ProgressMode::Quiet {
+            println!("{s}");
+        }
+    };
+    let c = &trainer.config;
+    say(format!(
+        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, run dir {}{}",
+        trainer.params.count(),
+        format!("{:?}", c.tokenizer.kind).to_lowercase(),
+        trainer.tokenizer.vocab_size(),
+        trainer.dataset.len(crate::data::Split::Train),
+        trainer.dataset.len(crate::data::Split::Val),
+        out.display(),
+        if resumed { format!(", resuming at step {}", trainer.state.step) } else { String::new() }
+    ));
+    let summary = trainer.run(&opts)?;
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    say(format!(
+        "done: {} steps, train loss {}, val loss {}, best val loss {}, {:.1} ms/iter ({:.0} tokens/s); checkpoints in {}",
+        summary.steps,
+        f(summary.final_train_loss),
+        f(summary.final_val_loss),
+        f(summary.best_val_loss),
+        summary.ms_per_iter,
+        summary.tokens_per_s,
+        out.display()
+    ));
+    if args.sample_tokens > 0 && progress != ProgressMode::Quiet {
+        let start = trainer.tokenizer.newline_id().unwrap_or(0);
+        let opts = SampleOptions {
+            max_new_tokens: args.sample_tokens,
+            temperature: 0.8,
+            top_k: Some(200),
+            top_p: None,
+            use_cache: true,
+        };
+        let mut rng = seeded(trainer.config.training.seed);
+        let ids = generate(&trainer.model, &[start], &opts, &mut rng, |_| Ok(()))?;
+        println!("--- sample ---\n{}\n--------------", trainer.tokenizer.decode(&ids)?);
+    }
+    Ok(())
+}

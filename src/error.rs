@@ -1,0 +1,63 @@
+//! One error type for the library. Every variant carries a message written for the user:
+//! it names the thing that is wrong and, where there is one, the fix.
+
+use std::path::{Path, PathBuf};
+
+/// The library's error. The binary prints it as one line on stderr and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config file or `--set` override is malformed or out of range.
+    #[error("config: {0}")]
+    Config(String),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The training corpus cannot be used as it is.
+    #[error("corpus {}: {msg}", path.display())]
+    Data { path: PathBuf, msg: String },
+    /// Text that the tokenizer cannot encode, or a broken tokenizer file.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A checkpoint directory that is missing, corrupt or does not match itself.
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    /// A bad argument to a command (sampling settings, layer indices, …).
+    #[error("{0}")]
+    Usage(String),
+    /// A tensor operation failed; this is a bug or a shape mismatch inside tinygpt.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error about `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// A checkpoint error about `path`.
+    pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A corpus error about `path`.
+    pub fn data(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! tinygpt: a trainable tiny GPT-style language model on candle.
+//!
+//! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
+//! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod inspect;
+pub mod model;
+pub mod rng;
+pub mod sample;
+pub mod tokenizer;
+pub mod train;
+
+/// Re-exported so that `tinygpt::attention::scaled_dot_product_attention` reads as in the docs.
+pub use model::attention;
+
+pub use error::{Error, Result};

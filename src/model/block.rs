@@ -1,0 +1,113 @@
+//! A transformer block: x + attn(LN(x)), then x + mlp(LN(x)) (pre-LayerNorm, as GPT-2).
+
+use candle_core::Tensor;
+
+use super::attention::{Head, LayerKv, MultiHeadAttention};
+use super::layers::{dropout, LayerNorm, Linear};
+use super::params::Params;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rng::Rng;
+
+/// Position-wise feed-forward network: C → 4C → GELU → C.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+    pub dropout: f64,
+}
+
+impl Mlp {
+    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
+        let c = cfg.n_embd;
+        Ok(Mlp {
+            c_fc: Linear::new(p, &format!("{name}.c_fc"), c, 4 * c, cfg.bias, 0.02)?,
+            c_proj: Linear::new(p, &format!("{name}.c_proj"), 4 * c, c, cfg.bias, proj_std)?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `(B, T, C)` → `(B, T, C)`.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let h = self.c_fc.forward(x)?.gelu_erf()?; // (B, T, 4C)
+        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+    }
+}
+
+/// The attention of a block: a lone [`Head`] (plus output projection) when n_head = 1,
+/// [`MultiHeadAttention`] otherwise. Both have the same weight names.
+#[derive(Debug, Clone)]
+pub enum SelfAttention {
+    Single { head: Head, c_proj: Linear },
+    Multi(MultiHeadAttention),
+}
+
+impl SelfAttention {
+    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
+        if cfg.n_head == 1 {
+            Ok(SelfAttention::Single {
+                head: Head::new(p, name, cfg.n_embd, cfg.n_embd, cfg.dropout)?,
+                c_proj: Linear::new(p, &format!("{name}.c_proj"), cfg.n_embd, cfg.n_embd, cfg.bias, proj_std)?,
+            })
+        } else {
+            Ok(SelfAttention::Multi(MultiHeadAttention::new(
+                p, name, cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, proj_std,
+            )?))
+        }
+    }
+
+    /// `(B, T, C)` → `(out (B, T, C), weights (B, n_head, T, T_k))`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut Rng>,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<(Tensor, Tensor)> {
+        match self {
+            SelfAttention::Single { head, c_proj } => {
+                let (y, w) = head.forward(x, mask, rng.as_deref_mut(), cache)?;
+                let y = dropout(&c_proj.forward(&y)?, head.dropout, rng)?;
+                Ok((y, w.unsqueeze(1)?))
+            }
+            SelfAttention::Multi(mha) => mha.forward(x, mask, rng, cache),
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub attn: SelfAttention,
+    pub ln_2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig) -> Result<Block> {
+        // GPT-2: residual projections start smaller, so the residual stream's variance does not
+        // grow with depth.
+        let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        Ok(Block {
+            ln_1: LayerNorm::new(p, &format!("{name}.ln_1"), cfg.n_embd, cfg.bias)?,
+            attn: SelfAttention::new(p, &format!("{name}.attn"), cfg, proj_std)?,
+            ln_2: LayerNorm::new(p, &format!("{name}.ln_2"), cfg.n_embd, cfg.bias)?,
+            mlp: Mlp::new(p, &format!("{name}.mlp"), cfg, proj_std)?,
+        })
+    }
+
+    /// `(B, T, C)` → `(x (B, T, C), attention weights (B, n_head, T, T_k))`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut Rng>,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (a, w) = self.attn.forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut(), cache)?;
+        let x = (x + a)?;
+        let x = (&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?;
+        Ok((x, w))
+    }
+}

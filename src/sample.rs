@@ -1,0 +1,202 @@
+//! Text generation: temperature, top-k and top-p sampling, with or without the KV cache.
+//!
+//! Without the cache every new token runs the model over the last `block_size` tokens. With it,
+//! each new token costs one incremental step; when the window is full, the cache restarts from
+//! the last half block (positions are absolute, so a sliding cache cannot simply drop its head).
+
+use candle_core::{Device, Tensor};
+use rand::Rng as _;
+
+use crate::error::{Error, Result};
+use crate::model::Gpt;
+use crate::rng::Rng;
+
+/// Largest `max_new_tokens` accepted; larger requests are capped.
+pub const MAX_NEW_TOKENS_CAP: usize = 1_000_000;
+
+/// Sampling settings.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub max_new_tokens: usize,
+    /// 0 means greedy (always the most likely token).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probabilities add up to p.
+    pub top_p: Option<f64>,
+    /// Use the KV cache (same distribution, far less work).
+    pub use_cache: bool,
+}
+
+impl SampleOptions {
+    /// Checks the settings; the message names the flag and what it may be.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--temperature {} must be ≥ 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Usage("--top-k 0 keeps no token; use k ≥ 1 or leave it out".into()));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Usage(format!("--top-p {p} must be in (0, 1]")));
+            }
+        }
+        if self.max_new_tokens == 0 {
+            return Err(Error::Usage("--max-new-tokens 0 generates nothing; use N ≥ 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Picks the next token from one row of logits.
+pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32)
+    };
+    if opts.temperature == 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = opts.top_k {
+        idx.truncate(k.max(1));
+    }
+    let inv_t = 1.0 / opts.temperature;
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) * inv_t).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = opts.top_p {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = rng.random::<f64>() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        if r < *p {
+            return i as u32;
+        }
+        r -= p;
+    }
+    idx[idx.len() - 1] as u32
+}
+
+fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
+    let t = logits.dim(1)?;
+    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_vec1::<f32>()?)
+}
+
+fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
+}
+
+/// Generates `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens), calling
+/// `on_token` with each as soon as it is chosen. Returns the new tokens.
+pub fn generate(
+    model: &Gpt,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    opts.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Usage("generation needs at least one prompt token".into()));
+    }
+    let block = model.cfg.block_size;
+    let device = model.wte.device().clone();
+    let mut ctx: Vec<u32> = prompt[prompt.len().saturating_sub(block)..].to_vec();
+    let mut out = Vec::with_capacity(opts.max_new_tokens);
+    let mut cache = model.new_cache();
+    let mut logits = if opts.use_cache {
+        last_row(&model.forward_cached(&ids_tensor(&ctx, &device)?, &mut cache)?)?
+    } else {
+        last_row(&model.forward(&ids_tensor(&ctx, &device)?, None)?)?
+    };
+    for n in 0..opts.max_new_tokens {
+        let next = pick(&logits, opts, rng);
+        on_token(next)?;
+        out.push(next);
+        ctx.push(next);
+        if n + 1 == opts.max_new_tokens {
+            break;
+        }
+        logits = if opts.use_cache {
+            if cache.len() < block {
+                last_row(&model.forward_cached(&ids_tensor(&[next], &device)?, &mut cache)?)?
+            } else {
+                cache.clear();
+                let keep = (block / 2).max(1);
+                let window = &ctx[ctx.len() - keep..];
+                last_row(&model.forward_cached(&ids_tensor(window, &device)?, &mut cache)?)?
+            }
+        } else {
+            let window = &ctx[ctx.len().saturating_sub(block)..];
+            last_row(&model.forward(&ids_tensor(window, &device)?, None)?)?
+        };
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::seeded;
+
+    fn opts(t: f64, k: Option<usize>, p: Option<f64>) -> SampleOptions {
+        SampleOptions {
+            max_new_tokens: 1,
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            use_cache: true,
+        }
+    }
+
+    #[test]
+    fn greedy_top_k_top_p() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let mut rng = seeded(0);
+        assert_eq!(pick(&logits, &opts(0.0, None, None), &mut rng), 1);
+        // top-k 1 is greedy whatever the temperature
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, &opts(5.0, Some(1), None), &mut rng), 1);
+        }
+        // top-k 2 only ever gives the two best
+        for _ in 0..50 {
+            let t = pick(&logits, &opts(1.0, Some(2), None), &mut rng);
+            assert!(t == 1 || t == 3);
+        }
+        // a tiny top-p keeps only the best
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, &opts(1.0, None, Some(0.01)), &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        assert!(opts(-1.0, None, None).validate().unwrap_err().to_string().contains("--temperature"));
+        assert!(opts(1.0, Some(0), None).validate().unwrap_err().to_string().contains("--top-k"));
+        assert!(opts(1.0, None, Some(1.5)).validate().unwrap_err().to_string().contains("--top-p"));
+        let mut o = opts(1.0, None, None);
+        o.max_new_tokens = 0;
+        assert!(o.validate().unwrap_err().to_string().contains("--max-new-tokens"));
+    }
+}

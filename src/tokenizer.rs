@@ -1,0 +1,456 @@
+//! Text ⇄ token ids. Two kinds behind one type, both stored as a Hugging Face `tokenizer.json`
+//! that the `tokenizers` library (Rust or Python) loads as is:
+//!
+//! - **char**: one token per distinct character of the corpus, ids in sorted character order. It is
+//!   written as the library's BPE model with the characters as vocabulary, no merges and a `Fuse`
+//!   decoder (without a decoder, decode would join tokens with spaces).
+//! - **bpe**: byte-level BPE trained on the corpus with the library's trainer; any UTF-8 text
+//!   encodes, and decode(encode(s)) == s.
+//!
+//! The library silently drops characters a char vocabulary does not know, so [`Tokenizer::encode`]
+//! checks every character itself and names the first unknown one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, PreTokenizerWrapper, TokenizerBuilder};
+
+use crate::config::TokenizerKind;
+use crate::error::{Error, Result};
+
+/// Special tokens of the BPE vocabulary. The char tokenizer has none: its vocabulary is exactly
+/// the corpus's characters.
+pub const SPECIAL_TOKENS: [&str; 1] = ["<|endoftext|>"];
+
+type HfDecodeStream<'a> = tokenizers::DecodeStream<
+    'a,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// A trained tokenizer of either kind.
+#[derive(Clone)]
+pub struct Tokenizer {
+    kind: TokenizerKind,
+    inner: tokenizers::Tokenizer,
+    /// For `char`: the vocabulary as a map, to encode corpora fast and to name unknown characters.
+    char_ids: HashMap<char, u32>,
+}
+
+fn tk_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// A char-level tokenizer over the distinct characters of `text`, sorted.
+    pub fn train_char(text: &str) -> Result<Tokenizer> {
+        let mut chars: Vec<char> = text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        chars.sort_unstable();
+        if chars.is_empty() {
+            return Err(Error::Tokenizer("cannot build a vocabulary from empty text".into()));
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> = chars
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), serde_json::Value::from(i as u32)))
+            .collect();
+        // The library's own JSON form: a BPE model over the characters, no merges, Fuse decoder.
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Fuse"},
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": null,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": false,
+                "byte_fallback": false,
+                "ignore_merges": false,
+                "vocab": vocab,
+                "merges": []
+            }
+        });
+        Self::from_json(&json.to_string())
+    }
+
+    /// A byte-level BPE with `vocab_size` tokens (bytes, merges and special tokens) trained on `text`.
+    pub fn train_bpe(text: &str, vocab_size: usize) -> Result<Tokenizer> {
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(
+                SPECIAL_TOKENS
+                    .iter()
+                    .map(|t| AddedToken::from(t.to_string(), true))
+                    .collect(),
+            )
+            .build();
+        let byte_level = ByteLevel::new(false, false, true);
+        let mut tk = TokenizerBuilder::<
+            BPE,
+            tokenizers::NormalizerWrapper,
+            ByteLevel,
+            tokenizers::PostProcessorWrapper,
+            ByteLevelDecoder,
+        >::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(byte_level))
+        .with_decoder(Some(byte_level))
+        .build()
+        .map_err(tk_err)?;
+        tk.train(&mut trainer, text.split_inclusive('\n'))
+            .map_err(tk_err)?;
+        let json = tk.to_string(false).map_err(tk_err)?;
+        Self::from_json(&json)
+    }
+
+    /// Trains the tokenizer of the given kind on `text`.
+    pub fn train(kind: TokenizerKind, text: &str, vocab_size: usize) -> Result<Tokenizer> {
+        match kind {
+            TokenizerKind::Char => Self::train_char(text),
+            TokenizerKind::Bpe => Self::train_bpe(text, vocab_size),
+        }
+    }
+
+    fn from_inner(inner: tokenizers::Tokenizer) -> Result<Tokenizer> {
+        let kind = match inner.get_pre_tokenizer() {
+            Some(PreTokenizerWrapper::ByteLevel(_)) => TokenizerKind::Bpe,
+            None => TokenizerKind::Char,
+            Some(_) => {
+                return Err(Error::Tokenizer(
+                    "unsupported pre-tokenizer: tinygpt reads its own char and byte-level BPE tokenizers".into(),
+                ))
+            }
+        };
+        let char_ids = if kind == TokenizerKind::Char {
+            let mut map = HashMap::new();
+            for (tok, id) in inner.get_vocab(false) {
+                let mut it = tok.chars();
+                match (it.next(), it.next()) {
+                    (Some(c), None) => {
+                        map.insert(c, id);
+                    }
+                    _ => {
+                        return Err(Error::Tokenizer(format!(
+                            "char vocabulary entry {tok:?} (id {id}) is not a single character"
+                        )))
+                    }
+                }
+            }
+            map
+        } else {
+            HashMap::new()
+        };
+        Ok(Tokenizer {
+            kind,
+            inner,
+            char_ids,
+        })
+    }
+
+    /// Reads a `tokenizer.json` from text.
+    pub fn from_json(json: &str) -> Result<Tokenizer> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        Self::from_inner(inner)
+    }
+
+    /// Reads a `tokenizer.json` file.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// The `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(tk_err)
+    }
+
+    /// `char` or `bpe`.
+    pub fn kind(&self) -> TokenizerKind {
+        self.kind
+    }
+
+    /// Number of token ids, special tokens included: the rows of the embedding table.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`. For `char`, a character outside the vocabulary is an error that names
+    /// it and its position.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self.kind {
+            TokenizerKind::Char => self.encode_chars(text),
+            TokenizerKind::Bpe => Ok(self
+                .inner
+                .encode_fast(text, false)
+                .map_err(tk_err)?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
+    fn encode_chars(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(text.len());
+        for (pos, c) in text.chars().enumerate() {
+            match self.char_ids.get(&c) {
+                Some(&id) => ids.push(id),
+                None => {
+                    return Err(Error::Tokenizer(format!(
+                        "unknown character {c:?} (U+{:04X}) at position {pos}: the char vocabulary was built from the training corpus and does not contain it",
+                        c as u32
+                    )))
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Token ids of a whole corpus, in parallel chunks. The chunks are cut only where the
+    /// byte-level pre-tokenizer would cut anyway (after a newline that follows a non-space and
+    /// precedes a letter), so the ids equal those of `encode(text)`.
+    pub fn encode_corpus(&self, text: &str) -> Result<Vec<u32>> {
+        if self.kind == TokenizerKind::Char {
+            return self.encode_chars(text);
+        }
+        let chunks = split_for_bpe(text, 1 << 20);
+        let parts: Vec<Vec<u32>> = chunks
+            .par_iter()
+            .map(|c| self.encode(c))
+            .collect::<Result<_>>()?;
+        Ok(parts.concat())
+    }
+
+    /// The text of `ids`; special tokens are left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.check_ids(ids)?;
+        self.inner.decode(ids, true).map_err(tk_err)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let n = self.vocab_size() as u32;
+        if let Some(&bad) = ids.iter().find(|&&i| i >= n) {
+            return Err(Error::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary of {n} tokens"
+            )));
+        }
+        Ok(())
+    }
+
+    /// How one token reads on its own (byte-level BPE tokens that are parts of a multi-byte
+    /// character show as their bytes, e.g. `<0xE2>`).
+    pub fn token_text(&self, id: u32) -> String {
+        match self.kind {
+            TokenizerKind::Char => self.inner.id_to_token(id).unwrap_or_default(),
+            TokenizerKind::Bpe => {
+                if let Some(tok) = self.inner.id_to_token(id) {
+                    if SPECIAL_TOKENS.contains(&tok.as_str()) {
+                        return tok;
+                    }
+                }
+                match self.inner.decode(&[id], false) {
+                    Ok(s) if !s.contains('\u{FFFD}') => s,
+                    _ => {
+                        // Show the raw bytes of a partial character.
+                        let tok = self.inner.id_to_token(id).unwrap_or_default();
+                        let bytes = byte_level_bytes(&tok);
+                        bytes.iter().map(|b| format!("<0x{b:02X}>")).collect()
+                    }
+                }
+            }
+        }
+    }
+
+    /// A decoder for streaming: feed ids one at a time, get text as soon as it is whole UTF-8.
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream {
+            inner: self.inner.decode_stream(true),
+        }
+    }
+
+    /// The token id of a newline, if the vocabulary has one: where an empty prompt starts.
+    pub fn newline_id(&self) -> Option<u32> {
+        match self.kind {
+            TokenizerKind::Char => self.char_ids.get(&'\n').copied(),
+            TokenizerKind::Bpe => self.encode("\n").ok().and_then(|v| (v.len() == 1).then(|| v[0])),
+        }
+    }
+
+    /// The id of the BPE end-of-text token (none for `char`).
+    pub fn eot_id(&self) -> Option<u32> {
+        self.inner.token_to_id(SPECIAL_TOKENS[0])
+    }
+}
+
+/// Streaming decoder returned by [`Tokenizer::stream`].
+pub struct TextStream<'a> {
+    inner: HfDecodeStream<'a>,
+}
+
+impl TextStream<'_> {
+    /// Text that `id` completes, if any (a byte-level token may end mid-character).
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.inner.step(id).map_err(tk_err)
+    }
+}
+
+/// The bytes a byte-level token stands for (GPT-2's byte ↔ printable-char mapping, inverted).
+fn byte_level_bytes(token: &str) -> Vec<u8> {
+    let mut table = HashMap::new();
+    let mut n = 0u32;
+    for b in 0..=255u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+        if let Some(c) = char::from_u32(c) {
+            table.insert(c, b as u8);
+        }
+    }
+    token.chars().filter_map(|c| table.get(&c).copied()).collect()
+}
+
+/// Cuts `text` into chunks of about `target` bytes at boundaries where the byte-level
+/// pre-tokenizer splits anyway, so encoding the chunks separately equals encoding the whole.
+fn split_for_bpe(text: &str, target: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while text.len() - start > target {
+        let mut cut = None;
+        let from = start + target;
+        let bytes = text.as_bytes();
+        let mut i = from;
+        while i < text.len() {
+            if bytes[i] == b'\n' && i > 0 {
+                let prev_ok = !text[..i]
+                    .chars()
+                    .next_back()
+                    .map(char::is_whitespace)
+                    .unwrap_or(true);
+                let next_ok = text[i + 1..]
+                    .chars()
+                    .next()
+                    .map(char::is_alphabetic)
+                    .unwrap_or(false);
+                if prev_ok && next_ok {
+                    cut = Some(i + 1);
+                    break;
+                }
+            }
+            i += 1;
+        }
+        match cut {
+            Some(c) => {
+                out.push(&text[start..c]);
+                start = c;
+            }
+            None => break,
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n  Ünïcödé — “quotes” ✓ 日本語 🎭\n";
+
+    #[test]
+    fn char_round_trip_and_sorted_vocab() {
+        let tk = Tokenizer::train_char(TEXT).unwrap();
+        assert_eq!(tk.kind(), TokenizerKind::Char);
+        let ids = tk.encode(TEXT).unwrap();
+        assert_eq!(ids.len(), TEXT.chars().count());
+        assert_eq!(tk.decode(&ids).unwrap(), TEXT);
+        // ids follow sorted character order
+        assert_eq!(tk.encode("\n").unwrap(), vec![0]);
+        let mut sorted: Vec<char> = TEXT.chars().collect();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(tk.vocab_size(), sorted.len());
+        assert_eq!(tk.encode("🎭").unwrap(), vec![sorted.len() as u32 - 1]);
+        // the saved JSON loads as the same tokenizer
+        let again = Tokenizer::from_json(&tk.to_json().unwrap()).unwrap();
+        assert_eq!(again.encode(TEXT).unwrap(), ids);
+        assert_eq!(again.kind(), TokenizerKind::Char);
+        // the library's own encode agrees with the fast path
+        let hf = tk.inner.encode(TEXT, false).unwrap().get_ids().to_vec();
+        assert_eq!(hf, ids);
+    }
+
+    #[test]
+    fn char_unknown_character_is_named() {
+        let tk = Tokenizer::train_char("abc").unwrap();
+        let e = tk.encode("abz").unwrap_err().to_string();
+        assert!(e.contains("'z'") && e.contains("position 2"), "{e}");
+    }
+
+    #[test]
+    fn bpe_round_trips_any_utf8() {
+        let corpus = TEXT.repeat(20);
+        let tk = Tokenizer::train_bpe(&corpus, 300).unwrap();
+        assert_eq!(tk.kind(), TokenizerKind::Bpe);
+        assert!(tk.vocab_size() <= 300 && tk.vocab_size() > 257, "{}", tk.vocab_size());
+        let unseen = "Zebra-Ωmega \u{1F600}\t\r\n  x  \n\nçà";
+        for s in [TEXT, unseen, ""] {
+            let ids = tk.encode(s).unwrap();
+            assert_eq!(tk.decode(&ids).unwrap(), s);
+        }
+        // merges compress the training text
+        assert!(tk.encode(TEXT).unwrap().len() < TEXT.len() / 2);
+        let again = Tokenizer::from_json(&tk.to_json().unwrap()).unwrap();
+        assert_eq!(again.encode(unseen).unwrap(), tk.encode(unseen).unwrap());
+        assert_eq!(again.kind(), TokenizerKind::Bpe);
+    }
+
+    #[test]
+    fn bpe_chunked_corpus_encoding_equals_whole() {
+        let corpus = TEXT.repeat(50);
+        let tk = Tokenizer::train_bpe(&corpus, 300).unwrap();
+        let chunks = split_for_bpe(&corpus, 300);
+        assert!(chunks.len() > 5);
+        assert_eq!(chunks.concat(), corpus);
+        let whole = tk.encode(&corpus).unwrap();
+        let parts: Vec<u32> = chunks.iter().flat_map(|c| tk.encode(c).unwrap()).collect();
+        assert_eq!(parts, whole);
+    }
+
+    #[test]
+    fn stream_decoding_waits_for_whole_characters() {
+        let corpus = TEXT.repeat(5);
+        let tk = Tokenizer::train_bpe(&corpus, 260).unwrap();
+        let s = "日本語 🎭 ok";
+        let ids = tk.encode(s).unwrap();
+        let mut st = tk.stream();
+        let mut out = String::new();
+        for id in ids {
+            if let Some(t) = st.step(id).unwrap() {
+                assert!(!t.contains('\u{FFFD}'));
+                out.push_str(&t);
+            }
+        }
+        assert_eq!(out, s);
+        let b = tk.encode("日").unwrap();
+        assert!(tk.token_text(b[0]).starts_with("<0x"));
+    }
+}

@@ -1,0 +1,363 @@
+//! The training loop: batches → loss → backward → clip → AdamW, with evaluation, metrics and
+//! checkpoints. Every random draw comes from the run's one RNG, which the checkpoint saves, so
+//! N steps in one go and N/2 + resume + N/2 give identical weights.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::optimizer::AdamW;
+use super::progress::{Progress, ProgressMode};
+use super::schedule::learning_rate;
+use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
+use crate::config::Config;
+use crate::data::{read_corpus, Dataset, Split, TokenIds};
+use crate::error::{Error, Result};
+use crate::model::{Gpt, Params};
+use crate::rng::seeded;
+use crate::tokenizer::Tokenizer;
+
+/// Header of `metrics.csv`.
+pub const METRICS_HEADER: &str = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s";
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run directory: `last/`, `best/`, `metrics.csv` go here.
+    pub out: PathBuf,
+    /// Continue from this checkpoint (its config, weights, optimizer and RNG).
+    pub resume: Option<PathBuf>,
+    /// Write into a run directory that already holds checkpoints.
+    pub force: bool,
+    pub progress: ProgressMode,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub steps: usize,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    /// Median wall time of one optimizer step, in milliseconds.
+    pub ms_per_iter: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Everything a running training job holds.
+pub struct Trainer {
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+    pub model: Gpt,
+    pub params: Params,
+    pub optimizer: AdamW,
+    pub state: TrainState,
+    pub dataset: Dataset,
+    device: Device,
+}
+
+fn has_checkpoints(dir: &Path) -> bool {
+    ["last", "best", ".last.old", ".best.old"]
+        .iter()
+        .any(|n| dir.join(n).exists())
+}
+
+/// Checks early that checkpoints can be written into `dir`.
+fn probe_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::io(dir, e)
+    })?;
+    let probe = dir.join(".write-probe");
+    let res = std::fs::write(&probe, vec![0u8; 4096]);
+    let _ = std::fs::remove_file(&probe);
+    res.map_err(|e| Error::Usage(format!("cannot write checkpoints into {}: {e}; pass another --out", dir.display())))
+}
+
+impl Trainer {
+    /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
+    pub fn new(config: Config, device: &Device) -> Result<Trainer> {
+        let text = read_corpus(&config.data.path)?;
+        let tokenizer = Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
+        let dataset = make_dataset(&config, &tokenizer, &text)?;
+        drop(text);
+        let mut rng = seeded(config.training.seed);
+        // Weights are drawn first, then the same stream feeds batches and dropout.
+        let mut params = Params::fresh(rng.clone(), device);
+        let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
+        // Batches and dropout draw from a second stream of the same seed, independent of how
+        // many numbers the initialisation took.
+        rng.set_stream(1);
+        let optimizer = AdamW::new(params.vars(), &config.training);
+        let state = TrainState {
+            format_version: FORMAT_VERSION,
+            step: 0,
+            best_val_loss: None,
+            rng,
+            elapsed_s: 0.0,
+            history: Vec::new(),
+        };
+        Ok(Trainer {
+            config,
+            tokenizer,
+            model,
+            params,
+            optimizer,
+            state,
+            dataset,
+            device: device.clone(),
+        })
+    }
+
+    /// Continues the run saved in checkpoint `dir`. `overrides` may change training settings
+    /// (e.g. `training.max_iters` to train longer) but not the model or tokenizer.
+    pub fn resume(dir: &Path, overrides: &[String], data: Option<&Path>, device: &Device) -> Result<Trainer> {
+        let ck = checkpoint::load(dir, device)?;
+        let state = ck.state.clone().ok_or_else(|| {
+            Error::checkpoint(&ck.dir, "state.json is missing, so this checkpoint cannot be resumed (it can still be used to generate)")
+        })?;
+        let mut config = if overrides.is_empty() {
+            ck.config.clone()
+        } else {
+            let text = ck.config.to_toml()?;
+            Config::parse(&text, overrides)?
+        };
+        if config.model != ck.config.model || config.tokenizer != ck.config.tokenizer {
+            return Err(Error::Config(
+                "a resumed run keeps its model and tokenizer settings; only [training] and [data] may be overridden".into(),
+            ));
+        }
+        if let Some(p) = data {
+            config.data.path = p.to_path_buf();
+        }
+        let text = read_corpus(&config.data.path)?;
+        let dataset = make_dataset(&config, &ck.tokenizer, &text)?;
+        drop(text);
+        let mut optimizer = AdamW::new(ck.params.vars(), &config.training);
+        let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
+        optimizer.load_state(&opt_state)?;
+        Ok(Trainer {
+            config,
+            tokenizer: ck.tokenizer,
+            model: ck.model,
+            params: ck.params,
+            optimizer,
+            state,
+            dataset,
+            device: device.clone(),
+        })
+    }
+
+    /// Mean loss over `eval_iters` batches of each split (dropout off).
+    pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let t = &self.config.training;
+        let mut out = [0.0f64; 2];
+        for (i, split) in [Split::Train, Split::Val].into_iter().enumerate() {
+            let mut sum = 0.0;
+            for _ in 0..t.eval_iters {
+                let (x, y) = self.dataset.batch(split, t.batch_size, self.config.model.block_size, &mut self.state.rng, &self.device)?;
+                let loss = self.model.loss(&x.detach(), &y, None)?;
+                sum += loss.to_scalar::<f32>()? as f64;
+            }
+            out[i] = sum / t.eval_iters as f64;
+        }
+        Ok((out[0], out[1]))
+    }
+
+    /// One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss.
+    pub fn train_step(&mut self) -> Result<f64> {
+        let t = self.config.training.clone();
+        let block = self.config.model.block_size;
+        let names: Vec<String> = self.optimizer.names().map(str::to_string).collect();
+        let vars = self.params.vars();
+        let mut grads: Vec<Vec<f32>> = names.iter().map(|n| vec![0.0; vars[n].elem_count()]).collect();
+        let mut loss_sum = 0.0;
+        for _ in 0..t.grad_accum_steps {
+            let (x, y) = self.dataset.batch(Split::Train, t.batch_size, block, &mut self.state.rng, &self.device)?;
+            let loss = self.model.loss(&x, &y, Some(&mut self.state.rng))?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                return Err(non_finite(self.state.step + 1, "loss", t.learning_rate));
+            }
+            loss_sum += l;
+            let scaled = (loss / t.grad_accum_steps as f64)?;
+            let store = scaled.backward()?;
+            for (buf, name) in grads.iter_mut().zip(&names) {
+                if let Some(g) = store.get(vars[name].as_tensor()) {
+                    let g = g.flatten_all()?.to_vec1::<f32>()?;
+                    buf.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let norm = grads.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+        if !norm.is_finite() {
+            return Err(non_finite(self.state.step + 1, "gradient norm", t.learning_rate));
+        }
+        if t.grad_clip > 0.0 && norm > t.grad_clip {
+            let scale = (t.grad_clip / (norm + 1e-6)) as f32;
+            grads.iter_mut().flatten().for_each(|g| *g *= scale);
+        }
+        let lr = learning_rate(&t, self.state.step);
+        self.optimizer.step(&grads, lr)?;
+        self.state.step += 1;
+        Ok(loss_sum / t.grad_accum_steps as f64)
+    }
+
+    /// Saves the run's state to `dir` atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let opt = self.optimizer.state(&self.device)?;
+        checkpoint::save(dir, &self.config, &self.tokenizer, &self.params, Some(&opt), Some(&self.state))
+    }
+
+    /// Runs to `max_iters`, evaluating, logging and checkpointing on the way.
+    pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
+        let out = opts.out.clone();
+        let t = self.config.training.clone();
+        let tokens_per_step = (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as f64;
+        let mut metrics = open_metrics(&out, self.state.step, opts.resume.is_some())?;
+        let progress = Progress::new(opts.progress, "train", t.max_iters as u64, self.state.step as u64);
+        let log_every = (t.eval_interval / 5).max(1);
+        let started = Instant::now();
+        let elapsed_before = self.state.elapsed_s;
+        let mut step_ms = Vec::new();
+        let mut last_train = None;
+        let mut last_val = None;
+        let mut status = String::new();
+        if self.state.step == 0 {
+            let (tr, va) = self.evaluate()?;
+            self.record_eval(&out, tr, va, &progress)?;
+            writeln!(metrics, "0,{tr:.6},{va:.6},0,,0").map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            last_train = Some(tr);
+            last_val = Some(va);
+        }
+        while self.state.step < t.max_iters {
+            let lr = learning_rate(&t, self.state.step);
+            let t0 = Instant::now();
+            let loss = self.train_step()?;
+            let dt = t0.elapsed().as_secs_f64();
+            step_ms.push(dt * 1e3);
+            let tok_s = tokens_per_step / dt;
+            let step = self.state.step;
+            self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            last_train = Some(loss);
+            let mut val_field = String::new();
+            if step % t.eval_interval == 0 || step == t.max_iters {
+                let (tr, va) = self.evaluate()?;
+                self.record_eval(&out, tr, va, &progress)?;
+                val_field = format!("{va:.6}");
+                last_val = Some(va);
+                status = format!("val {va:.4}");
+            }
+            writeln!(metrics, "{step},{loss:.6},{val_field},{lr:.6e},{tok_s:.1},{:.3}", self.state.elapsed_s)
+                .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            if step % t.checkpoint_interval == 0 || step == t.max_iters {
+                metrics.flush().map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+                self.save(&out.join("last"))?;
+            }
+            progress.update(
+                step as u64,
+                &format!("loss {loss:.4} {status} lr {lr:.2e} {:.0} tok/s", tok_s),
+                step % log_every == 0 || step == t.max_iters,
+            );
+        }
+        progress.finish();
+        metrics.flush().map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+        // A run resumed at its end still leaves a complete last/.
+        if !out.join("last").exists() {
+            self.save(&out.join("last"))?;
+        }
+        step_ms.sort_by(|a, b| a.total_cmp(b));
+        let ms = step_ms.get(step_ms.len() / 2).copied().unwrap_or(0.0);
+        Ok(RunSummary {
+            out,
+            steps: self.state.step,
+            final_train_loss: last_train,
+            final_val_loss: last_val,
+            best_val_loss: self.state.best_val_loss,
+            ms_per_iter: ms,
+            tokens_per_s: if ms > 0.0 { tokens_per_step / (ms / 1e3) } else { 0.0 },
+        })
+    }
+
+    fn record_eval(&mut self, out: &Path, train: f64, val: f64, progress: &Progress) -> Result<()> {
+        let step = self.state.step;
+        self.state.history.push(LossPoint {
+            step,
+            train_loss: train,
+            val_loss: val,
+        });
+        progress.println(&format!("step {step}: train loss {train:.4}, val loss {val:.4}"));
+        if self.state.best_val_loss.is_none_or(|b| val < b) {
+            self.state.best_val_loss = Some(val);
+            self.save(&out.join("best"))?;
+        }
+        Ok(())
+    }
+}
+
+fn non_finite(step: usize, what: &str, lr: f64) -> Error {
+    Error::Usage(format!(
+        "training diverged at step {step}: the {what} is not finite (NaN or infinity). The learning rate ({lr:e}) is likely too high; lower training.learning_rate or set training.grad_clip. The last checkpoint was kept."
+    ))
+}
+
+fn make_dataset(config: &Config, tokenizer: &Tokenizer, text: &str) -> Result<Dataset> {
+    let ids = tokenizer
+        .encode_corpus(text)
+        .map_err(|e| Error::data(&config.data.path, e.to_string()))?;
+    let tokens = TokenIds::new(ids, tokenizer.vocab_size());
+    Dataset::new(tokens, config.training.val_fraction, config.model.block_size, &config.data.path)
+}
+
+/// Opens `metrics.csv` for appending. A resumed run drops rows past its checkpoint's step
+/// (written after that checkpoint, by a run that then stopped).
+fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File> {
+    let path = out.join("metrics.csv");
+    let mut keep = vec![METRICS_HEADER.to_string()];
+    if resumed {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for line in text.lines().skip(1) {
+                let s: Option<usize> = line.split(',').next().and_then(|s| s.parse().ok());
+                if s.is_some_and(|s| s <= step) {
+                    keep.push(line.to_string());
+                }
+            }
+        }
+    }
+    let mut content = keep.join("\n");
+    content.push('\n');
+    std::fs::write(&path, content).map_err(|e| Error::io(&path, e))?;
+    OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))
+}
+
+/// Prepares the run directory: refuses one holding checkpoints unless resuming or forced, and
+/// checks that it is writable.
+pub fn prepare_out_dir(opts: &RunOptions) -> Result<()> {
+    if opts.resume.is_none() && !opts.force && has_checkpoints(&opts.out) {
+        return Err(Error::Usage(format!(
+            "{} already holds checkpoints; pass --resume {} to continue that run, --force to overwrite it, or another --out",
+            opts.out.display(),
+            opts.out.display()
+        )));
+    }
+    probe_writable(&opts.out)
+}
+
+/// Where to resume from: `dir/last` when `dir` is a run directory, else `dir` itself; and the
+/// run directory the resumed run writes to.
+pub fn resume_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    if checkpoint::resolve(&dir.join("last")).is_dir() {
+        (dir.join("last"), dir.to_path_buf())
+    } else {
+        let run = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        (dir.to_path_buf(), run)
+    }
+}
+
+/// A tensor of ids `(1, T)` for the model.
+pub fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
+}
