@@ -165,7 +165,10 @@ pub fn save(
     }
     let meta = HashMap::from([
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
-        ("writer".to_string(), format!("tinygpt {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "writer".to_string(),
+            format!("tinygpt {}", env!("CARGO_PKG_VERSION")),
+        ),
     ]);
     let model_bytes = serialize_tensors(tensors, meta)?;
     let opt_bytes = match optimizer {
@@ -189,7 +192,8 @@ pub fn save(
     let tok_json = tokenizer.to_json()?;
     let state_json = match state {
         Some(s) => Some(
-            serde_json::to_string_pretty(s).map_err(|e| Error::Usage(format!("state.json: {e}")))?,
+            serde_json::to_string_pretty(s)
+                .map_err(|e| Error::Usage(format!("state.json: {e}")))?,
         ),
         None => None,
     };
@@ -260,7 +264,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         ));
     }
     if !dir.is_dir() {
-        return Err(Error::checkpoint(requested, "is not a directory; pass the checkpoint directory, not a file in it"));
+        return Err(Error::checkpoint(
+            requested,
+            "is not a directory; pass the checkpoint directory, not a file in it",
+        ));
     }
     let config_bytes = read_file(&dir, "config.toml")?;
     let config_text = String::from_utf8(config_bytes)
@@ -275,7 +282,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     if tokenizer.kind() != config.tokenizer.kind {
         return Err(Error::checkpoint(
             &dir,
-            format!("tokenizer.json is a {:?} tokenizer but config.toml says tokenizer.kind = {:?}", tokenizer.kind(), config.tokenizer.kind),
+            format!(
+                "tokenizer.json is a {:?} tokenizer but config.toml says tokenizer.kind = {:?}",
+                tokenizer.kind(),
+                config.tokenizer.kind
+            ),
         ));
     }
     let (tensors, _) = read_safetensors(&dir, "model.safetensors", device)?;
@@ -294,7 +305,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let mut params = Params::loaded(tensors, device);
     let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)
         .and_then(|m| params.finish().map(|_| m))
-        .map_err(|e| Error::checkpoint(&dir, format!("model.safetensors does not match config.toml: {e}")))?;
+        .map_err(|e| {
+            Error::checkpoint(
+                &dir,
+                format!("model.safetensors does not match config.toml: {e}"),
+            )
+        })?;
     let state = match std::fs::read(dir.join("state.json")) {
         Ok(bytes) => Some(
             serde_json::from_slice::<TrainState>(&bytes)
@@ -324,7 +340,9 @@ pub fn load_optimizer(dir: &Path, params: &Params, device: &Device) -> Result<Op
     let step = meta
         .get("step")
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::checkpoint(dir, "optimizer.safetensors has no step in its metadata"))?;
+        .ok_or_else(|| {
+            Error::checkpoint(dir, "optimizer.safetensors has no step in its metadata")
+        })?;
     let mut m = HashMap::new();
     let mut v = HashMap::new();
     for (name, var) in params.vars() {
@@ -334,7 +352,14 @@ pub fn load_optimizer(dir: &Path, params: &Params, device: &Device) -> Result<Op
                 Error::checkpoint(dir, format!("optimizer.safetensors lacks `{key}`"))
             })?;
             if t.dims() != var.dims() {
-                return Err(Error::checkpoint(dir, format!("optimizer.safetensors: `{key}` has shape {:?}, the weight has {:?}", t.dims(), var.dims())));
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "optimizer.safetensors: `{key}` has shape {:?}, the weight has {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                ));
             }
             map.insert(name.clone(), t);
         }

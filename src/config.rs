@@ -174,7 +174,7 @@ impl Config {
         positive("model.n_layer", m.n_layer)?;
         positive("model.n_head", m.n_head)?;
         positive("model.n_embd", m.n_embd)?;
-        if m.n_embd % m.n_head != 0 {
+        if !m.n_embd.is_multiple_of(m.n_head) {
             return Err(Error::Config(format!(
                 "model.n_embd = {} is not a multiple of model.n_head = {}: each head gets n_embd / n_head dimensions",
                 m.n_embd, m.n_head
@@ -273,7 +273,9 @@ fn apply_override(table: &mut toml::Table, ov: &str) -> Result<()> {
     let key = key.trim();
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -357,7 +359,10 @@ path = "x.txt"
         assert!(e.to_string().contains("n_layer"), "{e}");
         let e = Config::parse(
             TINY,
-            &["tokenizer.kind=bpe".into(), "tokenizer.vocab_size=100".into()],
+            &[
+                "tokenizer.kind=bpe".into(),
+                "tokenizer.vocab_size=100".into(),
+            ],
         )
         .unwrap_err();
         assert!(e.to_string().contains("vocab_size = 100"), "{e}");

@@ -28,7 +28,10 @@ pub fn read_corpus(path: &Path) -> Result<String> {
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if bytes.is_empty() {
-        return Err(Error::data(path, "is empty; the corpus needs text to train on"));
+        return Err(Error::data(
+            path,
+            "is empty; the corpus needs text to train on",
+        ));
     }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -96,14 +99,21 @@ pub struct Dataset {
 
 impl Dataset {
     /// Splits `tokens`; both parts must hold at least one window of `block_size + 1` tokens.
-    pub fn new(tokens: TokenIds, val_fraction: f64, block_size: usize, path: &Path) -> Result<Dataset> {
+    pub fn new(
+        tokens: TokenIds,
+        val_fraction: f64,
+        block_size: usize,
+        path: &Path,
+    ) -> Result<Dataset> {
         let n = tokens.len();
         let n_val = (n as f64 * val_fraction).round() as usize;
         let split_at = n - n_val;
         let need = block_size + 1;
         if split_at < need || n_val < need {
             // smallest n with both parts ≥ need
-            let min_total = ((need as f64 / val_fraction).max(need as f64 / (1.0 - val_fraction))).ceil() as usize + 1;
+            let min_total = ((need as f64 / val_fraction).max(need as f64 / (1.0 - val_fraction)))
+                .ceil() as usize
+                + 1;
             return Err(Error::data(
                 path,
                 format!(
@@ -179,16 +189,27 @@ mod tests {
 
     #[test]
     fn too_short_corpus_says_how_long() {
-        let e = Dataset::new(TokenIds::new((0..50).collect(), 100), 0.1, 8, Path::new("c.txt"))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("too short") && e.contains("block_size + 1 = 9"), "{e}");
+        let e = Dataset::new(
+            TokenIds::new((0..50).collect(), 100),
+            0.1,
+            8,
+            Path::new("c.txt"),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("too short") && e.contains("block_size + 1 = 9"),
+            "{e}"
+        );
     }
 
     #[test]
     fn narrow_ids_when_vocab_fits() {
         assert!(matches!(TokenIds::new(vec![1, 2], 65), TokenIds::U16(_)));
-        assert!(matches!(TokenIds::new(vec![1, 70000], 70001), TokenIds::U32(_)));
+        assert!(matches!(
+            TokenIds::new(vec![1, 70000], 70001),
+            TokenIds::U32(_)
+        ));
     }
 }

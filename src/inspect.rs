@@ -57,7 +57,11 @@ fn module_of(name: &str) -> String {
 
 fn stats(name: &str, t: &candle_core::Tensor) -> Result<TensorStats> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
-    let finite: Vec<f64> = v.iter().filter(|x| x.is_finite()).map(|&x| x as f64).collect();
+    let finite: Vec<f64> = v
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| x as f64)
+        .collect();
     let n = finite.len().max(1) as f64;
     let mean = finite.iter().sum::<f64>() / n;
     let var = finite.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
@@ -116,12 +120,25 @@ impl Report {
             "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, kernels {:?}",
             m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.kernels
         );
-        let _ = writeln!(s, "tokenizer    {} ({} tokens)", self.tokenizer.kind, self.tokenizer.vocab_size);
-        let _ = writeln!(s, "parameters   {} ({:.2}M)", self.parameters, self.parameters as f64 / 1e6);
+        let _ = writeln!(
+            s,
+            "tokenizer    {} ({} tokens)",
+            self.tokenizer.kind, self.tokenizer.vocab_size
+        );
+        let _ = writeln!(
+            s,
+            "parameters   {} ({:.2}M)",
+            self.parameters,
+            self.parameters as f64 / 1e6
+        );
         for (module, n) in &self.modules {
             let _ = writeln!(s, "  {module:<10} {n:>10}");
         }
-        let _ = writeln!(s, "step         {}", self.step.map_or("-".into(), |v| v.to_string()));
+        let _ = writeln!(
+            s,
+            "step         {}",
+            self.step.map_or("-".into(), |v| v.to_string())
+        );
         let _ = writeln!(s, "best val     {}", opt(self.best_val_loss));
         let _ = writeln!(s, "last train   {}", opt(self.last_train_loss));
         let _ = writeln!(s, "last val     {}", opt(self.last_val_loss));

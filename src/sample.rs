@@ -38,7 +38,9 @@ impl SampleOptions {
             )));
         }
         if self.top_k == Some(0) {
-            return Err(Error::Usage("--top-k 0 keeps no token; use k ≥ 1 or leave it out".into()));
+            return Err(Error::Usage(
+                "--top-k 0 keeps no token; use k ≥ 1 or leave it out".into(),
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -46,7 +48,9 @@ impl SampleOptions {
             }
         }
         if self.max_new_tokens == 0 {
-            return Err(Error::Usage("--max-new-tokens 0 generates nothing; use N ≥ 1".into()));
+            return Err(Error::Usage(
+                "--max-new-tokens 0 generates nothing; use N ≥ 1".into(),
+            ));
         }
         Ok(())
     }
@@ -71,7 +75,10 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     }
     let inv_t = 1.0 / opts.temperature;
     let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) * inv_t).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) * inv_t).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = opts.top_p {
@@ -100,7 +107,11 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
 
 fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
     let t = logits.dim(1)?;
-    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_vec1::<f32>()?)
+    Ok(logits
+        .narrow(1, t - 1, 1)?
+        .squeeze(1)?
+        .squeeze(0)?
+        .to_vec1::<f32>()?)
 }
 
 fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
@@ -118,7 +129,9 @@ pub fn generate(
 ) -> Result<Vec<u32>> {
     opts.validate()?;
     if prompt.is_empty() {
-        return Err(Error::Usage("generation needs at least one prompt token".into()));
+        return Err(Error::Usage(
+            "generation needs at least one prompt token".into(),
+        ));
     }
     let block = model.cfg.block_size;
     let device = model.wte.device().clone();
@@ -192,11 +205,27 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        assert!(opts(-1.0, None, None).validate().unwrap_err().to_string().contains("--temperature"));
-        assert!(opts(1.0, Some(0), None).validate().unwrap_err().to_string().contains("--top-k"));
-        assert!(opts(1.0, None, Some(1.5)).validate().unwrap_err().to_string().contains("--top-p"));
+        assert!(opts(-1.0, None, None)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--temperature"));
+        assert!(opts(1.0, Some(0), None)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--top-k"));
+        assert!(opts(1.0, None, Some(1.5))
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--top-p"));
         let mut o = opts(1.0, None, None);
         o.max_new_tokens = 0;
-        assert!(o.validate().unwrap_err().to_string().contains("--max-new-tokens"));
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--max-new-tokens"));
     }
 }

@@ -24,13 +24,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 500)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_hyphen_values = true)]
     temperature: f64,
     /// Sample only from the k most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
     /// Sample only from the smallest set of tokens with total probability ≥ p.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     top_p: Option<f64>,
     /// Random seed: the same seed gives the same text.
     #[arg(long, default_value_t = 1337)]
@@ -58,7 +58,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     opts.validate()?;
     if args.num_samples == 0 {
-        return Err(Error::Usage("--num-samples 0 generates nothing; use M ≥ 1".into()));
+        return Err(Error::Usage(
+            "--num-samples 0 generates nothing; use M ≥ 1".into(),
+        ));
     }
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -68,14 +70,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .map_err(|e| Error::Usage(format!("reading the prompt from stdin: {e}")))?;
-            String::from_utf8(buf).map_err(|_| Error::Usage("the prompt on stdin is not valid UTF-8".into()))?
+            String::from_utf8(buf)
+                .map_err(|_| Error::Usage("the prompt on stdin is not valid UTF-8".into()))?
         }
         (None, None) => String::new(),
     };
     let ck = super::load_checkpoint(&args.checkpoint)?;
     let tok = &ck.tokenizer;
     let block = ck.config.model.block_size;
-    let mut ids = tok.encode(&prompt).map_err(|e| Error::Usage(format!("prompt: {e}")))?;
+    let mut ids = tok
+        .encode(&prompt)
+        .map_err(|e| Error::Usage(format!("prompt: {e}")))?;
     if ids.is_empty() {
         let start = tok.newline_id().unwrap_or(0);
         eprintln!("note: empty prompt; starting from a newline token");
@@ -96,7 +101,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         generate(&ck.model, &ids, &opts, &mut rng, |id| {
             if let Some(text) = stream.step(id)? {
                 // A closed pipe (e.g. `| head`) ends generation quietly.
-                if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
                     return Err(Error::Usage("stdout closed".into()));
                 }
             }

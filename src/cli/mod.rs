@@ -82,7 +82,8 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<crate::checkpoint::Checkpoin
 
 /// Reads a prompt file, naming the problem.
 pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Usage(format!("{what} {}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Usage(format!("{what} {}: {e}", path.display())))?;
     String::from_utf8(bytes).map_err(|e| {
         Error::Usage(format!(
             "{what} {} is not valid UTF-8 (first bad byte at offset {})",

@@ -61,7 +61,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "run".into());
-        let out = args.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
         let opts = RunOptions {
             out: out.clone(),
             resume: None,
@@ -94,7 +97,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.dataset.len(crate::data::Split::Train),
         trainer.dataset.len(crate::data::Split::Val),
         out.display(),
-        if resumed { format!(", resuming at step {}", trainer.state.step) } else { String::new() }
+        if resumed {
+            format!(", resuming at step {}", trainer.state.step)
+        } else {
+            String::new()
+        }
     ));
     let summary = trainer.run(&opts)?;
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
@@ -119,7 +126,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         let mut rng = seeded(trainer.config.training.seed);
         let ids = generate(&trainer.model, &[start], &opts, &mut rng, |_| Ok(()))?;
-        println!("--- sample ---\n{}\n--------------", trainer.tokenizer.decode(&ids)?);
+        println!(
+            "--- sample ---\n{}\n--------------",
+            trainer.tokenizer.decode(&ids)?
+        );
     }
     Ok(())
 }

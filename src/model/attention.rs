@@ -24,7 +24,15 @@ use crate::rng::Rng;
 /// keys at positions `0..t_k`: `(t_q, t_k)`, 0 where key ≤ query, −∞ after.
 pub fn causal_mask(t_q: usize, t_k: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t_q)
-        .flat_map(|i| (0..t_k).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..t_k).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(data, (t_q, t_k), device)?)
 }
@@ -111,7 +119,13 @@ pub struct Head {
 
 impl Head {
     /// A head named `name` (weights `name.w_q.weight`, …) projecting C = `n_embd` to `head_size`.
-    pub fn new(p: &mut Params, name: &str, n_embd: usize, head_size: usize, dropout: f64) -> Result<Head> {
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        n_embd: usize,
+        head_size: usize,
+        dropout: f64,
+    ) -> Result<Head> {
         Ok(Head {
             w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, head_size, false, 0.02)?,
             w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, head_size, false, 0.02)?,
@@ -150,7 +164,15 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    pub fn new(p: &mut Params, name: &str, n_embd: usize, n_head: usize, dropout: f64, bias: bool, proj_std: f64) -> Result<Self> {
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        n_embd: usize,
+        n_head: usize,
+        dropout: f64,
+        bias: bool,
+        proj_std: f64,
+    ) -> Result<Self> {
         Ok(MultiHeadAttention {
             w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, n_embd, false, 0.02)?,
             w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, n_embd, false, 0.02)?,
@@ -173,7 +195,9 @@ impl MultiHeadAttention {
         let hs = c / self.n_head;
         let split = |y: Tensor| -> Result<Tensor> {
             // (B, T, C) → (B, T, nh, hs) → (B, nh, T, hs)
-            Ok(y.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, self.n_head, hs))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split(self.w_q.forward(x)?)?;
         let k = split(self.w_k.forward(x)?)?;
@@ -240,7 +264,10 @@ mod tests {
 
     #[test]
     fn mask_with_offset() {
-        let m = causal_mask(2, 4, 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 4, 2, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0][..3], [0.0, 0.0, 0.0]);
         assert_eq!(m[0][3], f32::NEG_INFINITY);
         assert_eq!(m[1], vec![0.0; 4]);

@@ -47,11 +47,24 @@ impl SelfAttention {
         if cfg.n_head == 1 {
             Ok(SelfAttention::Single {
                 head: Head::new(p, name, cfg.n_embd, cfg.n_embd, cfg.dropout)?,
-                c_proj: Linear::new(p, &format!("{name}.c_proj"), cfg.n_embd, cfg.n_embd, cfg.bias, proj_std)?,
+                c_proj: Linear::new(
+                    p,
+                    &format!("{name}.c_proj"),
+                    cfg.n_embd,
+                    cfg.n_embd,
+                    cfg.bias,
+                    proj_std,
+                )?,
             })
         } else {
             Ok(SelfAttention::Multi(MultiHeadAttention::new(
-                p, name, cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, proj_std,
+                p,
+                name,
+                cfg.n_embd,
+                cfg.n_head,
+                cfg.dropout,
+                cfg.bias,
+                proj_std,
             )?))
         }
     }
@@ -105,7 +118,9 @@ impl Block {
         mut rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor)> {
-        let (a, w) = self.attn.forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut(), cache)?;
+        let (a, w) = self
+            .attn
+            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut(), cache)?;
         let x = (x + a)?;
         let x = (&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?;
         Ok((x, w))

@@ -37,7 +37,11 @@ impl Gpt {
     /// Builds the model, taking (or initialising) every weight from `p`.
     pub fn new(cfg: &ModelConfig, vocab_size: usize, p: &mut Params) -> Result<Gpt> {
         let wte = p.get("wte.weight", &[vocab_size, cfg.n_embd], Init::Normal(0.02))?;
-        let wpe = p.get("wpe.weight", &[cfg.block_size, cfg.n_embd], Init::Normal(0.02))?;
+        let wpe = p.get(
+            "wpe.weight",
+            &[cfg.block_size, cfg.n_embd],
+            Init::Normal(0.02),
+        )?;
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(p, &format!("h.{i}"), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -75,9 +79,16 @@ impl Gpt {
             )));
         }
         let c = self.cfg.n_embd;
-        let tok = self.wte.index_select(&idx.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
+        let tok = self
+            .wte
+            .index_select(&idx.flatten_all()?, 0)?
+            .reshape((b, t, c))?; // (B, T, C)
         let pos = self.wpe.narrow(0, offset, t)?; // (T, C)
-        let mut x = dropout(&tok.broadcast_add(&pos)?, self.cfg.dropout, rng.as_deref_mut())?;
+        let mut x = dropout(
+            &tok.broadcast_add(&pos)?,
+            self.cfg.dropout,
+            rng.as_deref_mut(),
+        )?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {

@@ -17,7 +17,14 @@ pub struct Linear {
 
 impl Linear {
     /// A Linear layer named `name` with weights Normal(0, `std`) and optional zero bias.
-    pub fn new(p: &mut Params, name: &str, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Linear> {
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        std: f64,
+    ) -> Result<Linear> {
         let weight = p.get(&format!("{name}.weight"), &[d_out, d_in], Init::Normal(std))?;
         let bias = if bias {
             Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?)

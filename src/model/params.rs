@@ -23,7 +23,7 @@ pub enum Init {
 }
 
 enum Source {
-    Fresh(Rng),
+    Fresh(Box<Rng>),
     Loaded(HashMap<String, Tensor>),
 }
 
@@ -39,7 +39,7 @@ impl Params {
     pub fn fresh(rng: Rng, device: &Device) -> Params {
         Params {
             vars: BTreeMap::new(),
-            source: Source::Fresh(rng),
+            source: Source::Fresh(Box::new(rng)),
             device: device.clone(),
         }
     }
@@ -73,7 +73,9 @@ impl Params {
             }
             Source::Loaded(map) => {
                 let t = map.remove(name).ok_or_else(|| {
-                    Error::Usage(format!("tensor `{name}` is missing (expected shape {shape:?})"))
+                    Error::Usage(format!(
+                        "tensor `{name}` is missing (expected shape {shape:?})"
+                    ))
                 })?;
                 if t.dims() != shape {
                     return Err(Error::Usage(format!(

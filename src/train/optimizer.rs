@@ -109,8 +109,14 @@ impl AdamW {
         let mut m = HashMap::new();
         let mut v = HashMap::new();
         for s in &self.slots {
-            m.insert(s.name.clone(), Tensor::from_slice(&s.m, s.var.shape(), device)?);
-            v.insert(s.name.clone(), Tensor::from_slice(&s.v, s.var.shape(), device)?);
+            m.insert(
+                s.name.clone(),
+                Tensor::from_slice(&s.m, s.var.shape(), device)?,
+            );
+            v.insert(
+                s.name.clone(),
+                Tensor::from_slice(&s.v, s.var.shape(), device)?,
+            );
         }
         Ok(OptimizerState {
             step: self.step,
@@ -165,15 +171,28 @@ mod tests {
         let grads = vec![vec![0.2f32, -0.4], vec![1.0f32, 0.0, -1.0, 2.0]]; // b, w
         opt.step(&grads, 0.1).unwrap();
         // Step 1: m̂ = g, v̂ = g², so the Adam step is lr·sign(g) (up to ε) for g ≠ 0.
-        let w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let decay = 1.0 - 0.1 * 0.5;
-        let want = [1.0 * decay - 0.1, -2.0 * decay, 0.5 * decay + 0.1, 3.0 * decay - 0.1];
+        let want = [
+            1.0 * decay - 0.1,
+            -2.0 * decay,
+            0.5 * decay + 0.1,
+            3.0 * decay - 0.1,
+        ];
         for (g, w) in w.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{g} vs {w}");
         }
         // the bias is 1-D: no decay
         let b = b.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((b[0] - 0.9).abs() < 1e-6 && (b[1] - 1.1).abs() < 1e-6, "{b:?}");
+        assert!(
+            (b[0] - 0.9).abs() < 1e-6 && (b[1] - 1.1).abs() < 1e-6,
+            "{b:?}"
+        );
         // state round trip
         let st = opt.state(&dev).unwrap();
         let mut opt2 = AdamW::new(&vars, &cfg);

@@ -21,9 +21,10 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine() {
-        let cfg = crate::config::Config::parse(include_str!("../../configs/shakespeare-char.toml"), &[])
-            .unwrap()
-            .training;
+        let cfg =
+            crate::config::Config::parse(include_str!("../../configs/shakespeare-char.toml"), &[])
+                .unwrap()
+                .training;
         assert!((learning_rate(&cfg, 0) - 1e-3 / 101.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 99) - 1e-3 * 100.0 / 101.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 100) - 1e-3).abs() < 1e-12);

@@ -68,20 +68,24 @@ fn has_checkpoints(dir: &Path) -> bool {
 
 /// Checks early that checkpoints can be written into `dir`.
 fn probe_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::io(dir, e)
-    })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let probe = dir.join(".write-probe");
     let res = std::fs::write(&probe, vec![0u8; 4096]);
     let _ = std::fs::remove_file(&probe);
-    res.map_err(|e| Error::Usage(format!("cannot write checkpoints into {}: {e}; pass another --out", dir.display())))
+    res.map_err(|e| {
+        Error::Usage(format!(
+            "cannot write checkpoints into {}: {e}; pass another --out",
+            dir.display()
+        ))
+    })
 }
 
 impl Trainer {
     /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
     pub fn new(config: Config, device: &Device) -> Result<Trainer> {
         let text = read_corpus(&config.data.path)?;
-        let tokenizer = Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
+        let tokenizer =
+            Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
         let dataset = make_dataset(&config, &tokenizer, &text)?;
         drop(text);
         let mut rng = seeded(config.training.seed);
@@ -114,7 +118,12 @@ impl Trainer {
 
     /// Continues the run saved in checkpoint `dir`. `overrides` may change training settings
     /// (e.g. `training.max_iters` to train longer) but not the model or tokenizer.
-    pub fn resume(dir: &Path, overrides: &[String], data: Option<&Path>, device: &Device) -> Result<Trainer> {
+    pub fn resume(
+        dir: &Path,
+        overrides: &[String],
+        data: Option<&Path>,
+        device: &Device,
+    ) -> Result<Trainer> {
         let ck = checkpoint::load(dir, device)?;
         let state = ck.state.clone().ok_or_else(|| {
             Error::checkpoint(&ck.dir, "state.json is missing, so this checkpoint cannot be resumed (it can still be used to generate)")
@@ -151,15 +160,25 @@ impl Trainer {
         })
     }
 
-    /// Mean loss over `eval_iters` batches of each split (dropout off).
+    /// Mean loss over `eval_iters` batches of each split (dropout off). The batches come from
+    /// a stream of their own, fixed by seed and step, so evaluating (or not) never changes
+    /// the training stream: a run stopped early and resumed matches one run straight through.
     pub fn evaluate(&mut self) -> Result<(f64, f64)> {
         let t = &self.config.training;
+        let mut rng = seeded(t.seed);
+        rng.set_stream(2 + self.state.step as u64);
         let mut out = [0.0f64; 2];
         for (i, split) in [Split::Train, Split::Val].into_iter().enumerate() {
             let mut sum = 0.0;
             for _ in 0..t.eval_iters {
-                let (x, y) = self.dataset.batch(split, t.batch_size, self.config.model.block_size, &mut self.state.rng, &self.device)?;
-                let loss = self.model.loss(&x.detach(), &y, None)?;
+                let (x, y) = self.dataset.batch(
+                    split,
+                    t.batch_size,
+                    self.config.model.block_size,
+                    &mut rng,
+                    &self.device,
+                )?;
+                let loss = self.model.loss(&x, &y, None)?;
                 sum += loss.to_scalar::<f32>()? as f64;
             }
             out[i] = sum / t.eval_iters as f64;
@@ -173,10 +192,19 @@ impl Trainer {
         let block = self.config.model.block_size;
         let names: Vec<String> = self.optimizer.names().map(str::to_string).collect();
         let vars = self.params.vars();
-        let mut grads: Vec<Vec<f32>> = names.iter().map(|n| vec![0.0; vars[n].elem_count()]).collect();
+        let mut grads: Vec<Vec<f32>> = names
+            .iter()
+            .map(|n| vec![0.0; vars[n].elem_count()])
+            .collect();
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum_steps {
-            let (x, y) = self.dataset.batch(Split::Train, t.batch_size, block, &mut self.state.rng, &self.device)?;
+            let (x, y) = self.dataset.batch(
+                Split::Train,
+                t.batch_size,
+                block,
+                &mut self.state.rng,
+                &self.device,
+            )?;
             let loss = self.model.loss(&x, &y, Some(&mut self.state.rng))?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
@@ -192,9 +220,18 @@ impl Trainer {
                 }
             }
         }
-        let norm = grads.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+        let norm = grads
+            .iter()
+            .flatten()
+            .map(|&g| (g as f64) * (g as f64))
+            .sum::<f64>()
+            .sqrt();
         if !norm.is_finite() {
-            return Err(non_finite(self.state.step + 1, "gradient norm", t.learning_rate));
+            return Err(non_finite(
+                self.state.step + 1,
+                "gradient norm",
+                t.learning_rate,
+            ));
         }
         if t.grad_clip > 0.0 && norm > t.grad_clip {
             let scale = (t.grad_clip / (norm + 1e-6)) as f32;
@@ -209,16 +246,29 @@ impl Trainer {
     /// Saves the run's state to `dir` atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let opt = self.optimizer.state(&self.device)?;
-        checkpoint::save(dir, &self.config, &self.tokenizer, &self.params, Some(&opt), Some(&self.state))
+        checkpoint::save(
+            dir,
+            &self.config,
+            &self.tokenizer,
+            &self.params,
+            Some(&opt),
+            Some(&self.state),
+        )
     }
 
     /// Runs to `max_iters`, evaluating, logging and checkpointing on the way.
     pub fn run(&mut self, opts: &RunOptions) -> Result<RunSummary> {
         let out = opts.out.clone();
         let t = self.config.training.clone();
-        let tokens_per_step = (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as f64;
+        let tokens_per_step =
+            (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as f64;
         let mut metrics = open_metrics(&out, self.state.step, opts.resume.is_some())?;
-        let progress = Progress::new(opts.progress, "train", t.max_iters as u64, self.state.step as u64);
+        let progress = Progress::new(
+            opts.progress,
+            "train",
+            t.max_iters as u64,
+            self.state.step as u64,
+        );
         let log_every = (t.eval_interval / 5).max(1);
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
@@ -229,7 +279,8 @@ impl Trainer {
         if self.state.step == 0 {
             let (tr, va) = self.evaluate()?;
             self.record_eval(&out, tr, va, &progress)?;
-            writeln!(metrics, "0,{tr:.6},{va:.6},0,,0").map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            writeln!(metrics, "0,{tr:.6},{va:.6},0,,0")
+                .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
             last_train = Some(tr);
             last_val = Some(va);
         }
@@ -244,27 +295,35 @@ impl Trainer {
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             last_train = Some(loss);
             let mut val_field = String::new();
-            if step % t.eval_interval == 0 || step == t.max_iters {
+            if step.is_multiple_of(t.eval_interval) || step == t.max_iters {
                 let (tr, va) = self.evaluate()?;
                 self.record_eval(&out, tr, va, &progress)?;
                 val_field = format!("{va:.6}");
                 last_val = Some(va);
                 status = format!("val {va:.4}");
             }
-            writeln!(metrics, "{step},{loss:.6},{val_field},{lr:.6e},{tok_s:.1},{:.3}", self.state.elapsed_s)
-                .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
-            if step % t.checkpoint_interval == 0 || step == t.max_iters {
-                metrics.flush().map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            writeln!(
+                metrics,
+                "{step},{loss:.6},{val_field},{lr:.6e},{tok_s:.1},{:.3}",
+                self.state.elapsed_s
+            )
+            .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            if step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters {
+                metrics
+                    .flush()
+                    .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
                 self.save(&out.join("last"))?;
             }
             progress.update(
                 step as u64,
                 &format!("loss {loss:.4} {status} lr {lr:.2e} {:.0} tok/s", tok_s),
-                step % log_every == 0 || step == t.max_iters,
+                step.is_multiple_of(log_every) || step == t.max_iters,
             );
         }
         progress.finish();
-        metrics.flush().map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+        metrics
+            .flush()
+            .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
         // A run resumed at its end still leaves a complete last/.
         if !out.join("last").exists() {
             self.save(&out.join("last"))?;
@@ -278,7 +337,11 @@ impl Trainer {
             final_val_loss: last_val,
             best_val_loss: self.state.best_val_loss,
             ms_per_iter: ms,
-            tokens_per_s: if ms > 0.0 { tokens_per_step / (ms / 1e3) } else { 0.0 },
+            tokens_per_s: if ms > 0.0 {
+                tokens_per_step / (ms / 1e3)
+            } else {
+                0.0
+            },
         })
     }
 
@@ -289,7 +352,9 @@ impl Trainer {
             train_loss: train,
             val_loss: val,
         });
-        progress.println(&format!("step {step}: train loss {train:.4}, val loss {val:.4}"));
+        progress.println(&format!(
+            "step {step}: train loss {train:.4}, val loss {val:.4}"
+        ));
         if self.state.best_val_loss.is_none_or(|b| val < b) {
             self.state.best_val_loss = Some(val);
             self.save(&out.join("best"))?;
@@ -309,12 +374,18 @@ fn make_dataset(config: &Config, tokenizer: &Tokenizer, text: &str) -> Result<Da
         .encode_corpus(text)
         .map_err(|e| Error::data(&config.data.path, e.to_string()))?;
     let tokens = TokenIds::new(ids, tokenizer.vocab_size());
-    Dataset::new(tokens, config.training.val_fraction, config.model.block_size, &config.data.path)
+    Dataset::new(
+        tokens,
+        config.training.val_fraction,
+        config.model.block_size,
+        &config.data.path,
+    )
 }
 
 /// Opens `metrics.csv` for appending. A resumed run drops rows past its checkpoint's step
 /// (written after that checkpoint, by a run that then stopped).
 fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let path = out.join("metrics.csv");
     let mut keep = vec![METRICS_HEADER.to_string()];
     if resumed {
@@ -330,7 +401,10 @@ fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File>
     let mut content = keep.join("\n");
     content.push('\n');
     std::fs::write(&path, content).map_err(|e| Error::io(&path, e))?;
-    OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))
 }
 
 /// Prepares the run directory: refuses one holding checkpoints unless resuming or forced, and
@@ -352,7 +426,10 @@ pub fn resume_paths(dir: &Path) -> (PathBuf, PathBuf) {
     if checkpoint::resolve(&dir.join("last")).is_dir() {
         (dir.join("last"), dir.to_path_buf())
     } else {
-        let run = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let run = dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         (dir.to_path_buf(), run)
     }
 }

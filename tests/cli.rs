@@ -1,0 +1,357 @@
+//! The real binary, end to end: train → generate → inspect → tokenize, and every bad input
+//! ending in one clear line on stderr and a non-zero exit, without a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::Workspace;
+
+fn tinygpt(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, `needle` on stderr, no panic or backtrace.
+fn fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+}
+
+fn train_tiny(ws: &Workspace) -> std::path::PathBuf {
+    let out = ws.path("run");
+    let o = tinygpt(
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "training.max_iters=12",
+        ],
+        ws.dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+#[test]
+fn train_generate_inspect_tokenize() {
+    let ws = Workspace::new(4000);
+    let out = train_tiny(&ws);
+    let s = stdout(&ws_run_output(&ws, &out));
+    assert!(s.contains("done: 12 steps"), "{s}");
+    assert!(s.contains("--- sample ---"), "{s}");
+
+    // generate: streams text that starts with the prompt; same seed ⇒ same text
+    let gen = |seed: &str| {
+        tinygpt(
+            &[
+                "generate",
+                "--checkpoint",
+                out.to_str().unwrap(),
+                "--prompt",
+                "The king",
+                "--max-new-tokens",
+                "30",
+                "--seed",
+                seed,
+                "--top-k",
+                "5",
+            ],
+            ws.dir.path(),
+        )
+    };
+    let a = gen("1");
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(stdout(&a).starts_with("The king"));
+    assert!(stdout(&a).chars().count() >= "The king".len() + 30);
+    assert_eq!(stdout(&a), stdout(&gen("1")));
+    let two = tinygpt(
+        &[
+            "generate",
+            "--checkpoint",
+            out.join("last").to_str().unwrap(),
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "5",
+            "--num-samples",
+            "2",
+            "--temperature",
+            "0",
+        ],
+        ws.dir.path(),
+    );
+    assert!(two.status.success());
+    // greedy: both samples are the same text
+    let text = stdout(&two);
+    let parts: Vec<&str> = text.split("---------------\n").map(str::trim_end).collect();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0], parts[1]);
+
+    // inspect: text and JSON
+    let i = tinygpt(
+        &["inspect", out.join("best").to_str().unwrap()],
+        ws.dir.path(),
+    );
+    assert!(i.status.success(), "{}", stderr(&i));
+    let t = stdout(&i);
+    assert!(
+        t.contains("parameters") && t.contains("wte.weight") && t.contains("h.1.mlp.c_fc.weight"),
+        "{t}"
+    );
+    let j = tinygpt(&["inspect", out.to_str().unwrap(), "--json"], ws.dir.path());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&j)).unwrap();
+    for key in ["parameters", "step", "best_val_loss", "config", "tensors"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    let n: u64 = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert_eq!(v["parameters"].as_u64().unwrap(), n);
+    assert_eq!(v["config"]["model"]["n_layer"].as_u64(), Some(2));
+
+    // tokenize: ids of a known text
+    let k = tinygpt(
+        &["tokenize", "--checkpoint", out.to_str().unwrap(), "king"],
+        ws.dir.path(),
+    );
+    assert!(k.status.success(), "{}", stderr(&k));
+    let s = stdout(&k);
+    assert!(
+        s.contains("4 characters → 4 tokens") && s.contains("\"k\""),
+        "{s}"
+    );
+}
+
+fn ws_run_output(ws: &Workspace, out: &Path) -> Output {
+    // A second, separate run into a fresh directory to capture the training output.
+    let o = tinygpt(
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--out",
+            out.with_extension("b").to_str().unwrap(),
+            "--set",
+            "training.max_iters=12",
+        ],
+        ws.dir.path(),
+    );
+    assert!(o.status.success());
+    o
+}
+
+#[test]
+fn bad_corpus_inputs() {
+    let ws = Workspace::new(4000);
+    let cfg = "tiny.toml";
+    let run = |data: &str| {
+        tinygpt(
+            &[
+                "train", "--config", cfg, "--data", data, "--out", "o", "--quiet",
+            ],
+            ws.dir.path(),
+        )
+    };
+    fails_with(&run("missing.txt"), "file not found");
+    std::fs::create_dir(ws.path("adir")).unwrap();
+    fails_with(&run("adir"), "is a directory");
+    std::fs::write(ws.path("empty.txt"), "").unwrap();
+    fails_with(&run("empty.txt"), "is empty");
+    std::fs::write(ws.path("latin1.txt"), b"hello\nw\xe9rld\n").unwrap();
+    fails_with(
+        &run("latin1.txt"),
+        "not valid UTF-8 (first bad byte at offset 7, line 2)",
+    );
+    std::fs::write(ws.path("short.txt"), "just a few words\n").unwrap();
+    fails_with(&run("short.txt"), "too short");
+}
+
+#[test]
+fn bad_config_and_flags() {
+    let ws = Workspace::new(4000);
+    let t = |args: &[&str]| tinygpt(args, ws.dir.path());
+    fails_with(&t(&["train", "--config", "nope.toml"]), "nope.toml");
+    fails_with(
+        &t(&["train", "--config", "tiny.toml", "--set", "model.n_head=3"]),
+        "not a multiple of model.n_head",
+    );
+    fails_with(
+        &t(&[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--set",
+            "training.bogus=1",
+        ]),
+        "bogus",
+    );
+    fails_with(
+        &t(&[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--set",
+            "training.learning_rate=-1",
+        ]),
+        "training.learning_rate",
+    );
+    std::fs::write(ws.path("broken.toml"), "[model\nblock_size = ").unwrap();
+    fails_with(&t(&["train", "--config", "broken.toml"]), "broken.toml");
+    // clap's own errors: exit 2, usage on stderr
+    let o = t(&["train", "--no-such-flag"]);
+    fails_with(&o, "--no-such-flag");
+    assert_eq!(o.status.code(), Some(2));
+    fails_with(&t(&["frobnicate"]), "frobnicate");
+    // --help works for every subcommand
+    for sub in ["train", "generate", "inspect", "tokenize"] {
+        let o = t(&[sub, "--help"]);
+        assert!(o.status.success() && stdout(&o).contains("Usage"), "{sub}");
+    }
+}
+
+#[test]
+fn bad_generation_inputs_and_checkpoints() {
+    let ws = Workspace::new(4000);
+    let out = train_tiny(&ws);
+    let o = out.to_str().unwrap();
+    let g = |extra: &[&str]| {
+        let mut a = vec!["generate", "--checkpoint", o, "--max-new-tokens", "5"];
+        a.extend_from_slice(extra);
+        tinygpt(&a, ws.dir.path())
+    };
+    fails_with(
+        &g(&["--prompt", "the king\u{1F451}"]),
+        "unknown character '\u{1F451}'",
+    );
+    fails_with(
+        &g(&["--prompt", "x", "--temperature", "-1"]),
+        "--temperature",
+    );
+    fails_with(&g(&["--prompt", "the", "--top-p", "0"]), "--top-p");
+    fails_with(&g(&["--prompt", "the", "--top-k", "0"]), "--top-k");
+    fails_with(
+        &g(&["--prompt", "the", "--max-new-tokens", "0"]),
+        "--max-new-tokens",
+    );
+    // an empty prompt starts from a newline, and says so
+    let e = g(&["--prompt", ""]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    assert!(stderr(&e).contains("empty prompt"));
+    // a prompt longer than the block is cut, and says so
+    let long = "the king ".repeat(10);
+    let l = g(&["--prompt", &long]);
+    assert!(
+        l.status.success() && stderr(&l).contains("last 16"),
+        "{}",
+        stderr(&l)
+    );
+
+    // checkpoints that are missing, corrupt or mismatched
+    fails_with(
+        &tinygpt(&["inspect", "nowhere"], ws.dir.path()),
+        "does not exist",
+    );
+    let copy = |name: &str| {
+        let d = ws.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [
+            "model.safetensors",
+            "config.toml",
+            "tokenizer.json",
+            "optimizer.safetensors",
+            "state.json",
+        ] {
+            std::fs::copy(out.join("last").join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let d = copy("garbage");
+    std::fs::write(
+        d.join("model.safetensors"),
+        b"not a safetensors file at all",
+    )
+    .unwrap();
+    fails_with(
+        &tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path()),
+        "model.safetensors is corrupt or truncated",
+    );
+    let d = copy("truncated");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path()),
+        "corrupt or truncated",
+    );
+    let d = copy("noconfig");
+    std::fs::remove_file(d.join("config.toml")).unwrap();
+    fails_with(
+        &tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path()),
+        "config.toml is missing",
+    );
+    let d = copy("mismatch");
+    let cfg = std::fs::read_to_string(d.join("config.toml"))
+        .unwrap()
+        .replace("n_embd = 32", "n_embd = 64");
+    std::fs::write(d.join("config.toml"), cfg).unwrap();
+    fails_with(
+        &tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path()),
+        "does not match config.toml",
+    );
+    let d = copy("othertok");
+    let tok = tinygpt::tokenizer::Tokenizer::train_char("abc")
+        .unwrap()
+        .to_json()
+        .unwrap();
+    std::fs::write(d.join("tokenizer.json"), tok).unwrap();
+    fails_with(
+        &tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path()),
+        "they come from different runs",
+    );
+
+    // an existing run directory is not overwritten
+    let before = std::fs::read(out.join("last/model.safetensors")).unwrap();
+    let again = tinygpt(
+        &["train", "--config", "tiny.toml", "--out", o],
+        ws.dir.path(),
+    );
+    fails_with(&again, "already holds checkpoints");
+    assert_eq!(
+        std::fs::read(out.join("last/model.safetensors")).unwrap(),
+        before
+    );
+}

@@ -1,0 +1,206 @@
+//! The model's defining properties, checked on small random models.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor, D};
+use tinygpt::config::{Config, ModelConfig};
+use tinygpt::model::attention::causal_mask;
+use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params};
+use tinygpt::rng::seeded;
+
+fn model_cfg(n_head: usize) -> ModelConfig {
+    ModelConfig {
+        block_size: 16,
+        n_layer: 2,
+        n_head,
+        n_embd: 24,
+        dropout: 0.0,
+        bias: true,
+        kernels: Default::default(),
+    }
+}
+
+fn model(n_head: usize, vocab: usize, seed: u64) -> (Gpt, Params) {
+    let mut p = Params::fresh(seeded(seed), &Device::Cpu);
+    let m = Gpt::new(&model_cfg(n_head), vocab, &mut p).unwrap();
+    (m, p)
+}
+
+fn ids(v: &[u32]) -> Tensor {
+    Tensor::from_slice(v, (1, v.len()), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn future_tokens_never_change_past_logits() {
+    for n_head in [1, 3] {
+        let (m, _) = model(n_head, 11, 1);
+        let a: Vec<u32> = (0..12).map(|i| (i * 7 % 11) as u32).collect();
+        let la = m.forward(&ids(&a), None).unwrap();
+        for t in [0usize, 4, 10] {
+            let mut b = a.clone();
+            for x in b.iter_mut().skip(t + 1) {
+                *x = (*x + 3) % 11;
+            }
+            let lb = m.forward(&ids(&b), None).unwrap();
+            let pa = la.narrow(1, 0, t + 1).unwrap();
+            let pb = lb.narrow(1, 0, t + 1).unwrap();
+            assert_eq!(max_abs_diff(&pa, &pb), 0.0, "n_head {n_head}, t {t}");
+            // …while the future positions do change
+            if t + 1 < a.len() {
+                let fa = la.narrow(1, t + 1, 1).unwrap();
+                let fb = lb.narrow(1, t + 1, 1).unwrap();
+                assert!(max_abs_diff(&fa, &fb) > 0.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn head_equals_one_head_multi_head_attention() {
+    let c = 8;
+    let mut p = Params::fresh(seeded(5), &Device::Cpu);
+    let head = Head::new(&mut p, "attn", c, c, 0.0).unwrap();
+    // The same W_Q, W_K, W_V, and an identity output projection.
+    let mut tensors: HashMap<String, Tensor> = p
+        .vars()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.insert(
+        "attn.c_proj.weight".into(),
+        Tensor::eye(c, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut p2 = Params::loaded(tensors, &Device::Cpu);
+    let mha = MultiHeadAttention::new(&mut p2, "attn", c, 1, 0.0, false, 0.02).unwrap();
+    p2.finish().unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 5, c), &Device::Cpu).unwrap();
+    let mask = causal_mask(5, 5, 0, &Device::Cpu).unwrap();
+    let (yh, wh) = head.forward(&x, &mask, None, None).unwrap();
+    let (ym, wm) = mha.forward(&x, &mask, None, None).unwrap();
+    assert!(max_abs_diff(&yh, &ym) < 1e-6);
+    assert!(max_abs_diff(&wh, &wm.squeeze(1).unwrap()) < 1e-6);
+}
+
+#[test]
+fn attention_rows_are_distributions_over_the_past() {
+    let (m, _) = model(3, 13, 2);
+    let v: Vec<u32> = (0..10).map(|i| (i * 5 % 13) as u32).collect();
+    let (_, att) = m.forward_with_attention(&ids(&v)).unwrap();
+    assert_eq!(att.len(), 2);
+    for w in att {
+        assert_eq!(w.dims(), &[1, 3, 10, 10]);
+        let sums = w
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        let w = w.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        for head in &w {
+            for (i, row) in head.iter().enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    if j > i {
+                        assert_eq!(x, 0.0);
+                    } else {
+                        assert!(x > 0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn initial_loss_is_about_ln_vocab() {
+    let vocab = 65;
+    let (m, _) = model(2, vocab, 3);
+    let x: Vec<u32> = (0..16).map(|i| (i * 17 % vocab) as u32).collect();
+    let y: Vec<u32> = (0..16).map(|i| (i * 29 % vocab) as u32).collect();
+    let loss = m
+        .loss(&ids(&x), &ids(&y), None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let want = (vocab as f32).ln();
+    assert!((loss - want).abs() < 0.1, "loss {loss}, ln(V) {want}");
+}
+
+#[test]
+fn kv_cache_logits_equal_full_forward() {
+    for n_head in [1, 2] {
+        let (m, _) = model(n_head, 9, 4);
+        let v: Vec<u32> = (0..16).map(|i| (i * 4 % 9) as u32).collect();
+        let full = m.forward(&ids(&v), None).unwrap();
+        let mut cache = m.new_cache();
+        // a prompt of 5, then one token at a time
+        let mut parts = vec![m.forward_cached(&ids(&v[..5]), &mut cache).unwrap()];
+        for t in 5..16 {
+            parts.push(m.forward_cached(&ids(&v[t..t + 1]), &mut cache).unwrap());
+        }
+        let inc = Tensor::cat(&parts, 1).unwrap();
+        assert!(max_abs_diff(&full, &inc) < 1e-5, "n_head {n_head}");
+        // the window is full: one more token is an error, not a silent wrong answer
+        assert!(m.forward_cached(&ids(&[0]), &mut cache).is_err());
+    }
+}
+
+#[test]
+fn same_config_and_seed_give_same_weights() {
+    let (_, a) = model(2, 7, 9);
+    let (_, b) = model(2, 7, 9);
+    let (_, c) = model(2, 7, 10);
+    let flat = |p: &Params| -> Vec<f32> {
+        p.vars()
+            .values()
+            .flat_map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(flat(&a), flat(&b));
+    assert_ne!(flat(&a), flat(&c));
+}
+
+#[test]
+fn config_files_in_the_repo_parse() {
+    for f in [
+        "shakespeare-char",
+        "shakespeare-char-10m",
+        "shakespeare-bpe",
+        "tiny",
+    ] {
+        let cfg = Config::load(std::path::Path::new(&format!("configs/{f}.toml")), &[]).unwrap();
+        assert!(cfg.model.n_layer >= 1, "{f}");
+    }
+    let c = Config::load(
+        std::path::Path::new("configs/shakespeare-char-10m.toml"),
+        &[],
+    )
+    .unwrap();
+    // nanoGPT's 10.7M config: the parameter count (without position embeddings) is ~10.65M.
+    let mut p = Params::fresh(seeded(0), &Device::Cpu);
+    Gpt::new(&c.model, 65, &mut p).unwrap();
+    let n = p.count() - 256 * 384;
+    assert!((10_600_000..10_700_000).contains(&n), "{n}");
+}
