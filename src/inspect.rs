@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Statistics of one tensor.
 #[derive(Debug, Clone, Serialize)]
@@ -158,4 +158,60 @@ impl Report {
         }
         s
     }
+}
+
+/// A token near another in embedding space.
+#[derive(Debug, Clone, Serialize)]
+pub struct Neighbour {
+    pub id: u32,
+    pub token: String,
+    /// Cosine similarity of the two embedding rows.
+    pub similarity: f32,
+}
+
+/// Reads a token as typed on a command line: `\n`, `\t` and `␣` stand for newline, tab, space.
+fn typed_token(s: &str) -> String {
+    match s {
+        "\\n" => "\n".into(),
+        "\\t" => "\t".into(),
+        _ => s.replace('␣', " "),
+    }
+}
+
+/// The `k` tokens whose embedding rows (`wte`) are closest to `token`'s by cosine similarity.
+pub fn neighbours(ck: &Checkpoint, token: &str, k: usize) -> Result<(u32, Vec<Neighbour>)> {
+    let text = typed_token(token);
+    let ids = ck
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| Error::Usage(format!("--neighbours {token:?}: {e}")))?;
+    let id = match ids.as_slice() {
+        [id] => *id,
+        [] => return Err(Error::Usage("--neighbours needs a token, got empty text".into())),
+        more => {
+            return Err(Error::Usage(format!(
+                "--neighbours {token:?} is {} tokens, not one (see `tinygpt tokenize`); pass a single token",
+                more.len()
+            )))
+        }
+    };
+    let w = &ck.model.wte; // (V, C)
+    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let unit = w.broadcast_div(&(norms + 1e-12)?)?;
+    let sims = unit
+        .matmul(&unit.get(id as usize)?.unsqueeze(1)?)?
+        .squeeze(1)?
+        .to_vec1::<f32>()?;
+    let mut order: Vec<usize> = (0..sims.len()).filter(|&i| i != id as usize).collect();
+    order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+    let out = order
+        .into_iter()
+        .take(k)
+        .map(|i| Neighbour {
+            id: i as u32,
+            token: ck.tokenizer.token_text(i as u32),
+            similarity: sims[i],
+        })
+        .collect();
+    Ok((id, out))
 }

@@ -14,6 +14,7 @@ pub mod rng;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;
+pub mod viz;
 
 /// Re-exported so that `tinygpt::attention::scaled_dot_product_attention` reads as in the docs.
 pub use model::attention;

@@ -204,3 +204,30 @@ fn config_files_in_the_repo_parse() {
     let n = p.count() - 256 * 384;
     assert!((10_600_000..10_700_000).contains(&n), "{n}");
 }
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    for n_head in [1, 2] {
+        let (m, p) = model(n_head, 7, 11);
+        let x: Vec<u32> = (0..16).map(|i| (i * 3 % 7) as u32).collect();
+        let y: Vec<u32> = (0..16).map(|i| (i * 5 % 7) as u32).collect();
+        let grads = m
+            .loss(&ids(&x), &ids(&y), None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in p.vars() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name} gets no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} has a zero gradient");
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The command line: one file per subcommand. `main.rs` only calls [`main`].
 
+mod attention;
 mod generate;
 mod inspect;
+pub mod plot;
 mod tokenize;
 mod train;
 
@@ -31,6 +33,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Show the tokens and ids a text becomes.
     Tokenize(tokenize::TokenizeArgs),
+    /// Show a model's attention on a prompt: table, Graphviz graph, heatmap or JSON.
+    Attention(attention::AttentionArgs),
+    /// Draw a run's loss curves from its metrics.csv.
+    Plot(plot::PlotArgs),
 }
 
 /// Parses the arguments, runs the command and turns any error into one line on stderr.
@@ -49,6 +55,8 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Attention(a) => attention::run(a),
+        Command::Plot(a) => plot::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -115,6 +115,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.tokens_per_s,
         out.display()
     ));
+    match super::plot::plot_run(&out, &out.join("loss.png")) {
+        Ok(p) => say(format!("loss curves: {}", p.display())),
+        Err(e) => eprintln!("warning: could not draw the loss curves: {e}"),
+    }
     if args.sample_tokens > 0 && progress != ProgressMode::Quiet {
         let start = trainer.tokenizer.newline_id().unwrap_or(0);
         let opts = SampleOptions {

@@ -28,6 +28,11 @@ pub fn corpus(bytes: usize) -> String {
             s.push_str(w);
         }
         line += 1;
+        if x.is_multiple_of(13) {
+            s.push_str(" \"quoth\"");
+        } else if x.is_multiple_of(17) {
+            s.push_str(" a\\b");
+        }
         if x.is_multiple_of(7) {
             s.push_str(".\n");
             line = 0;
