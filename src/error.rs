@@ -28,6 +28,14 @@ pub enum Error {
     /// A bad argument to a command (sampling settings, layer indices, …).
     #[error("{0}")]
     Usage(String),
+    /// Training stopped on a signal after saving its state.
+    #[error("interrupted by {} at step {step}; saved {}. Resume with: tinygpt train --resume {}", signal_name(*signal), saved.display(), run_dir.display())]
+    Interrupted {
+        signal: i32,
+        step: usize,
+        saved: PathBuf,
+        run_dir: PathBuf,
+    },
     /// A tensor operation failed; this is a bug or a shape mismatch inside tinygpt.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
@@ -36,7 +44,23 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        2 => "SIGINT (Ctrl-C)",
+        15 => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
 impl Error {
+    /// The process exit code for this error: 128 + signal for interrupts, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Interrupted { signal, .. } => (128 + signal).clamp(0, 255) as u8,
+            _ => 1,
+        }
+    }
+
     /// An I/O error about `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {

@@ -16,6 +16,7 @@ fn opts(out: &std::path::Path, resume: bool) -> RunOptions {
         resume: resume.then(|| out.to_path_buf()),
         force: false,
         progress: ProgressMode::Quiet,
+        stop: None,
     }
 }
 

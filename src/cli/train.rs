@@ -1,6 +1,8 @@
 //! `tinygpt train`.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 
 use candle_core::Device;
 use clap::Args;
@@ -40,8 +42,25 @@ pub struct TrainArgs {
     sample_tokens: usize,
 }
 
+/// Ctrl-C or SIGTERM: the first sets `stop` (training saves and exits 130/143); a second
+/// exits at once (checkpoints are written atomically, so the last one stays intact).
+fn install_signal_handlers() -> Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicUsize::new(0));
+    let pending = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        let err = |e: std::io::Error| Error::Usage(format!("installing the signal handler: {e}"));
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&pending))
+            .map_err(err)?;
+        signal_hook::flag::register(sig, Arc::clone(&pending)).map_err(err)?;
+        signal_hook::flag::register_usize(sig, Arc::clone(&stop), sig as usize).map_err(err)?;
+    }
+    Ok(stop)
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    let stop = install_signal_handlers()?;
     let progress = ProgressMode::detect(args.quiet);
     let (mut trainer, out, resumed) = if let Some(resume) = &args.resume {
         let (ck_dir, run_dir) = resume_paths(resume);
@@ -70,6 +89,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             resume: None,
             force: args.force,
             progress,
+            stop: None,
         };
         prepare_out_dir(&opts)?;
         (Trainer::new(config, &device)?, out, false)
@@ -79,6 +99,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         resume: resumed.then(|| out.clone()),
         force: args.force,
         progress,
+        stop: Some(stop),
     };
     if resumed {
         prepare_out_dir(&opts)?;

@@ -5,6 +5,8 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -33,6 +35,9 @@ pub struct RunOptions {
     /// Write into a run directory that already holds checkpoints.
     pub force: bool,
     pub progress: ProgressMode,
+    /// Set (to the signal number) to stop after the current step, save `last/` and return
+    /// [`Error::Interrupted`].
+    pub stop: Option<Arc<AtomicUsize>>,
 }
 
 /// What a finished run reports.
@@ -313,6 +318,27 @@ impl Trainer {
                     .flush()
                     .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
                 self.save(&out.join("last"))?;
+            }
+            if let Some(signal) = opts
+                .stop
+                .as_ref()
+                .map(|s| s.load(Ordering::SeqCst))
+                .filter(|&s| s != 0)
+            {
+                progress.finish();
+                metrics
+                    .flush()
+                    .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+                let saved = out.join("last");
+                if !(step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters) {
+                    self.save(&saved)?;
+                }
+                return Err(Error::Interrupted {
+                    signal: signal as i32,
+                    step,
+                    saved,
+                    run_dir: out,
+                });
             }
             progress.update(
                 step as u64,
