@@ -355,3 +355,127 @@ fn bad_generation_inputs_and_checkpoints() {
         before
     );
 }
+
+/// Rewrites `dir/model.safetensors` after `edit` changed its tensors and metadata.
+fn rewrite_model(
+    dir: &Path,
+    edit: impl FnOnce(
+        &mut Vec<(String, candle_core::Tensor)>,
+        &mut std::collections::HashMap<String, String>,
+    ),
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    let map = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = map.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors, &mut meta);
+    let out = safetensors::tensor::serialize(tensors, Some(meta)).unwrap();
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn checkpoints_that_lie_are_named() {
+    let ws = Workspace::new(4000);
+    let out = train_tiny(&ws);
+    let copy = |name: &str| {
+        let d = ws.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [
+            "model.safetensors",
+            "config.toml",
+            "tokenizer.json",
+            "optimizer.safetensors",
+            "state.json",
+        ] {
+            std::fs::copy(out.join("last").join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let inspect = |d: &Path| tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path());
+
+    // a header whose offsets point past the end of the file
+    let d = copy("offsets");
+    let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let lying = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[9,", 1);
+    assert_ne!(lying, header);
+    bytes.splice(8..8 + n, lying.into_bytes());
+    std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
+    fails_with(&inspect(&d), "model.safetensors is corrupt or truncated");
+
+    // a tensor with the wrong name
+    let d = copy("names");
+    rewrite_model(&d, |t, _| {
+        let i = t.iter().position(|(n, _)| n == "ln_f.weight").unwrap();
+        t[i].0 = "ln_final.weight".into();
+    });
+    fails_with(&inspect(&d), "tensor `ln_f.weight` is missing");
+
+    // an extra tensor
+    let d = copy("extra");
+    rewrite_model(&d, |t, _| {
+        let w = t[0].1.clone();
+        t.push(("h.9.mlp.c_fc.weight".into(), w));
+    });
+    fails_with(&inspect(&d), "tensor `h.9.mlp.c_fc.weight` does not belong");
+
+    // the wrong dtype
+    let d = copy("dtype");
+    rewrite_model(&d, |t, _| {
+        for (n, w) in t.iter_mut() {
+            if n == "ln_f.weight" {
+                *w = w.to_dtype(candle_core::DType::F64).unwrap();
+            }
+        }
+    });
+    fails_with(&inspect(&d), "dtype F64, expected f32");
+
+    // the wrong shape
+    let d = copy("shape");
+    rewrite_model(&d, |t, _| {
+        for (n, w) in t.iter_mut() {
+            if n == "wpe.weight" {
+                *w = w.narrow(0, 0, 8).unwrap();
+            }
+        }
+    });
+    fails_with(
+        &inspect(&d),
+        "tensor `wpe.weight` has shape [8, 32], but the config needs [16, 32]",
+    );
+
+    // written by a newer tinygpt
+    let d = copy("newer");
+    rewrite_model(&d, |_, m| {
+        m.insert("format_version".into(), "99".into());
+    });
+    fails_with(
+        &inspect(&d),
+        "format version 99, newer than this tinygpt reads",
+    );
+
+    // not written by tinygpt at all
+    let d = copy("foreign");
+    rewrite_model(&d, |_, m| m.clear());
+    fails_with(&inspect(&d), "no tinygpt format_version");
+
+    // a corrupt state.json, and a missing optimizer when resuming
+    let d = copy("state");
+    std::fs::write(d.join("state.json"), "{ not json").unwrap();
+    fails_with(&inspect(&d), "state.json is corrupt");
+    let d = copy("noopt");
+    std::fs::remove_file(d.join("optimizer.safetensors")).unwrap();
+    fails_with(
+        &tinygpt(
+            &["train", "--resume", d.to_str().unwrap(), "--quiet"],
+            ws.dir.path(),
+        ),
+        "optimizer.safetensors is missing",
+    );
+    // a file passed where a directory is expected
+    fails_with(&inspect(&d.join("config.toml")), "is not a directory");
+}
