@@ -21,14 +21,16 @@ pub fn to_dot(maps: &AttentionMaps, threshold: f32) -> String {
             "  label=\"layer {layer}, head {head}: edge query → key where weight ≥ {threshold}\";"
         );
         let _ = writeln!(out, "  labelloc=t;");
+        let _ = writeln!(out, "  rankdir=LR;");
+        let _ = writeln!(out, "  edge [fontsize=10, arrowsize=0.6];");
         let _ = writeln!(out, "  node [shape=box, fontname=\"monospace\"];");
         for (i, tok) in maps.tokens.iter().enumerate() {
             let label = dot_escape(&format!("{i}: {}", visible(tok)));
             let _ = writeln!(out, "  t{i} [label=\"{label}\"];");
         }
-        // Keep the tokens in one row, in order.
+        // An invisible chain keeps the tokens in one row, in order; attention edges do not move
+        // them (constraint=false).
         let chain: Vec<String> = (0..maps.tokens.len()).map(|i| format!("t{i}")).collect();
-        let _ = writeln!(out, "  {{ rank=same; {} }}", chain.join("; "));
         if chain.len() > 1 {
             let _ = writeln!(out, "  {} [style=invis, weight=100];", chain.join(" -> "));
         }
