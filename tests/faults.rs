@@ -94,3 +94,129 @@ fn ctrl_c_saves_and_exits_130() {
 fn sigterm_saves_and_exits_143() {
     interrupt_with("-TERM", 143);
 }
+
+/// Weights of the checkpoint in `dir`, by name.
+fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let ck = tinygpt::checkpoint::load(dir, &Device::Cpu).unwrap();
+    ck.params
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_at_random_instants_never_loses_the_run() {
+    let ws = Workspace::new(6000);
+    let sets = [
+        "--set",
+        "training.max_iters=400",
+        "--set",
+        "training.lr_decay_iters=400",
+        "--set",
+        "training.checkpoint_interval=1",
+        "--set",
+        "training.eval_interval=50",
+        "--quiet",
+    ];
+    // the reference: one uninterrupted run
+    let whole = ws.path("whole");
+    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args([
+            "train",
+            "--config",
+            "tiny.toml",
+            "--out",
+            whole.to_str().unwrap(),
+        ])
+        .args(sets)
+        .current_dir(ws.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // the same run, killed with SIGKILL at pseudo-random instants (checkpoints are written every
+    // step, so many kills land inside a save), each time resumed from what is on disk
+    let out = ws.path("killed");
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut kills = 0;
+    let mut last_step = 0;
+    for round in 0..40 {
+        let has_checkpoint = tinygpt::checkpoint::resolve(&out.join("last")).is_dir();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+        if has_checkpoint {
+            cmd.args(["train", "--resume", out.to_str().unwrap()]);
+        } else {
+            cmd.args([
+                "train",
+                "--config",
+                "tiny.toml",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+        }
+        let mut child = cmd
+            .args(sets)
+            .current_dir(ws.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(20 + x % 180));
+        if child.try_wait().unwrap().is_some() {
+            let o = child.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            break; // finished before the kill
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        // whatever instant it died at, the newest complete checkpoint loads
+        let dir = tinygpt::checkpoint::resolve(&out.join("last"));
+        if dir.is_dir() {
+            let ck =
+                tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap_or_else(|e| {
+                    panic!("round {round}: checkpoint unreadable after kill -9: {e}")
+                });
+            let step = ck.state.unwrap().step;
+            assert!(
+                step >= last_step,
+                "round {round}: went back from {last_step} to {step}"
+            );
+            last_step = step;
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills landed");
+    // finish the run and compare with the uninterrupted one
+    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(["train", "--resume", out.to_str().unwrap()])
+        .args(sets)
+        .current_dir(ws.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (weights(&whole.join("last")), weights(&out.join("last")));
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            x == y,
+            "{n} differs from the uninterrupted run after {kills} kills"
+        );
+    }
+}
