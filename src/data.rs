@@ -8,8 +8,12 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
+use crate::progress::{Progress, ProgressMode};
 use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
 
 /// Reads a UTF-8 text file, with a message that names the problem and the fix.
 pub fn read_corpus(path: &Path) -> Result<String> {
@@ -74,6 +78,23 @@ impl TokenIds {
         self.len() == 0
     }
 
+    /// An empty store for a vocabulary of `vocab_size` tokens.
+    pub fn with_capacity(capacity: usize, vocab_size: usize) -> TokenIds {
+        if vocab_size <= u16::MAX as usize + 1 {
+            TokenIds::U16(Vec::with_capacity(capacity))
+        } else {
+            TokenIds::U32(Vec::with_capacity(capacity))
+        }
+    }
+
+    /// Appends `ids` (all below the vocabulary size).
+    pub fn extend(&mut self, ids: &[u32]) {
+        match self {
+            TokenIds::U16(v) => v.extend(ids.iter().map(|&i| i as u16)),
+            TokenIds::U32(v) => v.extend_from_slice(ids),
+        }
+    }
+
     /// Copies tokens `range` into `out` as u32.
     fn extend_into(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
         match self {
@@ -81,6 +102,44 @@ impl TokenIds {
             TokenIds::U32(v) => out.extend_from_slice(&v[range]),
         }
     }
+}
+
+/// Token ids of a whole corpus, kept once in the narrowest type: chunks of the text are encoded
+/// in parallel, a few at a time, and appended, so only a few chunks' worth of wide ids exist at
+/// any moment. A progress bar follows the bytes done.
+pub fn tokenize_corpus(tokenizer: &Tokenizer, text: &str, mode: ProgressMode) -> Result<TokenIds> {
+    let chunks = tokenizer.corpus_chunks(text, 1 << 20);
+    let estimate = match tokenizer.kind() {
+        crate::config::TokenizerKind::Char => text.len(),
+        crate::config::TokenizerKind::Bpe => text.len() / 3,
+    };
+    let mut ids = TokenIds::with_capacity(estimate, tokenizer.vocab_size());
+    let show = mode != ProgressMode::Quiet && text.len() > 8 << 20;
+    let progress = Progress::new(
+        if show { mode } else { ProgressMode::Quiet },
+        "tokenize",
+        text.len() as u64,
+        0,
+    );
+    let group = rayon::current_num_threads().max(1) * 2;
+    let mut done = 0usize;
+    for batch in chunks.chunks(group) {
+        let parts: Vec<Vec<u32>> = batch
+            .par_iter()
+            .map(|c| tokenizer.encode(c))
+            .collect::<Result<_>>()?;
+        for p in &parts {
+            ids.extend(p);
+        }
+        done += batch.iter().map(|c| c.len()).sum::<usize>();
+        progress.update(
+            done as u64,
+            &format!("{} tokens", ids.len()),
+            done == text.len(),
+        );
+    }
+    progress.finish();
+    Ok(ids)
 }
 
 /// Which part of the corpus.

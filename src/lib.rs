@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod inspect;
 pub mod model;
+pub mod progress;
 pub mod rng;
 pub mod sample;
 pub mod tokenizer;

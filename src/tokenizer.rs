@@ -42,6 +42,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// For `char`: the vocabulary as a map, to encode corpora fast and to name unknown characters.
     char_ids: HashMap<char, u32>,
+    /// For `char`: ids of ASCII characters by code (`u32::MAX` when absent), the fast path.
+    ascii_ids: [u32; 128],
 }
 
 fn tk_err(e: impl std::fmt::Display) -> Error {
@@ -51,12 +53,30 @@ fn tk_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// A char-level tokenizer over the distinct characters of `text`, sorted.
     pub fn train_char(text: &str) -> Result<Tokenizer> {
-        let mut chars: Vec<char> = text
-            .chars()
-            .collect::<std::collections::BTreeSet<_>>()
+        let chars: Vec<char> = char_chunks(text, 1 << 22)
+            .par_iter()
+            .map(|chunk| {
+                let mut ascii = [false; 128];
+                let mut other = std::collections::BTreeSet::new();
+                for c in chunk.chars() {
+                    if c.is_ascii() {
+                        ascii[c as usize] = true;
+                    } else {
+                        other.insert(c);
+                    }
+                }
+                (0u8..128)
+                    .filter(|&b| ascii[b as usize])
+                    .map(char::from)
+                    .chain(other)
+                    .collect::<std::collections::BTreeSet<char>>()
+            })
+            .reduce(std::collections::BTreeSet::new, |mut a, b| {
+                a.extend(b);
+                a
+            })
             .into_iter()
             .collect();
-        chars.sort_unstable();
         if chars.is_empty() {
             return Err(Error::Tokenizer(
                 "cannot build a vocabulary from empty text".into(),
@@ -163,10 +183,17 @@ impl Tokenizer {
         } else {
             HashMap::new()
         };
+        let mut ascii_ids = [u32::MAX; 128];
+        for (&c, &id) in &char_ids {
+            if c.is_ascii() {
+                ascii_ids[c as usize] = id;
+            }
+        }
         Ok(Tokenizer {
             kind,
             inner,
             char_ids,
+            ascii_ids,
         })
     }
 
@@ -214,8 +241,13 @@ impl Tokenizer {
     fn encode_chars(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(text.len());
         for (pos, c) in text.chars().enumerate() {
-            match self.char_ids.get(&c) {
-                Some(&id) => ids.push(id),
+            let id = if c.is_ascii() {
+                Some(self.ascii_ids[c as usize]).filter(|&i| i != u32::MAX)
+            } else {
+                self.char_ids.get(&c).copied()
+            };
+            match id {
+                Some(id) => ids.push(id),
                 None => {
                     return Err(Error::Tokenizer(format!(
                         "unknown character {c:?} (U+{:04X}) at position {pos}: the char vocabulary was built from the training corpus and does not contain it",
@@ -227,19 +259,15 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// Token ids of a whole corpus, in parallel chunks. The chunks are cut only where the
-    /// byte-level pre-tokenizer would cut anyway (after a newline that follows a non-space and
-    /// precedes a letter), so the ids equal those of `encode(text)`.
-    pub fn encode_corpus(&self, text: &str) -> Result<Vec<u32>> {
-        if self.kind == TokenizerKind::Char {
-            return self.encode_chars(text);
+    /// Pieces of `text` of about `target` bytes that encode independently: for `char`, any
+    /// character boundary; for byte-level BPE, only where the pre-tokenizer splits anyway (after
+    /// a newline that follows a non-space and precedes a letter), so that the ids of the pieces,
+    /// concatenated, equal `encode(text)`.
+    pub fn corpus_chunks<'t>(&self, text: &'t str, target: usize) -> Vec<&'t str> {
+        match self.kind {
+            TokenizerKind::Char => char_chunks(text, target),
+            TokenizerKind::Bpe => split_for_bpe(text, target),
         }
-        let chunks = split_for_bpe(text, 1 << 20);
-        let parts: Vec<Vec<u32>> = chunks
-            .par_iter()
-            .map(|c| self.encode(c))
-            .collect::<Result<_>>()?;
-        Ok(parts.concat())
     }
 
     /// The text of `ids`; special tokens are left out.
@@ -339,6 +367,21 @@ fn byte_level_bytes(token: &str) -> Vec<u8> {
         .chars()
         .filter_map(|c| table.get(&c).copied())
         .collect()
+}
+
+/// Cuts `text` into chunks of about `target` bytes at character boundaries.
+fn char_chunks(text: &str, target: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + target).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&text[start..end]);
+        start = end;
+    }
+    out
 }
 
 /// Cuts `text` into chunks of about `target` bytes at boundaries where the byte-level

@@ -51,7 +51,7 @@ fn tiny_model_overfits_a_tiny_corpus() {
         ],
     )
     .unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let out = ws.path("run");
     let s = t.run(&opts(&out, false)).unwrap();
     let first = t.state.history[0].train_loss;
@@ -84,7 +84,7 @@ fn tiny_model_overfits_a_tiny_corpus() {
 fn save_then_load_gives_identical_logits() {
     let ws = Workspace::new(3000);
     let cfg = Config::load(&ws.path("tiny.toml"), &["training.max_iters=5".into()]).unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     t.train_step().unwrap();
     let dir = ws.path("ck");
     t.save(&dir).unwrap();
@@ -129,11 +129,11 @@ fn resume_continues_exactly() {
         ]
     };
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
-    let mut whole = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     whole.run(&opts(&ws.path("whole"), false)).unwrap();
 
     let cfg = Config::load(&ws.path("tiny.toml"), &over(10)).unwrap();
-    let mut first = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut first = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let half = ws.path("half");
     first.run(&opts(&half, false)).unwrap();
     let mut second = Trainer::resume(
@@ -141,6 +141,7 @@ fn resume_continues_exactly() {
         &["training.max_iters=20".into()],
         None,
         &Device::Cpu,
+        ProgressMode::Quiet,
     )
     .unwrap();
     assert_eq!(second.state.step, 10);
@@ -177,7 +178,7 @@ fn resume_continues_exactly() {
 fn same_seed_same_generation_and_cache_agrees_within_block() {
     let ws = Workspace::new(3000);
     let cfg = Config::load(&ws.path("tiny.toml"), &[]).unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     for _ in 0..5 {
         t.train_step().unwrap();
     }

@@ -65,7 +65,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (mut trainer, out, resumed) = if let Some(resume) = &args.resume {
         let (ck_dir, run_dir) = resume_paths(resume);
         let out = args.out.clone().unwrap_or(run_dir);
-        let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device)?;
+        let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device, progress)?;
         (trainer, out, true)
     } else {
         let path = args
@@ -92,7 +92,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             stop: None,
         };
         prepare_out_dir(&opts)?;
-        (Trainer::new(config, &device)?, out, false)
+        (Trainer::new(config, &device, progress)?, out, false)
     };
     let opts = RunOptions {
         out: out.clone(),

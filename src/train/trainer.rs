@@ -12,13 +12,13 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use super::optimizer::AdamW;
-use super::progress::{Progress, ProgressMode};
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
-use crate::data::{read_corpus, Dataset, Split, TokenIds};
+use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
+use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
 use crate::tokenizer::Tokenizer;
 
@@ -87,11 +87,11 @@ fn probe_writable(dir: &Path) -> Result<()> {
 
 impl Trainer {
     /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
-    pub fn new(config: Config, device: &Device) -> Result<Trainer> {
+    pub fn new(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
         let text = read_corpus(&config.data.path)?;
         let tokenizer =
             Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
-        let dataset = make_dataset(&config, &tokenizer, &text)?;
+        let dataset = make_dataset(&config, &tokenizer, &text, progress)?;
         drop(text);
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
@@ -128,6 +128,7 @@ impl Trainer {
         overrides: &[String],
         data: Option<&Path>,
         device: &Device,
+        progress: ProgressMode,
     ) -> Result<Trainer> {
         let ck = checkpoint::load(dir, device)?;
         let state = ck.state.clone().ok_or_else(|| {
@@ -148,7 +149,7 @@ impl Trainer {
             config.data.path = p.to_path_buf();
         }
         let text = read_corpus(&config.data.path)?;
-        let dataset = make_dataset(&config, &ck.tokenizer, &text)?;
+        let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
         drop(text);
         let mut optimizer = AdamW::new(ck.params.vars(), &config.training);
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
@@ -395,11 +396,14 @@ fn non_finite(step: usize, what: &str, lr: f64) -> Error {
     ))
 }
 
-fn make_dataset(config: &Config, tokenizer: &Tokenizer, text: &str) -> Result<Dataset> {
-    let ids = tokenizer
-        .encode_corpus(text)
+fn make_dataset(
+    config: &Config,
+    tokenizer: &Tokenizer,
+    text: &str,
+    progress: ProgressMode,
+) -> Result<Dataset> {
+    let tokens = tokenize_corpus(tokenizer, text, progress)
         .map_err(|e| Error::data(&config.data.path, e.to_string()))?;
-    let tokens = TokenIds::new(ids, tokenizer.vocab_size());
     Dataset::new(
         tokens,
         config.training.val_fraction,
