@@ -479,3 +479,72 @@ fn checkpoints_that_lie_are_named() {
     // a file passed where a directory is expected
     fails_with(&inspect(&d.join("config.toml")), "is not a directory");
 }
+
+#[test]
+fn the_shipped_tiny_config_trains_and_prompts_come_from_files_and_stdin() {
+    let ws = Workspace::new(6000);
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
+    let out = ws.path("repo-tiny");
+    let o = tinygpt(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            "corpus.txt",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        ws.dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = tinygpt::checkpoint::load(&out.join("last"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ck.state.unwrap().step, 60);
+    assert_eq!(ck.config.data.path, Path::new("corpus.txt"));
+
+    std::fs::write(ws.path("prompt.txt"), "The lord").unwrap();
+    let args = [
+        "generate",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "10",
+        "--seed",
+        "3",
+    ];
+    let from_file = tinygpt(
+        &[&args[..], &["--prompt-file", "prompt.txt"]].concat(),
+        ws.dir.path(),
+    );
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(args)
+        .current_dir(ws.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"The lord").unwrap();
+    let from_stdin = child.wait_with_output().unwrap();
+    assert!(from_stdin.status.success());
+    assert!(stdout(&from_file).starts_with("The lord"));
+    assert_eq!(stdout(&from_file), stdout(&from_stdin));
+    // a prompt file that is not UTF-8
+    std::fs::write(ws.path("bad.txt"), b"\xff\xfe").unwrap();
+    fails_with(
+        &tinygpt(
+            &[&args[..], &["--prompt-file", "bad.txt"]].concat(),
+            ws.dir.path(),
+        ),
+        "not valid UTF-8",
+    );
+    fails_with(
+        &tinygpt(
+            &[&args[..], &["--prompt-file", "nope.txt"]].concat(),
+            ws.dir.path(),
+        ),
+        "nope.txt",
+    );
+}
