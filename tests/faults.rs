@@ -220,3 +220,145 @@ fn kill_9_at_random_instants_never_loses_the_run() {
         );
     }
 }
+
+fn tiny_cmd(ws: &Workspace, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+    c.args(["train", "--config", "tiny.toml"])
+        .args(extra)
+        .current_dir(ws.dir.path())
+        .stdin(Stdio::null());
+    c
+}
+
+fn all_finite(dir: &std::path::Path) -> bool {
+    weights(dir)
+        .iter()
+        .all(|(_, w)| w.iter().all(|x| x.is_finite()))
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_good_weights() {
+    let ws = Workspace::new(4000);
+    let out = ws.path("run");
+    let o = tiny_cmd(&ws, &["--out", out.to_str().unwrap(), "--quiet"])
+        .args([
+            "--set",
+            "training.learning_rate=1e30",
+            "--set",
+            "training.min_lr=0",
+            "--set",
+            "training.warmup_iters=0",
+        ])
+        .args([
+            "--set",
+            "training.checkpoint_interval=1",
+            "--set",
+            "training.grad_clip=0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("training diverged at step") && err.contains("learning rate"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    // whatever was saved is finite: NaN never overwrites a checkpoint
+    for d in ["last", "best"] {
+        if out.join(d).exists() {
+            assert!(all_finite(&out.join(d)), "{d} holds non-finite weights");
+        }
+    }
+}
+
+#[test]
+fn an_unusable_output_directory_is_found_before_training() {
+    let ws = Workspace::new(4000);
+    let o = tiny_cmd(&ws, &["--out", "corpus.txt/run", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot create the run directory corpus.txt/run"),
+        "{err}"
+    );
+    assert!(!ws.path("corpus.txt/run").exists());
+}
+
+#[test]
+fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let ws = Workspace::new(4000);
+    let out = ws.path("run");
+    let o = tiny_cmd(
+        &ws,
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "training.max_iters=10",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success());
+    let before = std::fs::read(out.join("last/model.safetensors")).unwrap();
+    // Resume with files capped at 16 KiB: the probe fits, the first checkpoint does not
+    // (the file-size limit stands in for a full disk: writes fail with an I/O error).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+    cmd.args([
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+        "--set",
+        "training.max_iters=20",
+        "--quiet",
+    ])
+    .current_dir(ws.dir.path())
+    .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 16 * 1024,
+                rlim_max: 16 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("saving the checkpoint")
+            && err.contains("previous checkpoint there is intact"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    assert_eq!(
+        std::fs::read(out.join("last/model.safetensors")).unwrap(),
+        before
+    );
+    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    assert_eq!(ck.state.unwrap().step, 10);
+    // and once there is room again, the run resumes
+    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args([
+            "train",
+            "--resume",
+            out.to_str().unwrap(),
+            "--set",
+            "training.max_iters=12",
+            "--quiet",
+        ])
+        .current_dir(ws.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -104,6 +104,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if resumed {
         prepare_out_dir(&opts)?;
     }
+    trainer.check_disk_space(&out)?;
     let say = |s: String| {
         if progress != ProgressMode::Quiet {
             println!("{s}");

@@ -11,7 +11,9 @@
 //!
 //! [`Head`] is one head with its own W_Q, W_K, W_V. [`MultiHeadAttention`] computes `n_head`
 //! heads at once with batched matmuls (the heads are a tensor dimension, not a loop) and mixes
-//! them with an output projection. Both call [`scaled_dot_product_attention`].
+//! them with an output projection. Both compute attention through `attend`, which is
+//! [`scaled_dot_product_attention`] plus dropout on the weights while training (with no RNG, as
+//! in evaluation, sampling and inspection, the two are the same function call).
 
 use candle_core::{Device, Tensor, D};
 

@@ -73,7 +73,12 @@ fn has_checkpoints(dir: &Path) -> bool {
 
 /// Checks early that checkpoints can be written into `dir`.
 fn probe_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Usage(format!(
+            "cannot create the run directory {}: {e}; pass another --out",
+            dir.display()
+        ))
+    })?;
     let probe = dir.join(".write-probe");
     let res = std::fs::write(&probe, vec![0u8; 4096]);
     let _ = std::fs::remove_file(&probe);
@@ -85,7 +90,37 @@ fn probe_writable(dir: &Path) -> Result<()> {
     })
 }
 
+/// Bytes free for an unprivileged user on the filesystem holding `dir`, if the OS says.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs only writes into the zeroed struct we pass; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (r == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 impl Trainer {
+    /// Bytes one checkpoint takes on disk (weights and both AdamW moments), roughly.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        3 * 4 * self.params.count() as u64 + 1_000_000
+    }
+
+    /// Refuses to start when the disk under `out` cannot hold the run's checkpoints
+    /// (`last/`, `best/` and the temporary copy written before each swap).
+    pub fn check_disk_space(&self, out: &Path) -> Result<()> {
+        let need = 3 * self.checkpoint_bytes();
+        match free_bytes(out) {
+            Some(free) if free < need => Err(Error::Usage(format!(
+                "not enough disk space in {}: checkpoints need about {} MB, {} MB are free; free some space or pass another --out",
+                out.display(),
+                need / 1_000_000 + 1,
+                free / 1_000_000
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
     pub fn new(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
         let text = read_corpus(&config.data.path)?;
@@ -249,8 +284,19 @@ impl Trainer {
         Ok(loss_sum / t.grad_accum_steps as f64)
     }
 
-    /// Saves the run's state to `dir` atomically.
+    /// Saves the run's state to `dir` atomically; on failure the previous checkpoint in `dir`
+    /// is left as it was.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_inner(dir).map_err(|e| {
+            Error::Usage(format!(
+                "saving the checkpoint {} at step {} failed: {e}. The previous checkpoint there is intact; free disk space (or pass another --out) and resume",
+                dir.display(),
+                self.state.step
+            ))
+        })
+    }
+
+    fn save_inner(&self, dir: &Path) -> Result<()> {
         let opt = self.optimizer.state(&self.device)?;
         checkpoint::save(
             dir,
