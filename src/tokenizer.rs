@@ -199,7 +199,11 @@ impl Tokenizer {
 
     /// Reads a `tokenizer.json` from text.
     pub fn from_json(json: &str) -> Result<Tokenizer> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        // Check the JSON syntax first: the tokenizers library panics (instead of erring) on some
+        // malformed documents, e.g. one cut off inside "decoder" (found by tests/fuzz.rs).
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::Tokenizer(format!("not valid JSON: {e}")))?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(value).map_err(tk_err)?;
         Self::from_inner(inner)
     }
 
@@ -452,6 +456,19 @@ mod tests {
         // the library's own encode agrees with the fast path
         let hf = tk.inner.encode(TEXT, false).unwrap().get_ids().to_vec();
         assert_eq!(hf, ids);
+    }
+
+    #[test]
+    fn truncated_json_is_an_error_not_a_panic() {
+        // Regression from tests/fuzz.rs: the library panicked on a document cut off inside
+        // "decoder".
+        let json = Tokenizer::train_char("abc").unwrap().to_json().unwrap();
+        let at = json.find("\"decoder\"").unwrap() + 14;
+        let e = Tokenizer::from_json(&json[..at]).err().unwrap().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+        for n in 0..json.len() {
+            assert!(Tokenizer::from_json(&json[..n]).is_err());
+        }
     }
 
     #[test]
