@@ -548,3 +548,149 @@ fn the_shipped_tiny_config_trains_and_prompts_come_from_files_and_stdin() {
         "nope.txt",
     );
 }
+
+#[test]
+fn every_config_error_is_named_through_the_binary() {
+    let ws = Workspace::new(4000);
+    let cases = [
+        (
+            "model.n_layer=\"four\"",
+            "invalid type: string \"four\", expected usize in `model.n_layer`",
+        ),
+        ("model.n_layer=-1", "expected usize in `model.n_layer`"),
+        ("model.n_layer=0", "model.n_layer = 0 must be at least 1"),
+        ("model.n_embd=0", "model.n_embd = 0 must be at least 1"),
+        (
+            "model.block_size=0",
+            "model.block_size = 0 must be at least 1",
+        ),
+        (
+            "model.n_head=5",
+            "model.n_embd = 32 is not a multiple of model.n_head = 5",
+        ),
+        ("model.dropout=1", "model.dropout = 1 must be in [0, 1)"),
+        (
+            "model.dropout=-0.1",
+            "model.dropout = -0.1 must be in [0, 1)",
+        ),
+        ("model.kernels=\"fast\"", "unknown variant `fast`"),
+        ("model.colour=1", "unknown field `colour`"),
+        ("tokenizer.kind=\"words\"", "unknown variant `words`"),
+        (
+            "training.learning_rate=0",
+            "training.learning_rate = 0 must be a number > 0",
+        ),
+        (
+            "training.min_lr=1",
+            "training.min_lr = 1 must be in [0, learning_rate",
+        ),
+        (
+            "training.batch_size=0",
+            "training.batch_size = 0 must be at least 1",
+        ),
+        (
+            "training.max_iters=0",
+            "training.max_iters = 0 must be at least 1",
+        ),
+        (
+            "training.warmup_iters=21",
+            "training.warmup_iters = 21 is larger than training.max_iters = 20",
+        ),
+        ("training.beta2=1", "training.beta2 = 1 must be in [0, 1)"),
+        (
+            "training.weight_decay=-1",
+            "training.weight_decay = -1 must be a finite number ≥ 0",
+        ),
+        (
+            "training.grad_clip=-1",
+            "training.grad_clip = -1 must be ≥ 0",
+        ),
+        (
+            "training.val_fraction=1.5",
+            "training.val_fraction = 1.5 must be in (0, 1)",
+        ),
+        (
+            "training.eval_iters=0",
+            "training.eval_iters = 0 must be at least 1",
+        ),
+        ("data.path=3", "expected path string in `data.path`"),
+        ("training", "not of the form section.key=value"),
+    ];
+    for (set, needle) in cases {
+        let o = tinygpt(
+            &[
+                "train",
+                "--config",
+                "tiny.toml",
+                "--set",
+                set,
+                "--out",
+                "never",
+            ],
+            ws.dir.path(),
+        );
+        fails_with(&o, needle);
+        assert_eq!(o.status.code(), Some(1), "{set}");
+    }
+    let o = tinygpt(
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--set",
+            "tokenizer.kind=\"bpe\"",
+            "--set",
+            "tokenizer.vocab_size=100",
+            "--out",
+            "never",
+        ],
+        ws.dir.path(),
+    );
+    fails_with(
+        &o,
+        "tokenizer.vocab_size = 100 is too small for a byte-level BPE: it needs at least 257",
+    );
+    assert!(
+        !ws.path("never").exists(),
+        "a bad config must not create the run directory"
+    );
+}
+
+#[test]
+fn huge_max_new_tokens_is_capped_and_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    let ws = Workspace::new(4000);
+    let out = train_tiny(&ws);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args([
+            "generate",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "99999999999",
+        ])
+        .current_dir(ws.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 64];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take()); // like `| head -c 64`
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        err.contains("--max-new-tokens 99999999999 capped at 1000000"),
+        "{err}"
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("error"), "{err}");
+}

@@ -362,3 +362,65 @@ fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_the_checkpoint_survives() {
+    let ws = Workspace::new(200_000);
+    let out = ws.path("run");
+    // a model slow enough (hundreds of ms a step) that the second signal lands mid-step
+    let child = tiny_cmd(&ws, &["--out", out.to_str().unwrap(), "--quiet"])
+        .args([
+            "--set",
+            "model.n_embd=256",
+            "--set",
+            "model.n_layer=4",
+            "--set",
+            "model.block_size=128",
+            "--set",
+            "training.batch_size=32",
+        ])
+        .args([
+            "--set",
+            "training.max_iters=100000",
+            "--set",
+            "training.lr_decay_iters=100000",
+        ])
+        .args([
+            "--set",
+            "training.checkpoint_interval=1",
+            "--set",
+            "training.eval_iters=1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("last/state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training never checkpointed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let t = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the second Ctrl-C did not exit at once"
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    // the newest complete checkpoint loads and resumes
+    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    assert!(ck.state.unwrap().step >= 1);
+}

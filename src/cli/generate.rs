@@ -94,23 +94,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut rng = seeded(args.seed);
     let stdout = std::io::stdout();
+    let mut closed = false;
     for n in 0..args.num_samples {
         let mut out = stdout.lock();
         let _ = write!(out, "{prompt}");
         let mut stream = tok.stream();
-        generate(&ck.model, &ids, &opts, &mut rng, |id| {
+        let result = generate(&ck.model, &ids, &opts, &mut rng, |id| {
             if let Some(text) = stream.step(id)? {
-                // A closed pipe (e.g. `| head`) ends generation quietly.
                 if out
                     .write_all(text.as_bytes())
                     .and_then(|_| out.flush())
                     .is_err()
                 {
+                    closed = true;
                     return Err(Error::Usage("stdout closed".into()));
                 }
             }
             Ok(())
-        })?;
+        });
+        // A closed pipe (e.g. `| head`) ends generation quietly.
+        if closed {
+            return Ok(());
+        }
+        result?;
         let _ = writeln!(out);
         if n + 1 < args.num_samples {
             let _ = writeln!(out, "---------------");
