@@ -424,3 +424,65 @@ fn a_second_ctrl_c_exits_at_once_and_the_checkpoint_survives() {
     let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert!(ck.state.unwrap().step >= 1);
 }
+
+#[test]
+fn a_disk_that_cannot_take_a_write_is_found_before_training() {
+    use std::os::unix::process::CommandExt;
+    let ws = Workspace::new(4000);
+    let mut cmd = tiny_cmd(&ws, &["--out", "run", "--quiet"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("cannot write checkpoints into run"), "{err}");
+    assert!(
+        !ws.path("run/metrics.csv").exists(),
+        "training must not have started"
+    );
+}
+
+#[test]
+fn force_overwrites_only_when_asked() {
+    let ws = Workspace::new(4000);
+    let run = |extra: &[&str]| {
+        tiny_cmd(
+            &ws,
+            &[
+                "--out",
+                "run",
+                "--quiet",
+                "--set",
+                "training.max_iters=5",
+                "--set",
+                "training.warmup_iters=1",
+            ],
+        )
+        .args(extra)
+        .output()
+        .unwrap()
+    };
+    assert!(run(&[]).status.success());
+    let again = run(&[]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = run(&["--force", "--set", "training.seed=99"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let ck = tinygpt::checkpoint::load(&ws.path("run/last"), &Device::Cpu).unwrap();
+    assert_eq!(ck.config.training.seed, 99);
+}
