@@ -3,20 +3,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use common::Workspace;
-
-fn tinygpt(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+use common::{tinygpt, Workspace};
 
 /// One tiny run shared by the tests of this file.
 fn run_dir() -> &'static (Workspace, PathBuf) {

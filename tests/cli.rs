@@ -6,38 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::Workspace;
-
-fn tinygpt(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts a clean failure: non-zero exit, `needle` on stderr, no panic or backtrace.
-fn fails_with(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-}
+use common::{copy_checkpoint, fails_with, stderr, stdout, tinygpt, Workspace};
 
 fn train_tiny(ws: &Workspace) -> std::path::PathBuf {
     let out = ws.path("run");
@@ -288,16 +257,7 @@ fn bad_generation_inputs_and_checkpoints() {
     );
     let copy = |name: &str| {
         let d = ws.path(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in [
-            "model.safetensors",
-            "config.toml",
-            "tokenizer.json",
-            "optimizer.safetensors",
-            "state.json",
-        ] {
-            std::fs::copy(out.join("last").join(f), d.join(f)).unwrap();
-        }
+        copy_checkpoint(&out.join("last"), &d);
         d
     };
     let d = copy("garbage");
@@ -382,16 +342,7 @@ fn checkpoints_that_lie_are_named() {
     let out = train_tiny(&ws);
     let copy = |name: &str| {
         let d = ws.path(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in [
-            "model.safetensors",
-            "config.toml",
-            "tokenizer.json",
-            "optimizer.safetensors",
-            "state.json",
-        ] {
-            std::fs::copy(out.join("last").join(f), d.join(f)).unwrap();
-        }
+        copy_checkpoint(&out.join("last"), &d);
         d
     };
     let inspect = |d: &Path| tinygpt(&["inspect", d.to_str().unwrap()], ws.dir.path());

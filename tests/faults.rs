@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::Workspace;
+use common::{checkpoint_weights, limit_file_size, wait_for_checkpoint, Workspace};
 
 /// Starts a long tiny run, waits until it has trained a while, sends `signal`, and checks the
 /// exit code, the message, and that the saved checkpoint resumes.
@@ -35,14 +35,7 @@ fn interrupt_with(signal: &str, code: i32) {
         .spawn()
         .unwrap();
     // wait for the first checkpoint (step 5) and a few more steps
-    let start = Instant::now();
-    while !out.join("last/state.json").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "training never checkpointed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_checkpoint(&out, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(200));
     let ok = Command::new("kill")
         .args([signal, &child.id().to_string()])
@@ -93,25 +86,6 @@ fn ctrl_c_saves_and_exits_130() {
 #[test]
 fn sigterm_saves_and_exits_143() {
     interrupt_with("-TERM", 143);
-}
-
-/// Weights of the checkpoint in `dir`, by name.
-fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    let ck = tinygpt::checkpoint::load(dir, &Device::Cpu).unwrap();
-    ck.params
-        .vars()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.clone(),
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -212,7 +186,10 @@ fn kill_9_at_random_instants_never_loses_the_run() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (weights(&whole.join("last")), weights(&out.join("last")));
+    let (a, b) = (
+        checkpoint_weights(&whole.join("last")),
+        checkpoint_weights(&out.join("last")),
+    );
     for ((n, x), (_, y)) in a.iter().zip(&b) {
         assert!(
             x == y,
@@ -231,7 +208,7 @@ fn tiny_cmd(ws: &Workspace, extra: &[&str]) -> Command {
 }
 
 fn all_finite(dir: &std::path::Path) -> bool {
-    weights(dir)
+    checkpoint_weights(dir)
         .iter()
         .all(|(_, w)| w.iter().all(|x| x.is_finite()))
 }
@@ -288,7 +265,6 @@ fn an_unusable_output_directory_is_found_before_training() {
 
 #[test]
 fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
-    use std::os::unix::process::CommandExt;
     let ws = Workspace::new(4000);
     let out = ws.path("run");
     let o = tiny_cmd(
@@ -318,20 +294,7 @@ fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
     ])
     .current_dir(ws.dir.path())
     .stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 16 * 1024,
-                rlim_max: 16 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd, 16 * 1024);
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
@@ -395,14 +358,7 @@ fn a_second_ctrl_c_exits_at_once_and_the_checkpoint_survives() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !out.join("last/state.json").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "training never checkpointed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_checkpoint(&out, Duration::from_secs(120));
     let pid = child.id().to_string();
     for _ in 0..2 {
         assert!(Command::new("kill")
@@ -427,23 +383,9 @@ fn a_second_ctrl_c_exits_at_once_and_the_checkpoint_survives() {
 
 #[test]
 fn a_disk_that_cannot_take_a_write_is_found_before_training() {
-    use std::os::unix::process::CommandExt;
     let ws = Workspace::new(4000);
     let mut cmd = tiny_cmd(&ws, &["--out", "run", "--quiet"]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 1024,
-                rlim_max: 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd, 1024);
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());

@@ -21,20 +21,7 @@ fn opts(out: &std::path::Path, resume: bool) -> RunOptions {
 }
 
 fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
-    t.params
-        .vars()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.clone(),
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect()
+    common::param_values(&t.params)
 }
 
 #[test]

@@ -104,3 +104,102 @@ impl Workspace {
         self.dir.path().join(name)
     }
 }
+
+/// Runs the `tinygpt` binary in `cwd` with no stdin.
+pub fn tinygpt(args: &[&str], cwd: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, `needle` on stderr, no panic or backtrace.
+pub fn fails_with(o: &std::process::Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+}
+
+/// Every parameter's values, by name.
+pub fn param_values(params: &tinygpt::model::Params) -> Vec<(String, Vec<f32>)> {
+    params
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The weights of the checkpoint in `dir`, by name.
+pub fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ck = tinygpt::checkpoint::load(dir, &candle_core::Device::Cpu).unwrap();
+    param_values(&ck.params)
+}
+
+/// Copies the checkpoint files of `from` into a new directory `to`.
+pub fn copy_checkpoint(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [
+        "model.safetensors",
+        "config.toml",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Waits until a training run into `out` has written its first complete checkpoint.
+pub fn wait_for_checkpoint(out: &Path, limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while !out.join("last/state.json").exists() {
+        assert!(start.elapsed() < limit, "training never checkpointed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Caps the size of files the command may write (RLIMIT_FSIZE), standing in for a full disk:
+/// writes past the cap fail with an I/O error.
+pub fn limit_file_size(cmd: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
