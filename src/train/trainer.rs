@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
@@ -508,9 +508,4 @@ pub fn resume_paths(dir: &Path) -> (PathBuf, PathBuf) {
             .unwrap_or_else(|| PathBuf::from("."));
         (dir.to_path_buf(), run)
     }
-}
-
-/// A tensor of ids `(1, T)` for the model.
-pub fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
 }
