@@ -168,6 +168,10 @@ fn bad_corpus_inputs() {
     );
     std::fs::write(ws.path("short.txt"), "just a few words\n").unwrap();
     fails_with(&run("short.txt"), "too short");
+    assert!(
+        !ws.path("o").exists(),
+        "a failed start leaves no empty run directory"
+    );
 }
 
 #[test]

@@ -91,8 +91,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
             progress,
             stop: None,
         };
+        let existed = out.exists();
         prepare_out_dir(&opts)?;
-        (Trainer::new(config, &device, progress)?, out, false)
+        let trainer = Trainer::new(config, &device, progress).inspect_err(|_| {
+            // Leave no empty run directory behind when the corpus or tokenizer fails.
+            if !existed {
+                let _ = std::fs::remove_dir(&out);
+            }
+        })?;
+        (trainer, out, false)
     };
     let opts = RunOptions {
         out: out.clone(),
