@@ -7,28 +7,14 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use common::{tinygpt, Workspace};
+use common::{tinygpt, train_tiny, Workspace};
 
 /// One tiny run shared by the tests of this file.
 fn run_dir() -> &'static (Workspace, PathBuf) {
     static RUN: OnceLock<(Workspace, PathBuf)> = OnceLock::new();
     RUN.get_or_init(|| {
         let ws = Workspace::new(4000);
-        let out = ws.path("run");
-        let o = tinygpt(
-            &[
-                "train",
-                "--config",
-                "tiny.toml",
-                "--out",
-                out.to_str().unwrap(),
-                "--set",
-                "training.max_iters=15",
-                "--quiet",
-            ],
-            ws.dir.path(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (out, _) = train_tiny(&ws, "run", 15);
         (ws, out)
     })
 }

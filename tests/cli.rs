@@ -4,33 +4,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{copy_checkpoint, fails_with, stderr, stdout, tinygpt, Workspace};
-
-fn train_tiny(ws: &Workspace) -> std::path::PathBuf {
-    let out = ws.path("run");
-    let o = tinygpt(
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            "training.max_iters=12",
-        ],
-        ws.dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    out
-}
+use common::{copy_checkpoint, fails_with, stderr, stdout, tinygpt, train_tiny, Workspace};
 
 #[test]
 fn train_generate_inspect_tokenize() {
     let ws = Workspace::new(4000);
-    let out = train_tiny(&ws);
-    let s = stdout(&ws_run_output(&ws, &out));
+    let (out, o) = train_tiny(&ws, "run", 12);
+    let s = stdout(&o);
     assert!(s.contains("done: 12 steps"), "{s}");
     assert!(s.contains("--- sample ---"), "{s}");
 
@@ -126,24 +108,6 @@ fn train_generate_inspect_tokenize() {
     );
 }
 
-fn ws_run_output(ws: &Workspace, out: &Path) -> Output {
-    // A second, separate run into a fresh directory to capture the training output.
-    let o = tinygpt(
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "--out",
-            out.with_extension("b").to_str().unwrap(),
-            "--set",
-            "training.max_iters=12",
-        ],
-        ws.dir.path(),
-    );
-    assert!(o.status.success());
-    o
-}
-
 #[test]
 fn bad_corpus_inputs() {
     let ws = Workspace::new(4000);
@@ -220,7 +184,7 @@ fn bad_config_and_flags() {
 #[test]
 fn bad_generation_inputs_and_checkpoints() {
     let ws = Workspace::new(4000);
-    let out = train_tiny(&ws);
+    let (out, _) = train_tiny(&ws, "run", 12);
     let o = out.to_str().unwrap();
     let g = |extra: &[&str]| {
         let mut a = vec!["generate", "--checkpoint", o, "--max-new-tokens", "5"];
@@ -343,7 +307,7 @@ fn rewrite_model(
 #[test]
 fn checkpoints_that_lie_are_named() {
     let ws = Workspace::new(4000);
-    let out = train_tiny(&ws);
+    let (out, _) = train_tiny(&ws, "run", 12);
     let copy = |name: &str| {
         let d = ws.path(name);
         copy_checkpoint(&out.join("last"), &d);
@@ -619,7 +583,7 @@ fn every_config_error_is_named_through_the_binary() {
 fn huge_max_new_tokens_is_capped_and_a_closed_pipe_ends_quietly() {
     use std::io::Read;
     let ws = Workspace::new(4000);
-    let out = train_tiny(&ws);
+    let (out, _) = train_tiny(&ws, "run", 12);
     let mut child = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
         .args([
             "generate",

@@ -203,3 +203,24 @@ pub fn limit_file_size(cmd: &mut std::process::Command, bytes: u64) {
         });
     }
 }
+
+/// Trains the workspace's tiny config for `steps` steps into `ws/name`; returns the run
+/// directory and the command's output (it must succeed).
+pub fn train_tiny(ws: &Workspace, name: &str, steps: usize) -> (PathBuf, std::process::Output) {
+    let out = ws.path(name);
+    let iters = format!("training.max_iters={steps}");
+    let o = tinygpt(
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &iters,
+        ],
+        ws.dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    (out, o)
+}
