@@ -8,28 +8,34 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use common::{checkpoint_weights, limit_file_size, wait_for_checkpoint, Workspace};
 
+/// `tinygpt train --config tiny.toml EXTRA…` in the workspace.
+fn tiny_cmd(ws: &Workspace, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+    c.args(["train", "--config", "tiny.toml"])
+        .args(extra)
+        .current_dir(ws.dir.path())
+        .stdin(Stdio::null());
+    c
+}
+
+/// `tinygpt train --resume RUN EXTRA…` in the workspace.
+fn resume_cmd(ws: &Workspace, run: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+    c.args(["train", "--resume", run.to_str().unwrap()])
+        .args(extra)
+        .current_dir(ws.dir.path())
+        .stdin(Stdio::null());
+    c
+}
+
 /// Starts a long tiny run, waits until it has trained a while, sends `signal`, and checks the
 /// exit code, the message, and that the saved checkpoint resumes.
 fn interrupt_with(signal: &str, code: i32) {
     let ws = Workspace::new(4000);
     let out = ws.path("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args([
-            "train",
-            "--config",
-            "tiny.toml",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args([
-            "--set",
-            "training.max_iters=1000000",
-            "--set",
-            "training.lr_decay_iters=1000000",
-            "--quiet",
-        ])
-        .current_dir(ws.dir.path())
-        .stdin(Stdio::null())
+    let child = tiny_cmd(&ws, &["--out", out.to_str().unwrap(), "--quiet"])
+        .args(["--set", "training.max_iters=1000000"])
+        .args(["--set", "training.lr_decay_iters=1000000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -60,17 +66,8 @@ fn interrupt_with(signal: &str, code: i32) {
     let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, step);
     // and it resumes
-    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args([
-            "train",
-            "--resume",
-            out.to_str().unwrap(),
-            "--set",
-            &format!("training.max_iters={}", step + 3),
-            "--quiet",
-        ])
-        .current_dir(ws.dir.path())
-        .stdin(Stdio::null())
+    let max_iters = format!("training.max_iters={}", step + 3);
+    let o = resume_cmd(&ws, &out, &["--set", &max_iters, "--quiet"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -104,16 +101,8 @@ fn kill_9_at_random_instants_never_loses_the_run() {
     ];
     // the reference: one uninterrupted run
     let whole = ws.path("whole");
-    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args([
-            "train",
-            "--config",
-            "tiny.toml",
-            "--out",
-            whole.to_str().unwrap(),
-        ])
+    let o = tiny_cmd(&ws, &["--out", whole.to_str().unwrap()])
         .args(sets)
-        .current_dir(ws.dir.path())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -126,22 +115,13 @@ fn kill_9_at_random_instants_never_loses_the_run() {
     let mut last_step = 0;
     for round in 0..40 {
         let has_checkpoint = tinygpt::checkpoint::resolve(&out.join("last")).is_dir();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
-        if has_checkpoint {
-            cmd.args(["train", "--resume", out.to_str().unwrap()]);
+        let mut cmd = if has_checkpoint {
+            resume_cmd(&ws, &out, &[])
         } else {
-            cmd.args([
-                "train",
-                "--config",
-                "tiny.toml",
-                "--out",
-                out.to_str().unwrap(),
-            ]);
-        }
+            tiny_cmd(&ws, &["--out", out.to_str().unwrap()])
+        };
         let mut child = cmd
             .args(sets)
-            .current_dir(ws.dir.path())
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -179,12 +159,7 @@ fn kill_9_at_random_instants_never_loses_the_run() {
     }
     assert!(kills >= 10, "only {kills} kills landed");
     // finish the run and compare with the uninterrupted one
-    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(["train", "--resume", out.to_str().unwrap()])
-        .args(sets)
-        .current_dir(ws.dir.path())
-        .output()
-        .unwrap();
+    let o = resume_cmd(&ws, &out, &sets).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (
         checkpoint_weights(&whole.join("last")),
@@ -196,15 +171,6 @@ fn kill_9_at_random_instants_never_loses_the_run() {
             "{n} differs from the uninterrupted run after {kills} kills"
         );
     }
-}
-
-fn tiny_cmd(ws: &Workspace, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
-    c.args(["train", "--config", "tiny.toml"])
-        .args(extra)
-        .current_dir(ws.dir.path())
-        .stdin(Stdio::null());
-    c
 }
 
 fn all_finite(dir: &std::path::Path) -> bool {
@@ -283,17 +249,7 @@ fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
     let before = std::fs::read(out.join("last/model.safetensors")).unwrap();
     // Resume with files capped at 16 KiB: the probe fits, the first checkpoint does not
     // (the file-size limit stands in for a full disk: writes fail with an I/O error).
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
-    cmd.args([
-        "train",
-        "--resume",
-        out.to_str().unwrap(),
-        "--set",
-        "training.max_iters=20",
-        "--quiet",
-    ])
-    .current_dir(ws.dir.path())
-    .stdin(Stdio::null());
+    let mut cmd = resume_cmd(&ws, &out, &["--set", "training.max_iters=20", "--quiet"]);
     limit_file_size(&mut cmd, 16 * 1024);
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -311,16 +267,7 @@ fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
     let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, 10);
     // and once there is room again, the run resumes
-    let o = Command::new(env!("CARGO_BIN_EXE_tinygpt"))
-        .args([
-            "train",
-            "--resume",
-            out.to_str().unwrap(),
-            "--set",
-            "training.max_iters=12",
-            "--quiet",
-        ])
-        .current_dir(ws.dir.path())
+    let o = resume_cmd(&ws, &out, &["--set", "training.max_iters=12", "--quiet"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
