@@ -77,22 +77,11 @@ fn save_then_load_gives_identical_logits() {
     t.save(&dir).unwrap();
     let ck = checkpoint::load(&dir, &Device::Cpu).unwrap();
     let x = Tensor::from_slice(&[1u32, 2, 3, 4, 5, 0, 1], (1, 7), &Device::Cpu).unwrap();
-    let a = t
-        .model
-        .forward(&x, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = ck
-        .model
-        .forward(&x, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let logits = |m: &tinygpt::model::Gpt| {
+        let l = m.forward(&x, None).unwrap();
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&t.model), logits(&ck.model));
     assert_eq!(a, b);
     assert_eq!(ck.state.unwrap().step, 1);
     assert_eq!(ck.config, t.config);
