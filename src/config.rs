@@ -180,12 +180,6 @@ impl Config {
                 m.n_embd, m.n_head
             )));
         }
-        if m.kernels == Kernels::Fused {
-            return Err(Error::Config(
-                "model.kernels = \"fused\" is not available in this version; use \"reference\""
-                    .into(),
-            ));
-        }
         if !(0.0..1.0).contains(&m.dropout) {
             return Err(Error::Config(format!(
                 "model.dropout = {} must be in [0, 1)",

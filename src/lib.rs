@@ -3,12 +3,14 @@
 //! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
 //! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod inspect;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod rng;

@@ -493,10 +493,6 @@ fn every_config_error_is_named_through_the_binary() {
             "model.dropout = -0.1 must be in [0, 1)",
         ),
         ("model.kernels=\"fast\"", "unknown variant `fast`"),
-        (
-            "model.kernels=\"fused\"",
-            "model.kernels = \"fused\" is not available",
-        ),
         ("model.colour=1", "unknown field `colour`"),
         ("tokenizer.kind=\"words\"", "unknown variant `words`"),
         (

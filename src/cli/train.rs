@@ -66,6 +66,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let (ck_dir, run_dir) = resume_paths(resume);
         let out = args.out.clone().unwrap_or(run_dir);
         let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device, progress)?;
+        crate::kernels::configure_threads(trainer.config.model.kernels);
         (trainer, out, true)
     } else {
         let path = args
@@ -73,6 +74,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .as_ref()
             .ok_or_else(|| Error::Usage("--config is required unless --resume is given".into()))?;
         let mut config = Config::load(path, &args.set)?;
+        crate::kernels::configure_threads(config.model.kernels);
         if let Some(d) = &args.data {
             config.data.path = d.clone();
         }

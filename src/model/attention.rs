@@ -16,10 +16,14 @@
 //! in evaluation, sampling and inspection, the two are the same function call).
 
 use candle_core::{Device, Tensor, D};
+use rand::Rng as _;
 
 use super::layers::{dropout, Linear};
 use super::params::Params;
+use crate::config::Kernels;
 use crate::error::Result;
+use crate::kernels::attention::{causal_attention, AttentionDropout};
+use crate::kernels::linear::linear;
 use crate::rng::Rng;
 
 /// The additive causal mask M for `t_q` queries at positions `offset..offset + t_q` over `t_k`
@@ -77,7 +81,7 @@ pub(crate) fn attend(
         None => scores,
     };
     let weights = softmax_last_dim(&scores)?;
-    let dropped = dropout(&weights, p, rng)?;
+    let dropped = dropout(&weights, p, rng, Kernels::Reference)?;
     let out = dropped.matmul(v)?;
     Ok((out, weights))
 }
@@ -110,6 +114,27 @@ fn extend_cache(cache: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Te
     Ok((k, v))
 }
 
+/// The fused path shared by [`Head`] and [`MultiHeadAttention`]: one product with W_Q, W_K,
+/// W_V stacked `(3C', C)` gives Q | K | V side by side, and one kernel does every head's
+/// masked softmax and weighted sum ([`crate::kernels::attention`]). `(B, T, C)` → `(B, T, C')`.
+fn fused_attention(
+    w_q: &Linear,
+    w_k: &Linear,
+    w_v: &Linear,
+    x: &Tensor,
+    n_head: usize,
+    p: f64,
+    rng: Option<&mut Rng>,
+) -> Result<Tensor> {
+    let w = Tensor::cat(&[&w_q.weight, &w_k.weight, &w_v.weight], 0)?; // (3C', C)
+    let qkv = linear(x, &w)?; // (B, T, 3C')
+    let drop = rng.map(|r| AttentionDropout {
+        p,
+        seed: r.random(),
+    });
+    Ok(causal_attention(&qkv, n_head, drop)?)
+}
+
 /// One masked head of self-attention with its own W_Q, W_K, W_V (no bias), each `(hs, C)`.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -117,6 +142,8 @@ pub struct Head {
     pub w_k: Linear,
     pub w_v: Linear,
     pub dropout: f64,
+    /// Which implementation [`Head::forward_fast`] uses.
+    pub kernels: Kernels,
 }
 
 impl Head {
@@ -128,12 +155,32 @@ impl Head {
         head_size: usize,
         dropout: f64,
     ) -> Result<Head> {
+        let r = Kernels::Reference;
         Ok(Head {
-            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, head_size, false, 0.02)?,
-            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, head_size, false, 0.02)?,
-            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, head_size, false, 0.02)?,
+            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, head_size, false, 0.02, r)?,
+            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, head_size, false, 0.02, r)?,
+            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, head_size, false, 0.02, r)?,
             dropout,
+            kernels: r,
         })
+    }
+
+    /// The same head running on `kernels`.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Head {
+        for l in [&mut self.w_q, &mut self.w_k, &mut self.w_v] {
+            l.kernels = kernels;
+        }
+        self.kernels = kernels;
+        self
+    }
+
+    /// `x` `(B, T, C)` → `(B, T, hs)` without the weights: the training path, fused when
+    /// `kernels` is.
+    pub fn forward_fast(&self, x: &Tensor, mask: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        if self.kernels == Kernels::Fused {
+            return fused_attention(&self.w_q, &self.w_k, &self.w_v, x, 1, self.dropout, rng);
+        }
+        Ok(self.forward(x, mask, rng, None)?.0)
     }
 
     /// `x` `(B, T, C)` → `(out (B, T, hs), weights (B, T, T_k))`. `mask` is `(T, T_k)`; with a
@@ -163,6 +210,8 @@ pub struct MultiHeadAttention {
     pub c_proj: Linear,
     pub n_head: usize,
     pub dropout: f64,
+    /// Which implementation [`MultiHeadAttention::forward_fast`] uses.
+    pub kernels: Kernels,
 }
 
 impl MultiHeadAttention {
@@ -175,14 +224,61 @@ impl MultiHeadAttention {
         bias: bool,
         proj_std: f64,
     ) -> Result<Self> {
+        let r = Kernels::Reference;
         Ok(MultiHeadAttention {
-            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, n_embd, false, 0.02)?,
-            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, n_embd, false, 0.02)?,
-            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, n_embd, false, 0.02)?,
-            c_proj: Linear::new(p, &format!("{name}.c_proj"), n_embd, n_embd, bias, proj_std)?,
+            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, n_embd, false, 0.02, r)?,
+            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, n_embd, false, 0.02, r)?,
+            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, n_embd, false, 0.02, r)?,
+            c_proj: Linear::new(
+                p,
+                &format!("{name}.c_proj"),
+                n_embd,
+                n_embd,
+                bias,
+                proj_std,
+                r,
+            )?,
             n_head,
             dropout,
+            kernels: r,
         })
+    }
+
+    /// The same layer running on `kernels`.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        for l in [
+            &mut self.w_q,
+            &mut self.w_k,
+            &mut self.w_v,
+            &mut self.c_proj,
+        ] {
+            l.kernels = kernels;
+        }
+        self.kernels = kernels;
+        self
+    }
+
+    /// `x` `(B, T, C)` → `(B, T, C)` without the weights: the training path, fused when
+    /// `kernels` is.
+    pub fn forward_fast(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        if self.kernels != Kernels::Fused {
+            return Ok(self.forward(x, mask, rng, None)?.0);
+        }
+        let y = fused_attention(
+            &self.w_q,
+            &self.w_k,
+            &self.w_v,
+            x,
+            self.n_head,
+            self.dropout,
+            rng.as_deref_mut(),
+        )?;
+        dropout(&self.c_proj.forward(&y)?, self.dropout, rng, self.kernels)
     }
 
     /// `x` `(B, T, C)` → `(out (B, T, C), weights (B, n_head, T, T_k))`.
@@ -207,7 +303,7 @@ impl MultiHeadAttention {
         let (k, v) = extend_cache(cache, k, v)?; // (B, nh, T_k, hs)
         let (y, weights) = attend(&q, &k, &v, Some(mask), self.dropout, rng.as_deref_mut())?;
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): heads side by side
-        let y = dropout(&self.c_proj.forward(&y)?, self.dropout, rng)?;
+        let y = dropout(&self.c_proj.forward(&y)?, self.dropout, rng, self.kernels)?;
         Ok((y, weights))
     }
 }

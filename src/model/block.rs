@@ -5,8 +5,9 @@ use candle_core::Tensor;
 use super::attention::{Head, LayerKv, MultiHeadAttention};
 use super::layers::{dropout, LayerNorm, Linear};
 use super::params::Params;
-use crate::config::ModelConfig;
+use crate::config::{Kernels, ModelConfig};
 use crate::error::Result;
+use crate::kernels::gelu::gelu;
 use crate::rng::Rng;
 
 /// Position-wise feed-forward network: C → 4C → GELU → C.
@@ -15,22 +16,36 @@ pub struct Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
     pub dropout: f64,
+    pub kernels: Kernels,
 }
 
 impl Mlp {
     pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
-        let c = cfg.n_embd;
+        let (c, k) = (cfg.n_embd, cfg.kernels);
         Ok(Mlp {
-            c_fc: Linear::new(p, &format!("{name}.c_fc"), c, 4 * c, cfg.bias, 0.02)?,
-            c_proj: Linear::new(p, &format!("{name}.c_proj"), 4 * c, c, cfg.bias, proj_std)?,
+            c_fc: Linear::new(p, &format!("{name}.c_fc"), c, 4 * c, cfg.bias, 0.02, k)?,
+            c_proj: Linear::new(
+                p,
+                &format!("{name}.c_proj"),
+                4 * c,
+                c,
+                cfg.bias,
+                proj_std,
+                k,
+            )?,
             dropout: cfg.dropout,
+            kernels: k,
         })
     }
 
     /// `(B, T, C)` → `(B, T, C)`.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?.gelu_erf()?; // (B, T, 4C)
-        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+        let h = self.c_fc.forward(x)?; // (B, T, 4C)
+        let h = match self.kernels {
+            Kernels::Reference => h.gelu_erf()?,
+            Kernels::Fused => gelu(&h)?,
+        };
+        dropout(&self.c_proj.forward(&h)?, self.dropout, rng, self.kernels)
     }
 }
 
@@ -46,7 +61,8 @@ impl SelfAttention {
     pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
         if cfg.n_head == 1 {
             Ok(SelfAttention::Single {
-                head: Head::new(p, name, cfg.n_embd, cfg.n_embd, cfg.dropout)?,
+                head: Head::new(p, name, cfg.n_embd, cfg.n_embd, cfg.dropout)?
+                    .with_kernels(cfg.kernels),
                 c_proj: Linear::new(
                     p,
                     &format!("{name}.c_proj"),
@@ -54,36 +70,53 @@ impl SelfAttention {
                     cfg.n_embd,
                     cfg.bias,
                     proj_std,
+                    cfg.kernels,
                 )?,
             })
         } else {
-            Ok(SelfAttention::Multi(MultiHeadAttention::new(
-                p,
-                name,
-                cfg.n_embd,
-                cfg.n_head,
-                cfg.dropout,
-                cfg.bias,
-                proj_std,
-            )?))
+            Ok(SelfAttention::Multi(
+                MultiHeadAttention::new(
+                    p,
+                    name,
+                    cfg.n_embd,
+                    cfg.n_head,
+                    cfg.dropout,
+                    cfg.bias,
+                    proj_std,
+                )?
+                .with_kernels(cfg.kernels),
+            ))
         }
     }
 
-    /// `(B, T, C)` → `(out (B, T, C), weights (B, n_head, T, T_k))`.
+    /// `(B, T, C)` → `(out (B, T, C), weights (B, n_head, T, T_k))`; the weights only when
+    /// `capture` is set. Without a cache or capture this is the training path (fused when the
+    /// model's kernels are); with either, the composed path that produces the weights.
     pub fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         mut rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
-    ) -> Result<(Tensor, Tensor)> {
+        capture: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let fast = cache.is_none() && !capture;
         match self {
             SelfAttention::Single { head, c_proj } => {
-                let (y, w) = head.forward(x, mask, rng.as_deref_mut(), cache)?;
-                let y = dropout(&c_proj.forward(&y)?, head.dropout, rng)?;
-                Ok((y, w.unsqueeze(1)?))
+                let (y, w) = if fast {
+                    (head.forward_fast(x, mask, rng.as_deref_mut())?, None)
+                } else {
+                    let (y, w) = head.forward(x, mask, rng.as_deref_mut(), cache)?;
+                    (y, Some(w.unsqueeze(1)?))
+                };
+                let y = dropout(&c_proj.forward(&y)?, head.dropout, rng, head.kernels)?;
+                Ok((y, w))
             }
-            SelfAttention::Multi(mha) => mha.forward(x, mask, rng, cache),
+            SelfAttention::Multi(mha) if fast => Ok((mha.forward_fast(x, mask, rng)?, None)),
+            SelfAttention::Multi(mha) => {
+                let (y, w) = mha.forward(x, mask, rng, cache)?;
+                Ok((y, Some(w)))
+            }
         }
     }
 }
@@ -103,24 +136,41 @@ impl Block {
         // grow with depth.
         let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
         Ok(Block {
-            ln_1: LayerNorm::new(p, &format!("{name}.ln_1"), cfg.n_embd, cfg.bias)?,
+            ln_1: LayerNorm::new(
+                p,
+                &format!("{name}.ln_1"),
+                cfg.n_embd,
+                cfg.bias,
+                cfg.kernels,
+            )?,
             attn: SelfAttention::new(p, &format!("{name}.attn"), cfg, proj_std)?,
-            ln_2: LayerNorm::new(p, &format!("{name}.ln_2"), cfg.n_embd, cfg.bias)?,
+            ln_2: LayerNorm::new(
+                p,
+                &format!("{name}.ln_2"),
+                cfg.n_embd,
+                cfg.bias,
+                cfg.kernels,
+            )?,
             mlp: Mlp::new(p, &format!("{name}.mlp"), cfg, proj_std)?,
         })
     }
 
-    /// `(B, T, C)` → `(x (B, T, C), attention weights (B, n_head, T, T_k))`.
+    /// `(B, T, C)` → `(x (B, T, C), attention weights (B, n_head, T, T_k) if `capture`)`.
     pub fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         mut rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
-    ) -> Result<(Tensor, Tensor)> {
-        let (a, w) = self
-            .attn
-            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut(), cache)?;
+        capture: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (a, w) = self.attn.forward(
+            &self.ln_1.forward(x)?,
+            mask,
+            rng.as_deref_mut(),
+            cache,
+            capture,
+        )?;
         let x = (x + a)?;
         let x = (&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?;
         Ok((x, w))

@@ -8,8 +8,9 @@ use super::block::Block;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, Params};
-use crate::config::ModelConfig;
+use crate::config::{Kernels, ModelConfig};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::rng::Rng;
 
 /// A GPT-style decoder-only language model.
@@ -45,7 +46,7 @@ impl Gpt {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(p, &format!("h.{i}"), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(p, "ln_f", cfg.n_embd, cfg.bias)?;
+        let ln_f = LayerNorm::new(p, "ln_f", cfg.n_embd, cfg.bias, cfg.kernels)?;
         Ok(Gpt {
             cfg: cfg.clone(),
             vocab_size,
@@ -88,22 +89,25 @@ impl Gpt {
             &tok.broadcast_add(&pos)?,
             self.cfg.dropout,
             rng.as_deref_mut(),
+            self.cfg.kernels,
         )?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (y, w) = block.forward(&x, &mask, rng.as_deref_mut(), layer_cache)?;
+            let (y, w) = block.forward(&x, &mask, rng.as_deref_mut(), layer_cache, capture)?;
             x = y;
-            if capture {
-                attention.push(w);
-            }
+            attention.extend(w);
         }
         if let Some(c) = cache {
             c.len += t;
         }
         let x = self.ln_f.forward(&x)?.reshape((b * t, c))?;
-        let logits = x.matmul(&self.wte.t()?)?.reshape((b, t, self.vocab_size))?; // (B, T, V)
+        let logits = match self.cfg.kernels {
+            Kernels::Reference => x.matmul(&self.wte.t()?)?,
+            Kernels::Fused => kernels::linear::linear(&x, &self.wte)?,
+        };
+        let logits = logits.reshape((b, t, self.vocab_size))?; // (B, T, V)
         Ok(Forward { logits, attention })
     }
 
@@ -130,7 +134,10 @@ impl Gpt {
         let (b, t, v) = logits.dims3()?;
         let logits = logits.reshape((b * t, v))?;
         let targets = targets.reshape(b * t)?.to_dtype(DType::U32)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        Ok(match self.cfg.kernels {
+            Kernels::Reference => candle_nn::loss::cross_entropy(&logits, &targets)?,
+            Kernels::Fused => kernels::cross_entropy::cross_entropy(&logits, &targets)?,
+        })
     }
 
     /// A fresh cache sized for this model.

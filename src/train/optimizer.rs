@@ -11,11 +11,12 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, Var};
-use rayon::prelude::*;
 
 use crate::checkpoint::OptimizerState;
 use crate::config::TrainingConfig;
 use crate::error::Result;
+use crate::kernels::adamw::{adamw_update_tensor, AdamWStep};
+use crate::kernels::with_f32;
 
 /// One parameter's optimizer slot.
 struct Slot {
@@ -69,37 +70,38 @@ impl AdamW {
         self.step
     }
 
-    /// Applies one update with gradients `grads` (one flat buffer per parameter, in
-    /// [`AdamW::names`] order) at learning rate `lr`.
-    pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> Result<()> {
+    /// Applies one update with gradients `grads` (one per parameter, in [`AdamW::names`] order;
+    /// `None` counts as zero) times `grad_scale` (gradient clipping), at learning rate `lr`.
+    /// Parameters are updated in place by the vectorised kernel of [`crate::kernels::adamw`].
+    pub fn step(&mut self, grads: &[Option<Tensor>], grad_scale: f32, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let eps = self.eps as f32;
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let mut p = slot.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let decay = if slot.decay {
-                (1.0 - lr * self.weight_decay) as f32
-            } else {
-                1.0
+            let step = AdamWStep {
+                step_size: (lr / bc1) as f32,
+                decay: if slot.decay {
+                    (1.0 - lr * self.weight_decay) as f32
+                } else {
+                    1.0
+                },
+                beta1: self.beta1 as f32,
+                beta2: self.beta2 as f32,
+                eps: self.eps as f32,
+                inv_bc2: (1.0 / bc2_sqrt) as f32,
+                grad_scale,
             };
-            let inv_bc2 = (1.0 / bc2_sqrt) as f32;
-            p.par_iter_mut()
-                .zip(slot.m.par_iter_mut())
-                .zip(slot.v.par_iter_mut())
-                .zip(g.par_iter())
-                .with_min_len(4096)
-                .for_each(|(((p, m), v), &g)| {
-                    *p *= decay;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() * inv_bc2 + eps);
-                });
-            let new = Tensor::from_vec(p, slot.var.shape(), slot.var.device())?;
-            slot.var.set(&new)?;
+            let param = slot.var.as_tensor();
+            match g {
+                Some(g) => with_f32(g, "adamw", |g| {
+                    adamw_update_tensor(param, g, &mut slot.m, &mut slot.v, &step)
+                })??,
+                None => {
+                    let zeros = vec![0.0f32; slot.m.len()];
+                    adamw_update_tensor(param, &zeros, &mut slot.m, &mut slot.v, &step)?
+                }
+            }
         }
         Ok(())
     }
@@ -168,8 +170,11 @@ mod tests {
             checkpoint_interval: 1,
         };
         let mut opt = AdamW::new(&vars, &cfg);
-        let grads = vec![vec![0.2f32, -0.4], vec![1.0f32, 0.0, -1.0, 2.0]]; // b, w
-        opt.step(&grads, 0.1).unwrap();
+        let grads = [
+            Some(Tensor::new(&[0.4f32, -0.8], &dev).unwrap()),
+            Some(Tensor::new(&[[2.0f32, 0.0], [-2.0, 4.0]], &dev).unwrap()),
+        ]; // b, w (twice the gradient: the step scales them by ½)
+        opt.step(&grads, 0.5, 0.1).unwrap();
         // Step 1: m̂ = g, v̂ = g², so the Adam step is lr·sign(g) (up to ε) for g ≠ 0.
         let w = w
             .as_tensor()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
@@ -17,6 +17,8 @@ use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
 use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
 use crate::error::{Error, Result};
+use crate::kernels::adamw::sum_of_squares;
+use crate::kernels::with_f32;
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
@@ -128,6 +130,16 @@ impl Trainer {
             Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
         let dataset = make_dataset(&config, &tokenizer, &text, progress)?;
         drop(text);
+        Trainer::from_parts(config, tokenizer, dataset, device)
+    }
+
+    /// A fresh run of `config` on an already tokenized `dataset`.
+    pub fn from_parts(
+        config: Config,
+        tokenizer: Tokenizer,
+        dataset: Dataset,
+        device: &Device,
+    ) -> Result<Trainer> {
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
         let mut params = Params::fresh(rng.clone(), device);
@@ -233,10 +245,7 @@ impl Trainer {
         let block = self.config.model.block_size;
         let names: Vec<String> = self.optimizer.names().map(str::to_string).collect();
         let vars = self.params.vars();
-        let mut grads: Vec<Vec<f32>> = names
-            .iter()
-            .map(|n| vec![0.0; vars[n].elem_count()])
-            .collect();
+        let mut grads: Vec<Option<Tensor>> = vec![None; names.len()];
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum_steps {
             let (x, y) = self.dataset.batch(
@@ -252,21 +261,26 @@ impl Trainer {
                 return Err(non_finite(self.state.step + 1, "loss", t.learning_rate));
             }
             loss_sum += l;
-            let scaled = (loss / t.grad_accum_steps as f64)?;
+            let scaled = if t.grad_accum_steps > 1 {
+                (loss / t.grad_accum_steps as f64)?
+            } else {
+                loss
+            };
             let store = scaled.backward()?;
-            for (buf, name) in grads.iter_mut().zip(&names) {
+            for (acc, name) in grads.iter_mut().zip(&names) {
                 if let Some(g) = store.get(vars[name].as_tensor()) {
-                    let g = g.flatten_all()?.to_vec1::<f32>()?;
-                    buf.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
                 }
             }
         }
-        let norm = grads
-            .iter()
-            .flatten()
-            .map(|&g| (g as f64) * (g as f64))
-            .sum::<f64>()
-            .sqrt();
+        let mut sum_sq = 0.0;
+        for g in grads.iter().flatten() {
+            sum_sq += with_f32(g, "gradient norm", sum_of_squares)?;
+        }
+        let norm = sum_sq.sqrt();
         if !norm.is_finite() {
             return Err(non_finite(
                 self.state.step + 1,
@@ -274,12 +288,13 @@ impl Trainer {
                 t.learning_rate,
             ));
         }
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            let scale = (t.grad_clip / (norm + 1e-6)) as f32;
-            grads.iter_mut().flatten().for_each(|g| *g *= scale);
-        }
+        let grad_scale = if t.grad_clip > 0.0 && norm > t.grad_clip {
+            (t.grad_clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
         let lr = learning_rate(&t, self.state.step);
-        self.optimizer.step(&grads, lr)?;
+        self.optimizer.step(&grads, grad_scale, lr)?;
         self.state.step += 1;
         Ok(loss_sum / t.grad_accum_steps as f64)
     }

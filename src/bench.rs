@@ -1,0 +1,266 @@
+//! How fast a config trains and samples on this machine: the numbers behind `tinygpt bench`
+//! and the README's Performance table.
+//!
+//! - training: full optimizer steps (batch, forward, backward, clipping, AdamW), timed one by
+//!   one after `warmup` untimed steps; the median is reported, as it shrugs off the odd step
+//!   that the OS or the allocator slows down;
+//! - generation: tokens per second for `gen_tokens` new tokens at temperature 0.8, top-k 200,
+//!   with and without the KV cache;
+//! - peak RSS: the process's high-water mark after training (`getrusage`);
+//! - MFU: model flops per second over the sgemm peak measured on the spot, with nanoGPT's
+//!   count of flops per token, 6·N + 12·L·T·C (N: parameters without the position embedding).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::config::{Config, TokenizerKind};
+use crate::data::{Dataset, TokenIds};
+use crate::error::{Error, Result};
+use crate::kernels::matmul::{matmul, MatMut, MatRef};
+use crate::progress::ProgressMode;
+use crate::rng::seeded;
+use crate::sample::{generate, SampleOptions};
+use crate::tokenizer::Tokenizer;
+use crate::train::Trainer;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Timed training steps.
+    pub iters: usize,
+    /// Untimed training steps first (allocator, caches, thread pools warm up).
+    pub warmup: usize,
+    /// New tokens per generation measurement.
+    pub gen_tokens: usize,
+}
+
+/// The measurements; `--json` prints this struct.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub kernels: String,
+    pub data: String,
+    pub threads: usize,
+    pub parameters: usize,
+    pub batch_size: usize,
+    pub block_size: usize,
+    pub iters: usize,
+    pub train_ms_per_iter: f64,
+    pub train_ms_min: f64,
+    pub train_ms_max: f64,
+    pub train_tokens_per_s: f64,
+    pub generate_tokens_per_s: f64,
+    pub generate_tokens_per_s_no_cache: f64,
+    pub peak_rss_mb: f64,
+    pub flops_per_token: f64,
+    pub sgemm_gflops: f64,
+    pub mfu: f64,
+}
+
+/// The process's peak resident set size so far, in MB.
+pub fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage only writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    ru.ru_maxrss as f64 / 1024.0 // kilobytes on Linux
+}
+
+/// The best sgemm speed of this machine in GFLOP/s: a 1024³ product on all threads with the
+/// same matmul the kernels use, best of several runs.
+pub fn sgemm_peak_gflops() -> f64 {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = Instant::now();
+        // SAFETY: three n×n row-major buffers.
+        unsafe {
+            matmul(
+                n,
+                n,
+                n,
+                MatMut::row_major(&mut c, n),
+                false,
+                MatRef::row_major(&a, n),
+                MatRef::row_major(&b, n),
+                1.0,
+            )
+        };
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// A trainer on random tokens: a vocabulary of 65 (tinyshakespeare's character count) for a
+/// char config, `vocab_size` for BPE. Speed does not depend on what the tokens say.
+fn synthetic_trainer(config: Config, device: &Device) -> Result<Trainer> {
+    let vocab = match config.tokenizer.kind {
+        TokenizerKind::Char => 65,
+        TokenizerKind::Bpe => config.tokenizer.vocab_size,
+    };
+    let alphabet: String = (0..vocab.min(65))
+        .map(|i| char::from(b'!' + i as u8))
+        .collect();
+    let tokenizer = Tokenizer::train(TokenizerKind::Char, &alphabet, 0)?;
+    let vocab = tokenizer.vocab_size();
+    let mut rng = seeded(config.training.seed);
+    let n = (config.model.block_size + 1) * 200;
+    let ids: Vec<u32> = (0..n)
+        .map(|_| rand::Rng::random_range(&mut rng, 0..vocab as u32))
+        .collect();
+    let dataset = Dataset::new(
+        TokenIds::new(ids, vocab),
+        0.1,
+        config.model.block_size,
+        Path::new("(random tokens)"),
+    )?;
+    Trainer::from_parts(config, tokenizer, dataset, device)
+}
+
+/// Measures `config` (trained on `data`, or on random tokens when `None`). `say` gets a line
+/// per stage as it starts.
+pub fn run(
+    mut config: Config,
+    data: Option<&Path>,
+    opts: &BenchOptions,
+    mut say: impl FnMut(&str),
+) -> Result<BenchReport> {
+    if opts.iters == 0 || opts.gen_tokens == 0 {
+        return Err(Error::Usage(
+            "--iters and --gen-tokens must be at least 1".into(),
+        ));
+    }
+    let device = Device::Cpu;
+    let mut trainer = match data {
+        Some(p) => {
+            config.data.path = p.to_path_buf();
+            Trainer::new(config, &device, ProgressMode::Quiet)?
+        }
+        None => synthetic_trainer(config, &device)?,
+    };
+    let cfg = trainer.config.clone();
+    let tokens_per_iter =
+        (cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size) as f64;
+    say(&format!(
+        "training: {} warm-up + {} timed steps of {} tokens",
+        opts.warmup, opts.iters, tokens_per_iter
+    ));
+    for _ in 0..opts.warmup {
+        trainer.train_step()?;
+    }
+    let mut times = Vec::with_capacity(opts.iters);
+    for _ in 0..opts.iters {
+        let t = Instant::now();
+        trainer.train_step()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let peak_rss_mb = peak_rss_mb();
+    let min = times.iter().cloned().fold(f64::MAX, f64::min);
+    let max = times.iter().cloned().fold(0.0, f64::max);
+    let ms = median(&mut times);
+
+    let gen = |use_cache: bool| -> Result<f64> {
+        let o = SampleOptions {
+            max_new_tokens: opts.gen_tokens,
+            temperature: 0.8,
+            top_k: Some(200),
+            top_p: None,
+            use_cache,
+        };
+        let mut rng = seeded(0);
+        let t = Instant::now();
+        let out = generate(&trainer.model, &[0], &o, &mut rng, |_| Ok(()))?;
+        Ok(out.len() as f64 / t.elapsed().as_secs_f64())
+    };
+    say(&format!(
+        "generation: {} tokens with the KV cache, then without",
+        opts.gen_tokens
+    ));
+    let generate_tokens_per_s = gen(true)?;
+    let generate_tokens_per_s_no_cache = gen(false)?;
+    say("sgemm peak: 1024³ products");
+    let sgemm_gflops = sgemm_peak_gflops();
+
+    let m = &cfg.model;
+    let n_params = trainer.params.count() - m.block_size * m.n_embd;
+    let flops_per_token =
+        6.0 * n_params as f64 + 12.0 * (m.n_layer * m.block_size * m.n_embd) as f64;
+    let train_tokens_per_s = tokens_per_iter / (ms / 1000.0);
+    Ok(BenchReport {
+        kernels: format!("{:?}", m.kernels).to_lowercase(),
+        data: data.map_or("random tokens".into(), |p| p.display().to_string()),
+        threads: rayon::current_num_threads(),
+        parameters: trainer.params.count(),
+        batch_size: cfg.training.batch_size,
+        block_size: m.block_size,
+        iters: opts.iters,
+        train_ms_per_iter: ms,
+        train_ms_min: min,
+        train_ms_max: max,
+        train_tokens_per_s,
+        generate_tokens_per_s,
+        generate_tokens_per_s_no_cache,
+        peak_rss_mb,
+        flops_per_token,
+        sgemm_gflops,
+        mfu: flops_per_token * train_tokens_per_s / (sgemm_gflops * 1e9),
+    })
+}
+
+impl BenchReport {
+    /// The report as an aligned table.
+    pub fn table(&self) -> String {
+        let rows = [
+            ("kernels", self.kernels.clone()),
+            ("data", self.data.clone()),
+            ("threads", self.threads.to_string()),
+            ("parameters", self.parameters.to_string()),
+            (
+                "batch × block",
+                format!("{} × {}", self.batch_size, self.block_size),
+            ),
+            (
+                "train ms/iter",
+                format!(
+                    "{:.1} (median of {}; min {:.1}, max {:.1})",
+                    self.train_ms_per_iter, self.iters, self.train_ms_min, self.train_ms_max
+                ),
+            ),
+            ("train tokens/s", format!("{:.0}", self.train_tokens_per_s)),
+            (
+                "generate tokens/s",
+                format!(
+                    "{:.0} with KV cache, {:.0} without",
+                    self.generate_tokens_per_s, self.generate_tokens_per_s_no_cache
+                ),
+            ),
+            ("peak RSS", format!("{:.0} MB", self.peak_rss_mb)),
+            ("sgemm peak", format!("{:.1} GFLOP/s", self.sgemm_gflops)),
+            (
+                "MFU",
+                format!(
+                    "{:.1}% ({:.2} MFLOP/token)",
+                    self.mfu * 100.0,
+                    self.flops_per_token / 1e6
+                ),
+            ),
+        ];
+        rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
+    }
+}

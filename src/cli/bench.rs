@@ -1,0 +1,58 @@
+//! `tinygpt bench`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::bench::{self, BenchOptions};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Config to measure.
+    #[arg(long, default_value = "configs/shakespeare-char.toml")]
+    config: PathBuf,
+    /// Train on this corpus instead of random tokens.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Timed training steps (the median is reported).
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// Untimed training steps before timing.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Tokens generated per sampling measurement.
+    #[arg(long, default_value_t = 500)]
+    gen_tokens: usize,
+    /// Override a config key, e.g. --set model.kernels=reference (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let config = Config::load(&args.config, &args.set)?;
+    crate::kernels::configure_threads(config.model.kernels);
+    let opts = BenchOptions {
+        iters: args.iters,
+        warmup: args.warmup,
+        gen_tokens: args.gen_tokens,
+    };
+    let json = args.json;
+    let report = bench::run(config, args.data.as_deref(), &opts, |s| {
+        if !json {
+            eprintln!("bench: {s}");
+        }
+    })?;
+    if json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Usage(format!("writing JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! Causal multi-head attention as one op: from the packed projections `qkv` `(B, T, 3C)`
+//! (Q | K | V side by side, head h in columns h·hs..(h+1)·hs of each) straight to the heads'
+//! outputs side by side, `(B, T, C)`:
+//!
+//! ```text
+//! for each (b, h):  S = Q·Kᵀ/√hs,  P = softmax(S + M) row by row,  Y = dropout(P)·V
+//! ```
+//!
+//! One rayon task per (batch, head). The products run on `gemm` with strides that read the
+//! heads in place (no split, transpose or `contiguous()` copies); S is computed in row blocks
+//! that stop at the diagonal, so the masked upper triangle is mostly never computed, and the
+//! mask never exists as a tensor. P is not stored: the backward pass recomputes it from Q and K
+//! (the memory of a `(B, n_head, T, T)` tensor per layer is worth more than one more Q·Kᵀ).
+//! Dropout on P uses the counter-based mask of [`super::dropout`], regenerated in backward.
+//!
+//! Backward, with P̃ = dropout(P) and dY the output gradient:
+//! ```text
+//! dV = P̃ᵀ·dY,  dP = (dY·Vᵀ) ∘ mask,  dS = P ∘ (dP − rowsum(P ∘ dP)) / √hs,
+//! dQ = dS·K,   dK = dSᵀ·Q
+//! ```
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::dropout::{keep_scale, threshold};
+use super::matmul::{matmul_serial, MatMut, MatRef};
+use super::{f32_slice, math, with_f32};
+
+/// Rows of S computed per block: a block's columns stop at its last row.
+const ROW_BLOCK: usize = 64;
+
+/// Dropout on the attention weights: probability and mask seed.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// softmax(Q·Kᵀ/√hs + M)·V for every head of `qkv` `(B, T, 3C)` → `(B, T, C)`, with a
+/// backward pass. `dropout` applies to the attention weights (training only).
+pub fn causal_attention(
+    qkv: &Tensor,
+    n_head: usize,
+    dropout: Option<AttentionDropout>,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(AttentionOp {
+        n_head,
+        dropout: dropout.filter(|d| d.p > 0.0),
+    })
+}
+
+struct AttentionOp {
+    n_head: usize,
+    dropout: Option<AttentionDropout>,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    hs: usize,
+    n_head: usize,
+}
+
+impl Dims {
+    fn new(shape: &Shape, n_head: usize) -> Result<Dims> {
+        let (b, t, c3) = shape.dims3()?;
+        if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
+            bail!("causal_attention: width {c3} is not 3 × a multiple of {n_head} heads")
+        }
+        let c = c3 / 3;
+        Ok(Dims {
+            b,
+            t,
+            c,
+            hs: c / n_head,
+            n_head,
+        })
+    }
+
+    /// Q, Kᵀ and V of head `h` of batch `b`, read in place from `qkv`.
+    fn qkv(&self, qkv: *const f32, b: usize, h: usize) -> (MatRef, MatRef, MatRef) {
+        let c3 = 3 * self.c as isize;
+        let base = qkv.wrapping_add(b * self.t * 3 * self.c + h * self.hs);
+        (
+            MatRef {
+                ptr: base,
+                rs: c3,
+                cs: 1,
+            },
+            MatRef {
+                ptr: base.wrapping_add(self.c),
+                rs: 1,
+                cs: c3,
+            },
+            MatRef {
+                ptr: base.wrapping_add(2 * self.c),
+                rs: c3,
+                cs: 1,
+            },
+        )
+    }
+}
+
+/// S = scale·Q·Kᵀ in row blocks that stop at the diagonal, then P = causal softmax of each row
+/// in place (zero after the diagonal).
+///
+/// # Safety
+/// `q`, `kt` must address a (T, hs) and a (hs, T) matrix.
+unsafe fn scores_to_probs(d: &Dims, q: MatRef, kt: MatRef, scale: f32, p: &mut [f32]) {
+    let t = d.t;
+    for r0 in (0..t).step_by(ROW_BLOCK) {
+        let r1 = (r0 + ROW_BLOCK).min(t);
+        matmul_serial(
+            r1 - r0,
+            r1,
+            d.hs,
+            MatMut::row_major(&mut p[r0 * t..], t),
+            false,
+            q.skip(r0 * 3 * d.c),
+            kt,
+            scale,
+        );
+    }
+    softmax_causal(p, t);
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_causal(p: &mut [f32], t: usize) {
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        let (live, masked) = row.split_at_mut(i + 1);
+        let m = math::max(live);
+        for x in live.iter_mut() {
+            *x = math::exp(*x - m);
+        }
+        let inv = 1.0 / math::sum(live);
+        for x in live.iter_mut() {
+            *x *= inv;
+        }
+        masked.fill(0.0);
+    }
+}
+
+/// dst = src ∘ dropout mask, row i's mask elements numbered from `first + i·t`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn drop_rows(src: &[f32], dst: &mut [f32], t: usize, seed: u64, first: u32, thr: u32, scale: f32) {
+    for (i, (s, d)) in src.chunks_exact(t).zip(dst.chunks_exact_mut(t)).enumerate() {
+        let row_first = first.wrapping_add((i * t) as u32);
+        for (j, (s, d)) in s.iter().zip(d.iter_mut()).enumerate() {
+            *d = s * keep_scale(seed, row_first.wrapping_add(j as u32), thr, scale);
+        }
+    }
+}
+
+/// dS = scale · P ∘ (dP − rowsum(P ∘ dP)), in place of dP, zero after the diagonal.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    for (i, (p, dp)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+        let n = i + 1;
+        let dot = math::sum_zip(&p[..n], &dp[..n], |a, b| a * b);
+        for (d, &p) in dp[..n].iter_mut().zip(&p[..n]) {
+            *d = scale * p * (*d - dot);
+        }
+        dp[n..].fill(0.0);
+    }
+}
+
+impl AttentionOp {
+    fn mask(&self, d: &Dims, b: usize, h: usize) -> Option<(u64, u32, u32, f32)> {
+        self.dropout.map(|dr| {
+            let first = ((b * d.n_head + h) * d.t * d.t) as u32;
+            (dr.seed, first, threshold(dr.p), (1.0 / (1.0 - dr.p)) as f32)
+        })
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "tinygpt-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(l.shape(), self.n_head)?;
+        let qkv = f32_slice(s, l, "causal_attention")?;
+        let mut y = vec![0.0f32; d.b * d.t * d.c];
+        let y_all = MatMut::row_major(&mut y, d.c);
+        let scale = 1.0 / (d.hs as f32).sqrt();
+        let qkv_ptr = qkv.as_ptr() as usize;
+        (0..d.b * d.n_head).into_par_iter().for_each(|task| {
+            let (b, h) = (task / d.n_head, task % d.n_head);
+            let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
+            let mut p = vec![0.0f32; d.t * d.t];
+            // SAFETY: q, kt, v address head h of batch b inside `qkv`; each task writes its
+            // own (b, h) columns of `y`.
+            unsafe {
+                scores_to_probs(&d, q, kt, scale, &mut p);
+                if let Some((seed, first, thr, sc)) = self.mask(&d, b, h) {
+                    let src = p.clone();
+                    drop_rows(&src, &mut p, d.t, seed, first, thr, sc);
+                }
+                let y_bh = y_all.skip(b * d.t * d.c + h * d.hs);
+                matmul_serial(
+                    d.t,
+                    d.hs,
+                    d.t,
+                    y_bh,
+                    false,
+                    MatRef::row_major(&p, d.t),
+                    v,
+                    1.0,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = Dims::new(qkv.shape(), self.n_head)?;
+        let mut dqkv = vec![0.0f32; d.b * d.t * 3 * d.c];
+        let d_all = MatMut::row_major(&mut dqkv, 3 * d.c);
+        let scale = 1.0 / (d.hs as f32).sqrt();
+        with_f32(qkv, "causal_attention backward", |qkv| {
+            with_f32(dy, "causal_attention backward", |dy| {
+                let (qkv_ptr, dy_ptr) = (qkv.as_ptr() as usize, dy.as_ptr() as usize);
+                (0..d.b * d.n_head).into_par_iter().for_each(|task| {
+                    let (b, h) = (task / d.n_head, task % d.n_head);
+                    let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
+                    let k = MatRef {
+                        rs: kt.cs,
+                        cs: 1,
+                        ..kt
+                    };
+                    let vt = MatRef {
+                        rs: 1,
+                        cs: v.rs,
+                        ..v
+                    };
+                    let dy_bh = MatRef {
+                        ptr: (dy_ptr as *const f32).wrapping_add(b * d.t * d.c + h * d.hs),
+                        rs: d.c as isize,
+                        cs: 1,
+                    };
+                    let at = |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
+                    let tt = d.t;
+                    let mut p = vec![0.0f32; tt * tt];
+                    let mut dp = vec![0.0f32; tt * tt];
+                    // SAFETY: as in the forward pass; each task writes its own (b, h) columns
+                    // of the Q, K and V parts of dqkv.
+                    unsafe {
+                        scores_to_probs(&d, q, kt, scale, &mut p);
+                        let mask = self.mask(&d, b, h);
+                        let dropped = mask.map(|(seed, first, thr, sc)| {
+                            let mut pd = vec![0.0f32; tt * tt];
+                            drop_rows(&p, &mut pd, tt, seed, first, thr, sc);
+                            pd
+                        });
+                        let pd = dropped.as_deref().unwrap_or(&p);
+                        // dV = P̃ᵀ·dY
+                        matmul_serial(
+                            tt,
+                            d.hs,
+                            tt,
+                            at(2),
+                            false,
+                            MatRef::transposed(pd, tt),
+                            dy_bh,
+                            1.0,
+                        );
+                        // dP̃ = dY·Vᵀ, row blocks up to the diagonal
+                        for r0 in (0..tt).step_by(ROW_BLOCK) {
+                            let r1 = (r0 + ROW_BLOCK).min(tt);
+                            matmul_serial(
+                                r1 - r0,
+                                r1,
+                                d.hs,
+                                MatMut::row_major(&mut dp[r0 * tt..], tt),
+                                false,
+                                dy_bh.skip(r0 * d.c),
+                                vt,
+                                1.0,
+                            );
+                        }
+                        if let Some((seed, first, thr, sc)) = mask {
+                            let src = dp.clone();
+                            drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
+                        }
+                        softmax_backward(&p, &mut dp, tt, scale);
+                        // dQ = dS·K, dK = dSᵀ·Q
+                        matmul_serial(
+                            tt,
+                            d.hs,
+                            tt,
+                            at(0),
+                            false,
+                            MatRef::row_major(&dp, tt),
+                            k,
+                            1.0,
+                        );
+                        matmul_serial(
+                            tt,
+                            d.hs,
+                            tt,
+                            at(1),
+                            false,
+                            MatRef::transposed(&dp, tt),
+                            q,
+                            1.0,
+                        );
+                    }
+                });
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
+    }
+}

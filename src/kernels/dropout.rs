@@ -1,0 +1,81 @@
+//! Inverted dropout whose mask is a pure function of (seed, element index): a counter-based
+//! hash decides each element, so the backward pass regenerates the mask instead of storing it
+//! (for the 10M-parameter config that saves a mask as large as every dropped activation).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::{f32_slice, with_f32, ELEMS_PER_TASK};
+
+/// A well-mixed 32-bit hash of `i` under `seed` (murmur3's finaliser over a Weyl step).
+#[inline(always)]
+pub fn hash(seed: u64, i: u32) -> u32 {
+    let mut h = i.wrapping_mul(0x9E37_79B9) ^ (seed as u32);
+    h = (h ^ (h >> 16)).wrapping_mul(0x85EB_CA6B);
+    h ^= (seed >> 32) as u32;
+    h = (h ^ (h >> 13)).wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// The factor element `i` is multiplied by: 0 with probability `p`, else 1/(1 − p).
+#[inline(always)]
+pub fn keep_scale(seed: u64, i: u32, threshold: u32, scale: f32) -> f32 {
+    if hash(seed, i) >> 8 < threshold {
+        0.0
+    } else {
+        scale
+    }
+}
+
+/// The 24-bit threshold below which an element is dropped.
+pub fn threshold(p: f64) -> u32 {
+    (p * (1u32 << 24) as f64).round() as u32
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn apply_chunk(x: &[f32], y: &mut [f32], seed: u64, first: u32, threshold: u32, scale: f32) {
+    for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+        *y = x * keep_scale(seed, first.wrapping_add(i as u32), threshold, scale);
+    }
+}
+
+fn apply(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
+    let (t, scale) = (threshold(p), (1.0 / (1.0 - p)) as f32);
+    y.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, (y, x))| apply_chunk(x, y, seed, (c * ELEMS_PER_TASK) as u32, t, scale));
+}
+
+/// Dropout with probability `p` and mask seed `seed` on `x` (any shape), with a backward pass.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(DropoutOp { p, seed })
+}
+
+struct DropoutOp {
+    p: f64,
+    seed: u64,
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "tinygpt-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "dropout")?;
+        let mut y = vec![0.0f32; x.len()];
+        apply(x, &mut y, self.seed, self.p);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let mut dx = vec![0.0f32; x.elem_count()];
+        // The same mask scales the gradient: dx = dy · mask / (1 − p).
+        with_f32(dy, "dropout backward", |dy| {
+            apply(dy, &mut dx, self.seed, self.p)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}

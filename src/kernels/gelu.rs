@@ -1,0 +1,64 @@
+//! GELU (exact, erf-based: x·Φ(x)) and its derivative Φ(x) + x·φ(x), elementwise.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::{f32_slice, math, with_f32, ELEMS_PER_TASK};
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = math::gelu(x);
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+        *dx = dy * math::gelu_grad(x);
+    }
+}
+
+/// GELU of every element of `x` (any shape), with a backward pass.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// y = GELU(x) over slices of equal length.
+pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(y, x)| forward_chunk(x, y));
+}
+
+/// dx = dy · GELU′(x) over slices of equal length.
+pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    dx.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .zip(dy.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((dx, x), dy)| backward_chunk(x, dy, dx));
+}
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "tinygpt-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let mut y = vec![0.0f32; x.len()];
+        gelu_forward(x, &mut y);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let mut dx = vec![0.0f32; x.elem_count()];
+        with_f32(x, "gelu backward", |x| {
+            with_f32(dy, "gelu backward", |dy| gelu_backward(x, dy, &mut dx))
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
