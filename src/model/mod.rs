@@ -11,4 +11,5 @@ pub mod params;
 pub use attention::{Head, MultiHeadAttention};
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
+pub use layers::{LayerNorm, Linear};
 pub use params::{Init, Params};
