@@ -269,7 +269,7 @@ fn dropout_matches_its_mask_and_rate() {
     let k2 = keep.clone();
     check(
         "dropout",
-        &[x.clone()],
+        std::slice::from_ref(&x),
         move |v| kernels::dropout::dropout(&v[0], p, seed).unwrap(),
         move |v| (&v[0] * &k2).unwrap(),
     );
