@@ -3,12 +3,15 @@
 //! Without the cache every new token runs the model over the last `block_size` tokens. With it,
 //! each new token costs one incremental step; when the window is full, the cache restarts from
 //! the last half block (positions are absolute, so a sliding cache cannot simply drop its head).
+//! A model on fused kernels decodes with [`Decoder`], one on the reference kernels with
+//! candle's [`KvCache`].
 
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
 
+use crate::config::Kernels;
 use crate::error::{Error, Result};
-use crate::model::Gpt;
+use crate::model::{Decoder, Gpt, KvCache};
 use crate::rng::Rng;
 
 /// Largest `max_new_tokens` accepted; larger requests are capped.
@@ -134,15 +137,10 @@ pub fn generate(
         ));
     }
     let block = model.cfg.block_size;
-    let device = model.wte.device().clone();
     let mut ctx: Vec<u32> = prompt[prompt.len().saturating_sub(block)..].to_vec();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    let mut cache = model.new_cache();
-    let mut logits = if opts.use_cache {
-        last_row(&model.forward_cached(&ids_tensor(&ctx, &device)?, &mut cache)?)?
-    } else {
-        last_row(&model.forward(&ids_tensor(&ctx, &device)?, None)?)?
-    };
+    let mut step = Stepper::new(model, opts.use_cache)?;
+    let mut logits = step.feed(model, &ctx)?;
     for n in 0..opts.max_new_tokens {
         let next = pick(&logits, opts, rng);
         on_token(next)?;
@@ -151,21 +149,64 @@ pub fn generate(
         if n + 1 == opts.max_new_tokens {
             break;
         }
-        logits = if opts.use_cache {
-            if cache.len() < block {
-                last_row(&model.forward_cached(&ids_tensor(&[next], &device)?, &mut cache)?)?
-            } else {
-                cache.clear();
+        logits = match step.cached() {
+            Some(len) if len < block => step.feed(model, &[next])?,
+            Some(_) => {
+                // The cache is full: restart it on the last half block, so the next
+                // block/2 tokens are cheap again.
+                step.clear();
                 let keep = (block / 2).max(1);
-                let window = &ctx[ctx.len() - keep..];
-                last_row(&model.forward_cached(&ids_tensor(window, &device)?, &mut cache)?)?
+                step.feed(model, &ctx[ctx.len() - keep..])?
             }
-        } else {
-            let window = &ctx[ctx.len().saturating_sub(block)..];
-            last_row(&model.forward(&ids_tensor(window, &device)?, None)?)?
+            None => step.feed(model, &ctx[ctx.len().saturating_sub(block)..])?,
         };
     }
     Ok(out)
+}
+
+/// How generation runs the model: the fused decoder or candle's KV cache (each keeps the
+/// positions seen so far), or a full forward pass over the window for every token.
+enum Stepper {
+    Fused(Box<Decoder>),
+    Cached(KvCache),
+    Full,
+}
+
+impl Stepper {
+    fn new(model: &Gpt, use_cache: bool) -> Result<Stepper> {
+        Ok(match (use_cache, model.cfg.kernels) {
+            (false, _) => Stepper::Full,
+            (true, Kernels::Fused) => Stepper::Fused(Box::new(Decoder::new(model)?)),
+            (true, Kernels::Reference) => Stepper::Cached(model.new_cache()),
+        })
+    }
+
+    /// Positions cached, or `None` without a cache.
+    fn cached(&self) -> Option<usize> {
+        match self {
+            Stepper::Fused(d) => Some(d.len()),
+            Stepper::Cached(c) => Some(c.len()),
+            Stepper::Full => None,
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Stepper::Fused(d) => d.clear(),
+            Stepper::Cached(c) => c.clear(),
+            Stepper::Full => {}
+        }
+    }
+
+    /// The logits after `ids` (new tokens for a cache, the whole window without one).
+    fn feed(&mut self, model: &Gpt, ids: &[u32]) -> Result<Vec<f32>> {
+        let device = model.wte.device();
+        match self {
+            Stepper::Fused(d) => d.feed(ids),
+            Stepper::Cached(c) => last_row(&model.forward_cached(&ids_tensor(ids, device)?, c)?),
+            Stepper::Full => last_row(&model.forward(&ids_tensor(ids, device)?, None)?),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -353,3 +353,64 @@ fn one_training_step_matches_the_reference_step() {
     }
     assert!(moved > 1000, "only {moved} weights moved");
 }
+
+#[test]
+fn fused_decoder_matches_the_full_forward_pass() {
+    let ws = Workspace::new(4000);
+    for (n_head, bias) in [("1", "true"), ("2", "false")] {
+        let t = trainer(
+            &ws,
+            Kernels::Fused,
+            &[
+                &format!("model.n_head={n_head}"),
+                &format!("model.bias={bias}"),
+            ],
+        );
+        let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();
+        let full = t
+            .model
+            .forward(
+                &Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap(),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let mut dec = tinygpt::model::Decoder::new(&t.model).unwrap();
+        // the prompt in one go, then one token at a time
+        let mut rows = vec![dec.feed(&ids[..5]).unwrap()];
+        for &id in &ids[5..] {
+            rows.push(dec.feed(&[id]).unwrap());
+        }
+        assert_eq!(dec.len(), 16);
+        for (k, row) in rows.iter().enumerate() {
+            let pos = if k == 0 { 4 } else { 4 + k };
+            let want = full.get(pos).unwrap();
+            let got = Tensor::from_slice(row, row.len(), &Device::Cpu).unwrap();
+            assert_close(&format!("heads={n_head} logits at {pos}"), &got, &want);
+        }
+        let err = dec.feed(&[1]).unwrap_err().to_string();
+        assert!(err.contains("exceed the model's block_size of 16"), "{err}");
+        dec.clear();
+        assert!(dec
+            .feed(&[999])
+            .unwrap_err()
+            .to_string()
+            .contains("token id 999"));
+    }
+}
+
+#[test]
+fn fused_training_is_deterministic_and_learns_with_dropout() {
+    let ws = Workspace::new(4000);
+    let run = || {
+        let mut t = trainer(&ws, Kernels::Fused, &["model.dropout=0.2"]);
+        let losses: Vec<f64> = (0..5).map(|_| t.train_step().unwrap()).collect();
+        (losses, common::param_values(&t.params))
+    };
+    let (la, pa) = run();
+    let (lb, pb) = run();
+    assert_eq!(la, lb);
+    assert_eq!(pa, pb, "same seed, same weights, bit for bit");
+    assert!(la[4] < la[0], "loss went {la:?}");
+}

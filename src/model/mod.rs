@@ -3,12 +3,14 @@
 
 pub mod attention;
 pub mod block;
+pub mod decoder;
 pub mod gpt;
 pub mod kv_cache;
 pub mod layers;
 pub mod params;
 
 pub use attention::{Head, MultiHeadAttention};
+pub use decoder::Decoder;
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
 pub use layers::{LayerNorm, Linear};
