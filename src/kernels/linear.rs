@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::matmul::{matmul, MatMut, MatRef};
-use super::{f32_slice, with_f32};
+use super::{f32_slice, with_f32, written_buffer};
 
 struct LinearOp;
 
@@ -38,20 +38,20 @@ impl CustomOp2 for LinearOp {
         let (rows, d_in, out) = dims(xl, wl)?;
         let x = f32_slice(xs, xl, "linear")?;
         let w = f32_slice(ws, wl, "linear")?;
-        let mut y = vec![0.0f32; rows * out];
-        // SAFETY: the buffers have exactly the sizes the strides address.
-        unsafe {
+        // SAFETY: the buffers have exactly the sizes the strides address, and the product
+        // writes every element of y.
+        let y = written_buffer(rows * out, |y| unsafe {
             matmul(
                 rows,
                 out,
                 d_in,
-                MatMut::row_major(&mut y, out),
+                MatMut::raw(y, out),
                 false,
                 MatRef::row_major(x, d_in),
                 MatRef::transposed(w, d_in),
                 1.0,
             )
-        };
+        });
         let mut shape = xl.shape().dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -68,36 +68,37 @@ impl CustomOp2 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, d_in) = w.dims2()?;
         let rows = x.elem_count() / d_in;
-        let mut dx = vec![0.0f32; rows * d_in];
-        let mut dw = vec![0.0f32; out * d_in];
-        with_f32(dy, "linear backward", |dy| {
+        let (dx, dw) = with_f32(dy, "linear backward", |dy| {
             with_f32(w, "linear backward", |w| {
                 with_f32(x, "linear backward", |x| {
                     // SAFETY: as in the forward pass.
-                    unsafe {
-                        // dx (rows, in) = dy (rows, out) · W (out, in)
+                    // dx (rows, in) = dy (rows, out) · W (out, in)
+                    let dx = written_buffer(rows * d_in, |dx| unsafe {
                         matmul(
                             rows,
                             d_in,
                             out,
-                            MatMut::row_major(&mut dx, d_in),
+                            MatMut::raw(dx, d_in),
                             false,
                             MatRef::row_major(dy, out),
                             MatRef::row_major(w, d_in),
                             1.0,
-                        );
-                        // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
+                        )
+                    });
+                    // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
+                    let dw = written_buffer(out * d_in, |dw| unsafe {
                         matmul(
                             out,
                             d_in,
                             rows,
-                            MatMut::row_major(&mut dw, d_in),
+                            MatMut::raw(dw, d_in),
                             false,
                             MatRef::transposed(dy, out),
                             MatRef::row_major(x, d_in),
                             1.0,
-                        );
-                    }
+                        )
+                    });
+                    (dx, dw)
                 })
             })
         })???;

@@ -83,6 +83,15 @@ impl MatMut {
         }
     }
 
+    /// Row-major with leading dimension `ld` over memory that may be uninitialised.
+    pub fn raw(ptr: *mut f32, ld: usize) -> MatMut {
+        MatMut {
+            ptr,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+
     fn offset(self, i: usize, j: usize) -> MatMut {
         MatMut {
             ptr: self
