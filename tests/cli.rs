@@ -613,3 +613,49 @@ fn huge_max_new_tokens_is_capped_and_a_closed_pipe_ends_quietly() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("error"), "{err}");
 }
+
+#[test]
+fn bench_reports_every_key_for_both_kernel_paths() {
+    let ws = Workspace::new(4000);
+    let dir = ws.path("");
+    for kernels in ["fused", "reference"] {
+        let set = format!("model.kernels=\"{kernels}\"");
+        let o = tinygpt(
+            &[
+                "bench", "--config", "tiny.toml", "--iters", "3", "--warmup", "1",
+                "--gen-tokens", "40", "--set", &set, "--json",
+            ],
+            &dir,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["kernels"], kernels);
+        assert_eq!(v["iters"], 3);
+        for key in [
+            "train_ms_per_iter",
+            "train_tokens_per_s",
+            "generate_tokens_per_s",
+            "generate_tokens_per_s_no_cache",
+            "peak_rss_mb",
+            "mfu",
+            "sgemm_gflops",
+        ] {
+            let x = v[key].as_f64().unwrap_or(-1.0);
+            assert!(x > 0.0 && x.is_finite(), "{key} = {x}");
+        }
+        // tokens/s is the batch's tokens over the median step time
+        let tps = v["train_tokens_per_s"].as_f64().unwrap();
+        let ms = v["train_ms_per_iter"].as_f64().unwrap();
+        let tokens = (v["batch_size"].as_u64().unwrap() * v["block_size"].as_u64().unwrap()) as f64;
+        assert!((tps - tokens / (ms / 1000.0)).abs() < 1e-6 * tps);
+    }
+    let table = stdout(&tinygpt(
+        &["bench", "--config", "tiny.toml", "--iters", "1", "--gen-tokens", "5"],
+        &dir,
+    ));
+    assert!(table.contains("train ms/iter") && table.contains("MFU"), "{table}");
+    let o = tinygpt(&["bench", "--config", "tiny.toml", "--iters", "0"], &dir);
+    fails_with(&o, "--iters and --gen-tokens must be at least 1");
+    let o = tinygpt(&["bench", "--config", "missing.toml"], &dir);
+    fails_with(&o, "missing.toml");
+}
