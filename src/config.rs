@@ -105,6 +105,11 @@ pub struct TrainingConfig {
     pub seed: u64,
     /// Write `last/` every this many steps (and at the end).
     pub checkpoint_interval: usize,
+    /// Keep only each block's input during the forward pass and recompute the block in the
+    /// backward pass: activation memory falls from every block's to one block's, for about
+    /// a third more compute.
+    #[serde(default)]
+    pub recompute_activations: bool,
 }
 
 fn one() -> usize {

@@ -622,8 +622,18 @@ fn bench_reports_every_key_for_both_kernel_paths() {
         let set = format!("model.kernels=\"{kernels}\"");
         let o = tinygpt(
             &[
-                "bench", "--config", "tiny.toml", "--iters", "3", "--warmup", "1",
-                "--gen-tokens", "40", "--set", &set, "--json",
+                "bench",
+                "--config",
+                "tiny.toml",
+                "--iters",
+                "3",
+                "--warmup",
+                "1",
+                "--gen-tokens",
+                "40",
+                "--set",
+                &set,
+                "--json",
             ],
             &dir,
         );
@@ -650,10 +660,21 @@ fn bench_reports_every_key_for_both_kernel_paths() {
         assert!((tps - tokens / (ms / 1000.0)).abs() < 1e-6 * tps);
     }
     let table = stdout(&tinygpt(
-        &["bench", "--config", "tiny.toml", "--iters", "1", "--gen-tokens", "5"],
+        &[
+            "bench",
+            "--config",
+            "tiny.toml",
+            "--iters",
+            "1",
+            "--gen-tokens",
+            "5",
+        ],
         &dir,
     ));
-    assert!(table.contains("train ms/iter") && table.contains("MFU"), "{table}");
+    assert!(
+        table.contains("train ms/iter") && table.contains("MFU"),
+        "{table}"
+    );
     let o = tinygpt(&["bench", "--config", "tiny.toml", "--iters", "0"], &dir);
     fails_with(&o, "--iters and --gen-tokens must be at least 1");
     let o = tinygpt(&["bench", "--config", "missing.toml"], &dir);

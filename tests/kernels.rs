@@ -352,6 +352,11 @@ fn one_training_step_matches_the_reference_step() {
         }
     }
     assert!(moved > 1000, "only {moved} weights moved");
+    // Both paths draw the same random numbers, so later steps see the same batches.
+    for _ in 0..2 {
+        let (a, b) = (r.train_step().unwrap(), f.train_step().unwrap());
+        assert!((a - b).abs() < 1e-3 * a, "loss {a} vs {b}");
+    }
 }
 
 #[test]
@@ -413,4 +418,58 @@ fn fused_training_is_deterministic_and_learns_with_dropout() {
     assert_eq!(la, lb);
     assert_eq!(pa, pb, "same seed, same weights, bit for bit");
     assert!(la[4] < la[0], "loss went {la:?}");
+}
+
+#[test]
+fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
+    let ws = Workspace::new(4000);
+    // Without dropout the batches and the math are the same with and without recomputation.
+    for kernels in [Kernels::Reference, Kernels::Fused] {
+        let mut plain = trainer(&ws, kernels, &[]);
+        let mut re = trainer(&ws, kernels, &["training.recompute_activations=true"]);
+        for _ in 0..3 {
+            let (a, b) = (plain.train_step().unwrap(), re.train_step().unwrap());
+            assert!((a - b).abs() <= 1e-6 * a, "{kernels:?}: loss {a} vs {b}");
+        }
+        for ((name, a), (_, b)) in common::param_values(&plain.params)
+            .iter()
+            .zip(&common::param_values(&re.params))
+        {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5, "{kernels:?} {name}: {x} vs {y}");
+            }
+        }
+    }
+    // With dropout, the recomputation must drop what the first pass dropped: the block op's
+    // output and gradients equal the block run directly with the same dropout stream.
+    let t = trainer(&ws, Kernels::Fused, &["model.dropout=0.3"]);
+    let block = t.model.blocks[0].clone();
+    let mask = causal_mask(16, 16, 0, &Device::Cpu).unwrap();
+    let x = random(&[2, 16, 32], 1.0, 3);
+    let seed = 4242u64;
+    let direct = |v: &[Tensor]| {
+        let mut rng = tinygpt::rng::seeded(seed);
+        block
+            .forward(&v[0], &mask, Some(&mut rng), None, false)
+            .unwrap()
+            .0
+    };
+    let grads = tinygpt::model::recompute::RecomputedGrads::default();
+    let op = |v: &[Tensor]| {
+        v[0].apply_op1(tinygpt::model::recompute::RecomputedBlock {
+            block: block.clone(),
+            mask: mask.clone(),
+            dropout_seed: Some(seed),
+            weights: block.weights(),
+            grads: grads.clone(),
+        })
+        .unwrap()
+    };
+    check("recomputed block with dropout", &[x], op, direct);
+    let w = grads.take();
+    assert_eq!(
+        w.len(),
+        block.weights().len(),
+        "every weight got its gradient"
+    );
 }

@@ -128,7 +128,9 @@ fn fused_attention(
 ) -> Result<Tensor> {
     let w = Tensor::cat(&[&w_q.weight, &w_k.weight, &w_v.weight], 0)?; // (3C', C)
     let qkv = linear(x, &w)?; // (B, T, 3C')
-    let drop = rng.map(|r| AttentionDropout {
+                              // No draw when p = 0: the run's random stream (and so its batches) stays the same as on
+                              // the reference kernels.
+    let drop = rng.filter(|_| p > 0.0).map(|r| AttentionDropout {
         p,
         seed: r.random(),
     });

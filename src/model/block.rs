@@ -131,6 +131,37 @@ pub struct Block {
 }
 
 impl Block {
+    /// Every trainable tensor of the block (for gradients gathered by hand).
+    pub fn weights(&self) -> Vec<Tensor> {
+        let lin = |l: &Linear| {
+            let mut v = vec![l.weight.clone()];
+            v.extend(l.bias.clone());
+            v
+        };
+        let norm = |n: &LayerNorm| {
+            let mut v = vec![n.weight.clone()];
+            v.extend(n.bias.clone());
+            v
+        };
+        let mut w = norm(&self.ln_1);
+        match &self.attn {
+            SelfAttention::Single { head, c_proj } => {
+                for l in [&head.w_q, &head.w_k, &head.w_v, c_proj] {
+                    w.extend(lin(l));
+                }
+            }
+            SelfAttention::Multi(m) => {
+                for l in [&m.w_q, &m.w_k, &m.w_v, &m.c_proj] {
+                    w.extend(lin(l));
+                }
+            }
+        }
+        w.extend(norm(&self.ln_2));
+        w.extend(lin(&self.mlp.c_fc));
+        w.extend(lin(&self.mlp.c_proj));
+        w
+    }
+
     pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig) -> Result<Block> {
         // GPT-2: residual projections start smaller, so the residual stream's variance does not
         // grow with depth.

@@ -8,10 +8,12 @@ use super::block::Block;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, Params};
+use super::recompute::{RecomputedBlock, RecomputedGrads};
 use crate::config::{Kernels, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::rng::Rng;
+use rand::Rng as _;
 
 /// A GPT-style decoder-only language model.
 #[derive(Debug, Clone)]
@@ -24,6 +26,11 @@ pub struct Gpt {
     pub wpe: Tensor,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// Training passes recompute each block in backward instead of keeping its activations
+    /// ([`super::recompute`]).
+    pub recompute: bool,
+    /// Where recomputed blocks leave their weights' gradients.
+    pub recomputed_grads: RecomputedGrads,
 }
 
 /// What one forward pass gives back.
@@ -54,6 +61,8 @@ impl Gpt {
             wpe,
             blocks,
             ln_f,
+            recompute: false,
+            recomputed_grads: RecomputedGrads::default(),
         })
     }
 
@@ -94,6 +103,19 @@ impl Gpt {
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
+            if self.recompute && cache.is_none() && !capture {
+                if let Some(r) = rng.as_deref_mut() {
+                    let op = RecomputedBlock {
+                        block: block.clone(),
+                        mask: mask.clone(),
+                        dropout_seed: (self.cfg.dropout > 0.0).then(|| r.random()),
+                        weights: block.weights(),
+                        grads: self.recomputed_grads.clone(),
+                    };
+                    x = x.contiguous()?.apply_op1(op)?;
+                    continue;
+                }
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let (y, w) = block.forward(&x, &mask, rng.as_deref_mut(), layer_cache, capture)?;
             x = y;

@@ -8,6 +8,7 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod layers;
 pub mod params;
+pub mod recompute;
 
 pub use attention::{Head, MultiHeadAttention};
 pub use decoder::Decoder;

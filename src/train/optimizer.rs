@@ -168,6 +168,7 @@ mod tests {
             val_fraction: 0.1,
             seed: 0,
             checkpoint_interval: 1,
+            recompute_activations: false,
         };
         let mut opt = AdamW::new(&vars, &cfg);
         let grads = [

@@ -143,7 +143,8 @@ impl Trainer {
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
         let mut params = Params::fresh(rng.clone(), device);
-        let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
+        let mut model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
+        model.recompute = config.training.recompute_activations;
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
@@ -201,10 +202,12 @@ impl Trainer {
         let mut optimizer = AdamW::new(ck.params.vars(), &config.training);
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
         optimizer.load_state(&opt_state)?;
+        let mut model = ck.model;
+        model.recompute = config.training.recompute_activations;
         Ok(Trainer {
             config,
             tokenizer: ck.tokenizer,
-            model: ck.model,
+            model,
             params: ck.params,
             optimizer,
             state,
@@ -267,8 +270,12 @@ impl Trainer {
                 loss
             };
             let store = scaled.backward()?;
+            let recomputed = self.model.recomputed_grads.take();
             for (acc, name) in grads.iter_mut().zip(&names) {
-                if let Some(g) = store.get(vars[name].as_tensor()) {
+                let id = vars[name].as_tensor().id();
+                let direct = store.get(vars[name].as_tensor());
+                let inner = recomputed.iter().filter(|(i, _)| *i == id).map(|(_, g)| g);
+                for g in direct.into_iter().chain(inner) {
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
                         None => g.clone(),
