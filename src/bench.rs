@@ -114,8 +114,9 @@ fn synthetic_trainer(config: Config, device: &Device) -> Result<Trainer> {
         TokenizerKind::Char => 65,
         TokenizerKind::Bpe => config.tokenizer.vocab_size,
     };
-    let alphabet: String = (0..vocab.min(65))
-        .map(|i| char::from(b'!' + i as u8))
+    // `vocab` distinct characters (from U+0100 on: letters, no controls or spaces).
+    let alphabet: String = (0..vocab as u32)
+        .filter_map(|i| char::from_u32(0x100 + i))
         .collect();
     let tokenizer = Tokenizer::train(TokenizerKind::Char, &alphabet, 0)?;
     let vocab = tokenizer.vocab_size();

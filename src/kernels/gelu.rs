@@ -6,8 +6,9 @@ use rayon::prelude::*;
 
 use super::{f32_slice, math, with_f32, ELEMS_PER_TASK};
 
+/// y = GELU(x) on the calling thread.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn forward_chunk(x: &[f32], y: &mut [f32]) {
+pub(crate) fn forward_chunk(x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = math::gelu(x);
     }

@@ -21,8 +21,9 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// The forward pass over whole rows of `x`, on the calling thread.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+pub(crate) fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
     let c = w.len();
     for (x, y) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
         let (mean, rstd) = stats(x, eps);

@@ -25,6 +25,8 @@ use super::block::SelfAttention;
 use super::gpt::Gpt;
 use super::layers::{LayerNorm, Linear};
 use crate::error::{Error, Result};
+use crate::kernels::gelu::forward_chunk as gelu;
+use crate::kernels::layer_norm::forward_rows;
 use crate::kernels::math;
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
@@ -47,7 +49,7 @@ impl Norm {
     }
 
     fn apply(&self, x: &[f32], y: &mut [f32]) {
-        layer_norm_row(x, &self.w, self.b.as_deref(), self.eps, y);
+        forward_rows(x, &self.w, self.b.as_deref(), self.eps, y);
     }
 }
 
@@ -113,27 +115,6 @@ fn matvec_t(wt: &[f32], d_out: usize, x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(cols.max(16))
         .enumerate()
         .for_each(|(k, y)| matvec_t_cols(wt, d_out, k * cols.max(16), x, y));
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn layer_norm_row(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
-    let c = x.len() as f32;
-    let mean = math::sum(x) / c;
-    let var = math::sum_zip(x, x, |a, _| (a - mean) * (a - mean)) / c;
-    let rstd = 1.0 / (var + eps).sqrt();
-    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-        *y = (x - mean) * rstd * w;
-    }
-    if let Some(b) = b {
-        y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-    }
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gelu_in_place(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = math::gelu(*v);
-    }
 }
 
 /// One head's attention for the newest query over `n` cached positions.
@@ -310,6 +291,7 @@ impl Decoder {
         let mut a = vec![0.0f32; c];
         let mut scores = vec![0.0f32; pos + 1];
         let mut f = vec![0.0f32; 4 * c];
+        let mut g = vec![0.0f32; 4 * c];
         for l in &mut self.layers {
             l.ln_1.apply(x, &mut h);
             l.qkv.apply(&h, &mut qkv);
@@ -332,8 +314,8 @@ impl Decoder {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             l.ln_2.apply(x, &mut h);
             l.fc.apply(&h, &mut f);
-            gelu_in_place(&mut f);
-            l.fc_proj.apply(&f, &mut a);
+            gelu(&f, &mut g);
+            l.fc_proj.apply(&g, &mut a);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }
         self.len += 1;
