@@ -4,6 +4,15 @@
 
 use std::f32::consts::{FRAC_1_SQRT_2, LOG2_E};
 
+/// a·b + c in one rounding. In the vectorised callers (compiled with FMA enabled) this is one
+/// `vfmadd` instruction: half the instructions and half the dependency chain of a multiply
+/// then an add, which Rust never fuses on its own. (On a CPU without FMA it is a libm call:
+/// correct, slow; every x86-64 CPU since 2013 has FMA.)
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
 /// 1.5·2²³: adding it to a float in (−2²², 2²²) leaves round(x) in the low mantissa bits.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 /// ln 2 split in two so that n·ln2 is exact in the high part (Cody and Waite).
@@ -16,16 +25,17 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     // eˣ = 2ⁿ · eʳ with n = round(x / ln 2) and |r| ≤ ln2 / 2.
-    let t = xc * LOG2_E + ROUND_MAGIC;
+    let t = fma(xc, LOG2_E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = fma(-n, LN2_LO, fma(-n, LN2_HI, xc));
     // Taylor polynomial of degree 7: truncation error < 1e-8 on |r| ≤ 0.347.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = fma(r, 1.0 / 5040.0, 1.0 / 720.0);
+    let p = fma(r, p, 1.0 / 120.0);
+    let p = fma(r, p, 1.0 / 24.0);
+    let p = fma(r, p, 1.0 / 6.0);
+    let p = fma(r, p, 0.5);
+    let p = fma(r, p, 1.0);
+    let p = fma(r, p, 1.0);
     // Add n to p's exponent (p ∈ [0.7, 1.42], n ≥ −126: the result stays a normal float).
     let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let y = f32::from_bits((p.to_bits() as i32).wrapping_add(n_bits << 23) as u32);
@@ -41,16 +51,17 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // the published coefficients, as printed
 pub fn erfc_pos(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    t * exp(-z * z + poly)
+    let t = 1.0 / fma(0.5, z, 1.0);
+    let p = fma(t, 0.170_872_77, -0.822_152_23);
+    let p = fma(t, p, 1.488_515_87);
+    let p = fma(t, p, -1.135_203_98);
+    let p = fma(t, p, 0.278_868_07);
+    let p = fma(t, p, -0.186_288_06);
+    let p = fma(t, p, 0.096_784_18);
+    let p = fma(t, p, 0.374_091_96);
+    let p = fma(t, p, 1.000_023_7);
+    let poly = fma(t, p, -1.265_512_2);
+    t * exp(fma(-z, z, poly))
 }
 
 /// Φ(x), the standard normal CDF: ½·erfc(−x/√2).
@@ -76,7 +87,7 @@ pub fn gelu(x: f32) -> f32 {
 /// GELU′(x) = Φ(x) + x·φ(x), with φ the standard normal density.
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
-    normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+    fma(x * INV_SQRT_2PI, exp(-0.5 * x * x), normal_cdf(x))
 }
 
 /// Σ xs with 16 independent accumulators (the loop vectorises; a single running sum cannot,
