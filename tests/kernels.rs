@@ -454,7 +454,7 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
             .unwrap()
             .0
     };
-    let grads = tinygpt::model::recompute::RecomputedGrads::default();
+    let grads = tinygpt::kernels::block::WeightGrads::default();
     let op = |v: &[Tensor]| {
         v[0].apply_op1(tinygpt::model::recompute::RecomputedBlock {
             block: block.clone(),
@@ -472,4 +472,71 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
         block.weights().len(),
         "every weight got its gradient"
     );
+}
+
+#[test]
+fn block_op_matches_the_layer_by_layer_block() {
+    use tinygpt::kernels::block::{BlockDropout, BlockOp, WeightGrads};
+    let ws = Workspace::new(4000);
+    let cases = [
+        (1, 32, 0.0, true),
+        (2, 32, 0.0, false),
+        (3, 24, 0.3, true),
+        (1, 32, 0.3, false),
+    ];
+    for (n_head, c, p, keep) in cases {
+        let sets = [
+            format!("model.n_head={n_head}"),
+            format!("model.n_embd={c}"),
+            format!("model.dropout={p}"),
+            "model.bias=true".to_string(),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let t = trainer(&ws, Kernels::Fused, &sets);
+        let block = t.model.blocks[1].clone();
+        for tt in [1, 13, 32] {
+            let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}, T {tt}");
+            let mask = causal_mask(tt, tt, 0, &Device::Cpu).unwrap();
+            let x = random(&[2, tt, c], 1.0, 5);
+            let r = random(&[2, tt, c], 1.0, 6);
+            // Layer by layer, each op under candle's autograd.
+            let x1 = Var::from_tensor(&x).unwrap();
+            let mut rng = tinygpt::rng::seeded(77);
+            let (y1, _) = block
+                .forward(x1.as_tensor(), &mask, Some(&mut rng), None, false)
+                .unwrap();
+            let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            // The whole block as one op, with the seeds the layers drew.
+            let x2 = Var::from_tensor(&x).unwrap();
+            let mut rng = tinygpt::rng::seeded(77);
+            let dropout = (p > 0.0).then(|| BlockDropout {
+                p,
+                attention: rng.random(),
+                attn_proj: rng.random(),
+                mlp_proj: rng.random(),
+            });
+            let sink = WeightGrads::default();
+            let y2 = BlockOp::new(block.fused_weights(), dropout, keep, sink.clone())
+                .apply(x2.as_tensor())
+                .unwrap();
+            let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_close(&format!("{what}: output"), &y2, &y1);
+            assert_close(
+                &format!("{what}: input gradient"),
+                g2.get(x2.as_tensor()).unwrap(),
+                g1.get(x1.as_tensor()).unwrap(),
+            );
+            let got = sink.take();
+            let weights = block.weights();
+            assert_eq!(got.len(), weights.len(), "{what}: every weight's gradient");
+            for w in &weights {
+                let (_, g) = got.iter().find(|(id, _)| *id == w.id()).unwrap();
+                assert_close(
+                    &format!("{what}: gradient of a {:?} weight", w.dims()),
+                    g,
+                    g1.get(w).unwrap(),
+                );
+            }
+        }
+    }
 }

@@ -55,16 +55,28 @@ struct AttentionOp {
     dropout: Option<AttentionDropout>,
 }
 
+/// Sizes of one attention call.
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    c: usize,
-    hs: usize,
-    n_head: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) c: usize,
+    pub(crate) hs: usize,
+    pub(crate) n_head: usize,
 }
 
 impl Dims {
+    /// `b` sequences of `t` tokens, width `c` split into `n_head` heads (`c % n_head == 0`).
+    pub(crate) fn from_sizes(b: usize, t: usize, c: usize, n_head: usize) -> Dims {
+        Dims {
+            b,
+            t,
+            c,
+            hs: c / n_head,
+            n_head,
+        }
+    }
+
     fn new(shape: &Shape, n_head: usize) -> Result<Dims> {
         let (b, t, c3) = shape.dims3()?;
         if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
@@ -167,13 +179,18 @@ fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
     }
 }
 
-impl AttentionOp {
-    fn mask(&self, d: &Dims, b: usize, h: usize) -> Option<(u64, u32, u32, f32)> {
-        self.dropout.map(|dr| {
-            let first = ((b * d.n_head + h) * d.t * d.t) as u32;
-            (dr.seed, first, threshold(dr.p), (1.0 / (1.0 - dr.p)) as f32)
-        })
-    }
+/// Seed, first element number, threshold and scale of the dropout mask of head `h` of batch
+/// `b` (the weights of all (b, h) numbered one after the other).
+fn mask_of(
+    dropout: Option<AttentionDropout>,
+    d: &Dims,
+    b: usize,
+    h: usize,
+) -> Option<(u64, u32, u32, f32)> {
+    dropout.map(|dr| {
+        let first = ((b * d.n_head + h) * d.t * d.t) as u32;
+        (dr.seed, first, threshold(dr.p), (1.0 / (1.0 - dr.p)) as f32)
+    })
 }
 
 impl CustomOp1 for AttentionOp {
@@ -184,139 +201,154 @@ impl CustomOp1 for AttentionOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l.shape(), self.n_head)?;
         let qkv = f32_slice(s, l, "causal_attention")?;
-        let scale = 1.0 / (d.hs as f32).sqrt();
-        let qkv_ptr = qkv.as_ptr() as usize;
-        // Every (b, h) task writes all T rows of its hs columns: together, all of y.
-        let y = written_buffer(d.b * d.t * d.c, |y| {
-            let y_all = MatMut::raw(y, d.c);
-            (0..d.b * d.n_head).into_par_iter().for_each(|task| {
-                let (b, h) = (task / d.n_head, task % d.n_head);
-                let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
-                let mut p = vec![0.0f32; d.t * d.t];
-                // SAFETY: q, kt, v address head h of batch b inside `qkv`; each task writes its
-                // own (b, h) columns of `y`.
-                unsafe {
-                    scores_to_probs(&d, q, kt, scale, &mut p);
-                    if let Some((seed, first, thr, sc)) = self.mask(&d, b, h) {
-                        let src = p.clone();
-                        drop_rows(&src, &mut p, d.t, seed, first, thr, sc);
-                    }
-                    let y_bh = y_all.skip(b * d.t * d.c + h * d.hs);
-                    matmul_serial(
-                        d.t,
-                        d.hs,
-                        d.t,
-                        y_bh,
-                        false,
-                        MatRef::row_major(&p, d.t),
-                        v,
-                        1.0,
-                    );
-                }
-            });
-        });
+        let y = forward_slices(&d, qkv, self.dropout);
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.c))))
     }
 
     fn bwd(&self, qkv: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let d = Dims::new(qkv.shape(), self.n_head)?;
-        let scale = 1.0 / (d.hs as f32).sqrt();
         let dqkv = with_f32(qkv, "causal_attention backward", |qkv| {
             with_f32(dy, "causal_attention backward", |dy| {
-                // Every (b, h) task writes all T rows of its columns of dQ, dK and dV.
-                written_buffer(d.b * d.t * 3 * d.c, |out| {
-                    let d_all = MatMut::raw(out, 3 * d.c);
-                    let (qkv_ptr, dy_ptr) = (qkv.as_ptr() as usize, dy.as_ptr() as usize);
-                    (0..d.b * d.n_head).into_par_iter().for_each(|task| {
-                        let (b, h) = (task / d.n_head, task % d.n_head);
-                        let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
-                        let k = MatRef {
-                            rs: kt.cs,
-                            cs: 1,
-                            ..kt
-                        };
-                        let vt = MatRef {
-                            rs: 1,
-                            cs: v.rs,
-                            ..v
-                        };
-                        let dy_bh = MatRef {
-                            ptr: (dy_ptr as *const f32).wrapping_add(b * d.t * d.c + h * d.hs),
-                            rs: d.c as isize,
-                            cs: 1,
-                        };
-                        let at =
-                            |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
-                        let tt = d.t;
-                        let mut p = vec![0.0f32; tt * tt];
-                        let mut dp = vec![0.0f32; tt * tt];
-                        // SAFETY: as in the forward pass; each task writes its own (b, h) columns
-                        // of the Q, K and V parts of dqkv.
-                        unsafe {
-                            scores_to_probs(&d, q, kt, scale, &mut p);
-                            let mask = self.mask(&d, b, h);
-                            let dropped = mask.map(|(seed, first, thr, sc)| {
-                                let mut pd = vec![0.0f32; tt * tt];
-                                drop_rows(&p, &mut pd, tt, seed, first, thr, sc);
-                                pd
-                            });
-                            let pd = dropped.as_deref().unwrap_or(&p);
-                            // dV = P̃ᵀ·dY
-                            matmul_serial(
-                                tt,
-                                d.hs,
-                                tt,
-                                at(2),
-                                false,
-                                MatRef::transposed(pd, tt),
-                                dy_bh,
-                                1.0,
-                            );
-                            // dP̃ = dY·Vᵀ, row blocks up to the diagonal
-                            for r0 in (0..tt).step_by(ROW_BLOCK) {
-                                let r1 = (r0 + ROW_BLOCK).min(tt);
-                                matmul_serial(
-                                    r1 - r0,
-                                    r1,
-                                    d.hs,
-                                    MatMut::row_major(&mut dp[r0 * tt..], tt),
-                                    false,
-                                    dy_bh.skip(r0 * d.c),
-                                    vt,
-                                    1.0,
-                                );
-                            }
-                            if let Some((seed, first, thr, sc)) = mask {
-                                let src = dp.clone();
-                                drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
-                            }
-                            softmax_backward(&p, &mut dp, tt, scale);
-                            // dQ = dS·K, dK = dSᵀ·Q
-                            matmul_serial(
-                                tt,
-                                d.hs,
-                                tt,
-                                at(0),
-                                false,
-                                MatRef::row_major(&dp, tt),
-                                k,
-                                1.0,
-                            );
-                            matmul_serial(
-                                tt,
-                                d.hs,
-                                tt,
-                                at(1),
-                                false,
-                                MatRef::transposed(&dp, tt),
-                                q,
-                                1.0,
-                            );
-                        }
-                    });
-                })
+                backward_slices(&d, qkv, dy, self.dropout)
             })
         })??;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
+}
+
+/// The forward pass on slices: `qkv` `(B, T, 3C)` → `(B, T, C)`.
+pub(crate) fn forward_slices(d: &Dims, qkv: &[f32], dropout: Option<AttentionDropout>) -> Vec<f32> {
+    let scale = 1.0 / (d.hs as f32).sqrt();
+    let qkv_ptr = qkv.as_ptr() as usize;
+    // Every (b, h) task writes all T rows of its hs columns: together, all of y.
+    written_buffer(d.b * d.t * d.c, |y| {
+        let y_all = MatMut::raw(y, d.c);
+        (0..d.b * d.n_head).into_par_iter().for_each(|task| {
+            let (b, h) = (task / d.n_head, task % d.n_head);
+            let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
+            let mut p = vec![0.0f32; d.t * d.t];
+            // SAFETY: q, kt, v address head h of batch b inside `qkv`; each task writes its
+            // own (b, h) columns of `y`.
+            unsafe {
+                scores_to_probs(d, q, kt, scale, &mut p);
+                if let Some((seed, first, thr, sc)) = mask_of(dropout, d, b, h) {
+                    let src = p.clone();
+                    drop_rows(&src, &mut p, d.t, seed, first, thr, sc);
+                }
+                let y_bh = y_all.skip(b * d.t * d.c + h * d.hs);
+                matmul_serial(
+                    d.t,
+                    d.hs,
+                    d.t,
+                    y_bh,
+                    false,
+                    MatRef::row_major(&p, d.t),
+                    v,
+                    1.0,
+                );
+            }
+        });
+    })
+}
+
+/// The backward pass on slices: `qkv` `(B, T, 3C)` and `dy` `(B, T, C)` → `dqkv` `(B, T, 3C)`.
+pub(crate) fn backward_slices(
+    d: &Dims,
+    qkv: &[f32],
+    dy: &[f32],
+    dropout: Option<AttentionDropout>,
+) -> Vec<f32> {
+    let d = *d;
+    let scale = 1.0 / (d.hs as f32).sqrt();
+    // Every (b, h) task writes all T rows of its columns of dQ, dK and dV.
+    written_buffer(d.b * d.t * 3 * d.c, |out| {
+        let d_all = MatMut::raw(out, 3 * d.c);
+        let (qkv_ptr, dy_ptr) = (qkv.as_ptr() as usize, dy.as_ptr() as usize);
+        (0..d.b * d.n_head).into_par_iter().for_each(|task| {
+            let (b, h) = (task / d.n_head, task % d.n_head);
+            let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
+            let k = MatRef {
+                rs: kt.cs,
+                cs: 1,
+                ..kt
+            };
+            let vt = MatRef {
+                rs: 1,
+                cs: v.rs,
+                ..v
+            };
+            let dy_bh = MatRef {
+                ptr: (dy_ptr as *const f32).wrapping_add(b * d.t * d.c + h * d.hs),
+                rs: d.c as isize,
+                cs: 1,
+            };
+            let at = |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
+            let tt = d.t;
+            let mut p = vec![0.0f32; tt * tt];
+            let mut dp = vec![0.0f32; tt * tt];
+            // SAFETY: as in the forward pass; each task writes its own (b, h) columns
+            // of the Q, K and V parts of dqkv.
+            unsafe {
+                scores_to_probs(&d, q, kt, scale, &mut p);
+                let mask = mask_of(dropout, &d, b, h);
+                let dropped = mask.map(|(seed, first, thr, sc)| {
+                    let mut pd = vec![0.0f32; tt * tt];
+                    drop_rows(&p, &mut pd, tt, seed, first, thr, sc);
+                    pd
+                });
+                let pd = dropped.as_deref().unwrap_or(&p);
+                // dV = P̃ᵀ·dY
+                matmul_serial(
+                    tt,
+                    d.hs,
+                    tt,
+                    at(2),
+                    false,
+                    MatRef::transposed(pd, tt),
+                    dy_bh,
+                    1.0,
+                );
+                // dP̃ = dY·Vᵀ, row blocks up to the diagonal
+                for r0 in (0..tt).step_by(ROW_BLOCK) {
+                    let r1 = (r0 + ROW_BLOCK).min(tt);
+                    matmul_serial(
+                        r1 - r0,
+                        r1,
+                        d.hs,
+                        MatMut::row_major(&mut dp[r0 * tt..], tt),
+                        false,
+                        dy_bh.skip(r0 * d.c),
+                        vt,
+                        1.0,
+                    );
+                }
+                if let Some((seed, first, thr, sc)) = mask {
+                    let src = dp.clone();
+                    drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
+                }
+                softmax_backward(&p, &mut dp, tt, scale);
+                // dQ = dS·K, dK = dSᵀ·Q
+                matmul_serial(
+                    tt,
+                    d.hs,
+                    tt,
+                    at(0),
+                    false,
+                    MatRef::row_major(&dp, tt),
+                    k,
+                    1.0,
+                );
+                matmul_serial(
+                    tt,
+                    d.hs,
+                    tt,
+                    at(1),
+                    false,
+                    MatRef::transposed(&dp, tt),
+                    q,
+                    1.0,
+                );
+            }
+        });
+    })
 }

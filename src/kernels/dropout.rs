@@ -48,6 +48,40 @@ fn apply(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
         .for_each(|(c, (y, x))| apply_chunk(x, y, seed, (c * ELEMS_PER_TASK) as u32, t, scale));
 }
 
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn residual_chunk(out: &mut [f32], x: &[f32], mask: Option<(u64, u32, u32, f32)>) {
+    match mask {
+        Some((seed, first, threshold, scale)) => {
+            for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+                *o = x + *o * keep_scale(seed, first.wrapping_add(i as u32), threshold, scale);
+            }
+        }
+        None => {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o += x;
+            }
+        }
+    }
+}
+
+/// out ← x + dropout(out): a residual connection around a dropped-out branch, in one pass.
+/// `mask` is (seed, p); element i keeps or drops exactly as in [`dropout`] with that seed.
+pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64)>) {
+    let mask = mask.map(|(seed, p)| (seed, threshold(p), (1.0 / (1.0 - p)) as f32));
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, (o, x))| {
+            let first = (c * ELEMS_PER_TASK) as u32;
+            residual_chunk(o, x, mask.map(|(s, t, sc)| (s, first, t, sc)));
+        });
+}
+
+/// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`.
+pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
+    apply(x, y, seed, p)
+}
+
 /// Dropout with probability `p` and mask seed `seed` on `x` (any shape), with a backward pass.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(DropoutOp { p, seed })

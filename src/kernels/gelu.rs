@@ -21,6 +21,20 @@ fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn backward_chunk_over_input(x: &mut [f32], dy: &[f32]) {
+    for (x, &dy) in x.iter_mut().zip(dy) {
+        *x = dy * math::gelu_grad(*x);
+    }
+}
+
+/// x ← dy · GELU′(x): the backward pass written over the input, which is not needed after.
+pub fn gelu_backward_over_input(x: &mut [f32], dy: &[f32]) {
+    x.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(dy.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(x, dy)| backward_chunk_over_input(x, dy));
+}
+
 /// GELU of every element of `x` (any shape), with a backward pass.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluOp)

@@ -17,6 +17,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod block;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;

@@ -7,6 +7,7 @@ use super::layers::{dropout, LayerNorm, Linear};
 use super::params::Params;
 use crate::config::{Kernels, ModelConfig};
 use crate::error::Result;
+use crate::kernels::block::{Affine, BlockWeights};
 use crate::kernels::gelu::gelu;
 use crate::rng::Rng;
 
@@ -131,6 +132,34 @@ pub struct Block {
 }
 
 impl Block {
+    /// The block's weights for [`crate::kernels::block::BlockOp`].
+    pub fn fused_weights(&self) -> BlockWeights {
+        let aff = |l: &Linear| Affine {
+            weight: l.weight.clone(),
+            bias: l.bias.clone(),
+        };
+        let norm = |n: &LayerNorm| Affine {
+            weight: n.weight.clone(),
+            bias: n.bias.clone(),
+        };
+        let (w_q, w_k, w_v, attn_proj, n_head) = match &self.attn {
+            SelfAttention::Single { head, c_proj } => (&head.w_q, &head.w_k, &head.w_v, c_proj, 1),
+            SelfAttention::Multi(m) => (&m.w_q, &m.w_k, &m.w_v, &m.c_proj, m.n_head),
+        };
+        BlockWeights {
+            ln_1: norm(&self.ln_1),
+            w_q: w_q.weight.clone(),
+            w_k: w_k.weight.clone(),
+            w_v: w_v.weight.clone(),
+            attn_proj: aff(attn_proj),
+            ln_2: norm(&self.ln_2),
+            fc: aff(&self.mlp.c_fc),
+            mlp_proj: aff(&self.mlp.c_proj),
+            eps: self.ln_1.eps as f32,
+            n_head,
+        }
+    }
+
     /// Every trainable tensor of the block (for gradients gathered by hand).
     pub fn weights(&self) -> Vec<Tensor> {
         let lin = |l: &Linear| {

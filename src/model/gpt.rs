@@ -8,10 +8,11 @@ use super::block::Block;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, Params};
-use super::recompute::{RecomputedBlock, RecomputedGrads};
+use super::recompute::RecomputedBlock;
 use crate::config::{Kernels, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::kernels::block::{BlockDropout, BlockOp, WeightGrads};
 use crate::rng::Rng;
 use rand::Rng as _;
 
@@ -27,10 +28,14 @@ pub struct Gpt {
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
     /// Training passes recompute each block in backward instead of keeping its activations
-    /// ([`super::recompute`]).
+    /// ([`super::recompute`], or [`BlockOp`]'s own recomputation on the fused kernels).
     pub recompute: bool,
-    /// Where recomputed blocks leave their weights' gradients.
-    pub recomputed_grads: RecomputedGrads,
+    /// Training passes on the fused kernels run each block as one [`BlockOp`] (forward and
+    /// backward written out, no per-layer autograd). Their weights' gradients go to
+    /// `weight_grads`; whoever calls `backward` must add those (the trainer does).
+    pub block_ops: bool,
+    /// Where block ops (and recomputed blocks) leave their weights' gradients.
+    pub weight_grads: WeightGrads,
 }
 
 /// What one forward pass gives back.
@@ -62,7 +67,8 @@ impl Gpt {
             blocks,
             ln_f,
             recompute: false,
-            recomputed_grads: RecomputedGrads::default(),
+            block_ops: false,
+            weight_grads: WeightGrads::default(),
         })
     }
 
@@ -102,15 +108,38 @@ impl Gpt {
         )?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
+        let whole_blocks = cache.is_none() && !capture;
         for (i, block) in self.blocks.iter().enumerate() {
-            if self.recompute && cache.is_none() && !capture {
+            let fused = self.cfg.kernels == Kernels::Fused;
+            if self.block_ops && fused && whole_blocks {
+                if let Some(r) = rng.as_deref_mut() {
+                    // Seeds drawn in the order the layer-by-layer path draws them, so both
+                    // paths drop the same units.
+                    let p = self.cfg.dropout;
+                    let dropout = (p > 0.0).then(|| BlockDropout {
+                        p,
+                        attention: r.random(),
+                        attn_proj: r.random(),
+                        mlp_proj: r.random(),
+                    });
+                    let op = BlockOp::new(
+                        block.fused_weights(),
+                        dropout,
+                        !self.recompute,
+                        self.weight_grads.clone(),
+                    );
+                    x = op.apply(&x)?;
+                    continue;
+                }
+            }
+            if self.recompute && whole_blocks {
                 if let Some(r) = rng.as_deref_mut() {
                     let op = RecomputedBlock {
                         block: block.clone(),
                         mask: mask.clone(),
                         dropout_seed: (self.cfg.dropout > 0.0).then(|| r.random()),
                         weights: block.weights(),
-                        grads: self.recomputed_grads.clone(),
+                        grads: self.weight_grads.clone(),
                     };
                     x = x.contiguous()?.apply_op1(op)?;
                     continue;

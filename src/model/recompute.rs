@@ -9,37 +9,16 @@
 //! second forward pass through every block.
 //!
 //! The op's backward can return the gradient of its input only, so the gradients of the
-//! block's own weights go to a [`RecomputedGrads`] store that the trainer adds to the rest.
+//! block's own weights go to a [`WeightGrads`] store that the trainer adds to the rest.
 //! Dropout draws from an RNG seeded once per block and pass, so the recomputation drops the
 //! same units as the first run.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 
 use super::block::Block;
+use crate::kernels::block::WeightGrads;
 use crate::kernels::f32_slice;
 use crate::rng::seeded;
-
-/// Weight gradients computed inside recomputed blocks during one backward pass.
-#[derive(Debug, Clone, Default)]
-pub struct RecomputedGrads(Arc<Mutex<Vec<(TensorId, Tensor)>>>);
-
-impl RecomputedGrads {
-    fn push(&self, id: TensorId, g: Tensor) {
-        if let Ok(mut v) = self.0.lock() {
-            v.push((id, g));
-        }
-    }
-
-    /// Takes (and clears) the gradients collected so far, as (weight's tensor id, gradient).
-    pub fn take(&self) -> Vec<(TensorId, Tensor)> {
-        self.0
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default()
-    }
-}
 
 /// One block run as a single op whose intermediates are recomputed in backward.
 pub struct RecomputedBlock {
@@ -48,7 +27,7 @@ pub struct RecomputedBlock {
     /// Seeds the block's dropout; `None` when the block runs without dropout.
     pub dropout_seed: Option<u64>,
     pub weights: Vec<Tensor>,
-    pub grads: RecomputedGrads,
+    pub grads: WeightGrads,
 }
 
 impl RecomputedBlock {

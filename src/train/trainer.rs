@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
-use crate::config::Config;
+use crate::config::{Config, Kernels};
 use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
 use crate::error::{Error, Result};
 use crate::kernels::adamw::sum_of_squares;
@@ -145,6 +145,7 @@ impl Trainer {
         let mut params = Params::fresh(rng.clone(), device);
         let mut model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
         model.recompute = config.training.recompute_activations;
+        model.block_ops = config.model.kernels == Kernels::Fused;
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
@@ -204,6 +205,7 @@ impl Trainer {
         optimizer.load_state(&opt_state)?;
         let mut model = ck.model;
         model.recompute = config.training.recompute_activations;
+        model.block_ops = config.model.kernels == Kernels::Fused;
         Ok(Trainer {
             config,
             tokenizer: ck.tokenizer,
@@ -270,7 +272,7 @@ impl Trainer {
                 loss
             };
             let store = scaled.backward()?;
-            let recomputed = self.model.recomputed_grads.take();
+            let recomputed = self.model.weight_grads.take();
             for (acc, name) in grads.iter_mut().zip(&names) {
                 let id = vars[name].as_tensor().id();
                 let direct = store.get(vars[name].as_tensor());

@@ -1,0 +1,515 @@
+//! A whole transformer block, forward and backward, as one custom op on plain buffers:
+//!
+//! ```text
+//! forward                                  backward (dy in; dx and every weight's gradient out)
+//! a   = LN₁(x)                             dm = drop₃(dy);  dW₄ = dmᵀ·g;  dg = dm·W₄
+//! qkv = a·[W_Q; W_K; W_V]ᵀ      (N, 3C)    dh = dg ∘ GELU′(h);  dW₃ = dhᵀ·b;  db = dh·W₃
+//! att = attention(qkv)          (N, C)     dx₁ = dy + LN₂ᵀ(db)
+//! x₁  = x + drop₂(att·W_Oᵀ)     (N, C)     dp = drop₂(dx₁);  dW_O = dpᵀ·att;  datt = dp·W_O
+//! b   = LN₂(x₁)                            dqkv = attentionᵀ(datt);  dW_QKV = dqkvᵀ·a
+//! h   = b·W₃ᵀ                   (N, 4C)    dx = dx₁ + LN₁ᵀ(dqkv·W_QKV)
+//! y   = x₁ + drop₃(GELU(h)·W₄ᵀ) (N, C)
+//! ```
+//! (N = B·T rows; biases, when the model has them, are added after their products and their
+//! gradients are column sums.)
+//!
+//! Why one op: run op by op under candle's autograd, a block is about a dozen graph nodes, and
+//! every gradient candle passes between them is a fresh zeroed tensor plus an addition (zeroing
+//! and adding were 6% of a training step on the small config). Here the backward pass is
+//! written out: each product writes its result where the next step reads it, the GELU gradient
+//! is computed over the buffer it came in, and the 4C-wide activations exist once.
+//!
+//! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
+//! candle anyway). LN outputs, GELU(h) and x₁ are recomputed (a cheap pass each, x₁ a (C, C)
+//! product), attention probabilities are recomputed by the attention kernel, and dropout masks
+//! are regenerated from their seeds. With `keep_activations` off, nothing is kept and backward reruns the forward
+//! pass first: activation recomputation, at the price of the block's forward products.
+//!
+//! The weights' gradients cannot be outputs of a one-input op, so they go to a
+//! [`WeightGrads`] store that the trainer adds to candle's gradients.
+
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId};
+use rayon::prelude::*;
+
+use super::attention::{self, AttentionDropout, Dims};
+use super::dropout::{add_dropped, dropout_into};
+use super::gelu::{gelu_backward_over_input, gelu_forward};
+use super::layer_norm::{layer_norm_backward, layer_norm_forward};
+use super::matmul::{matmul, MatMut, MatRef};
+use super::{f32_slice, rows_per_task, with_f32, written_buffer};
+
+/// Weight gradients computed inside block ops during one backward pass, by weight tensor id.
+#[derive(Debug, Clone, Default)]
+pub struct WeightGrads(Arc<Mutex<Vec<(TensorId, Tensor)>>>);
+
+impl WeightGrads {
+    /// Records the gradient `g` of the weight whose tensor id is `id`.
+    pub fn push(&self, id: TensorId, g: Tensor) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((id, g));
+        }
+    }
+
+    /// Takes (and clears) the gradients collected so far, as (weight's tensor id, gradient).
+    pub fn take(&self) -> Vec<(TensorId, Tensor)> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+/// A weight `(out, in)` (PyTorch's layout) or a LayerNorm gain `(C)`, and its optional bias.
+#[derive(Debug, Clone)]
+pub struct Affine {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// The weights of one block, as the model holds them.
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    /// LayerNorm gain `(C)` and bias.
+    pub ln_1: Affine,
+    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (no biases).
+    pub w_q: Tensor,
+    pub w_k: Tensor,
+    pub w_v: Tensor,
+    /// Attention output projection `(C, C)`.
+    pub attn_proj: Affine,
+    pub ln_2: Affine,
+    /// MLP expansion `(4C, C)`.
+    pub fc: Affine,
+    /// MLP projection `(C, 4C)`.
+    pub mlp_proj: Affine,
+    pub eps: f32,
+    pub n_head: usize,
+}
+
+impl BlockWeights {
+    /// Every tensor in a fixed order: LN₁ (gain, bias), W_Q, W_K, W_V, W_O (weight, bias),
+    /// LN₂, W₃, W₄ (each weight, bias).
+    fn tensors(&self) -> Vec<Option<&Tensor>> {
+        fn aff(a: &Affine) -> [Option<&Tensor>; 2] {
+            [Some(&a.weight), a.bias.as_ref()]
+        }
+        let mut v = Vec::with_capacity(13);
+        v.extend(aff(&self.ln_1));
+        v.extend([Some(&self.w_q), Some(&self.w_k), Some(&self.w_v)]);
+        v.extend(aff(&self.attn_proj));
+        v.extend(aff(&self.ln_2));
+        v.extend(aff(&self.fc));
+        v.extend(aff(&self.mlp_proj));
+        v
+    }
+}
+
+/// Dropout inside the block: probability and one mask seed per place.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockDropout {
+    pub p: f64,
+    /// On the attention weights (the mask of [`attention::causal_attention`]).
+    pub attention: u64,
+    /// On the attention branch's output, before the residual addition.
+    pub attn_proj: u64,
+    /// On the MLP branch's output, before the residual addition.
+    pub mlp_proj: u64,
+}
+
+/// A block as one op on `x` `(B, T, C)` → `(B, T, C)`.
+pub struct BlockOp {
+    weights: BlockWeights,
+    dropout: Option<BlockDropout>,
+    keep_activations: bool,
+    grads: WeightGrads,
+    saved: Mutex<Option<Activations>>,
+}
+
+impl BlockOp {
+    /// `keep_activations`: keep what backward needs (fast), or recompute it there (small).
+    pub fn new(
+        weights: BlockWeights,
+        dropout: Option<BlockDropout>,
+        keep_activations: bool,
+        grads: WeightGrads,
+    ) -> BlockOp {
+        BlockOp {
+            weights,
+            dropout: dropout.filter(|d| d.p > 0.0),
+            keep_activations,
+            grads,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// Runs the block on `x` `(B, T, C)`, the result a tensor on candle's graph.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(self)
+    }
+}
+
+/// What the backward pass needs from the forward pass.
+struct Activations {
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// Read access to the f32 data of the block's weight tensors for the length of one pass.
+struct Reader<'a, G> {
+    guards: Vec<Option<(G, &'a Layout)>>,
+}
+
+fn reader(w: &BlockWeights) -> Result<Reader<'_, impl Deref<Target = Storage> + '_>> {
+    let mut guards = Vec::new();
+    for t in w.tensors() {
+        guards.push(match t {
+            Some(t) => {
+                if !t.is_contiguous() {
+                    bail!("block: weight {:?} is not contiguous", t.shape())
+                }
+                Some(t.storage_and_layout())
+            }
+            None => None,
+        });
+    }
+    Ok(Reader { guards })
+}
+
+impl<G: Deref<Target = Storage>> Reader<'_, G> {
+    fn get(&self, i: usize) -> Result<Option<&[f32]>> {
+        match &self.guards[i] {
+            None => Ok(None),
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(s) => Ok(Some(f32_slice(s, layout, "block")?)),
+                _ => bail!("block: the fused kernels run on the CPU only"),
+            },
+        }
+    }
+
+    fn req(&self, i: usize) -> Result<&[f32]> {
+        match self.get(i)? {
+            Some(s) => Ok(s),
+            None => bail!("block: missing weight {i}"),
+        }
+    }
+}
+
+/// Slices of every weight (a weight and its optional bias).
+struct W<'a> {
+    ln1: (&'a [f32], Option<&'a [f32]>),
+    /// [W_Q; W_K; W_V] stacked: `(3C, C)`.
+    wqkv: Vec<f32>,
+    proj: (&'a [f32], Option<&'a [f32]>),
+    ln2: (&'a [f32], Option<&'a [f32]>),
+    fc: (&'a [f32], Option<&'a [f32]>),
+    mlp: (&'a [f32], Option<&'a [f32]>),
+}
+
+impl<'a> W<'a> {
+    fn new<G: Deref<Target = Storage>>(r: &'a Reader<'_, G>) -> Result<W<'a>> {
+        let mut wqkv = Vec::new();
+        for i in 2..5 {
+            wqkv.extend_from_slice(r.req(i)?);
+        }
+        Ok(W {
+            ln1: (r.req(0)?, r.get(1)?),
+            wqkv,
+            proj: (r.req(5)?, r.get(6)?),
+            ln2: (r.req(7)?, r.get(8)?),
+            fc: (r.req(9)?, r.get(10)?),
+            mlp: (r.req(11)?, r.get(12)?),
+        })
+    }
+}
+
+/// y `(n, out)` = x `(n, in)` · Wᵀ (+ b), W `(out, in)`.
+fn affine(x: &[f32], n: usize, d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let out = w.len() / d_in;
+    // SAFETY: x is (n, in), w is (out, in), and the product writes all n·out elements.
+    let mut y = written_buffer(n * out, |y| unsafe {
+        matmul(
+            n,
+            out,
+            d_in,
+            MatMut::raw(y, out),
+            false,
+            MatRef::row_major(x, d_in),
+            MatRef::transposed(w, d_in),
+            1.0,
+        )
+    });
+    if let Some(b) = b {
+        y.par_chunks_mut(rows_per_task(out) * out).for_each(|rows| {
+            for row in rows.chunks_exact_mut(out) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        });
+    }
+    y
+}
+
+/// `(m, n)` = aᵀ · b for a `(rows, m)` and b `(rows, n)`, both row-major: a weight's
+/// gradient from its output's gradient and its input.
+fn weight_grad(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> {
+    let rows = a.len() / m;
+    // SAFETY: the sizes match the slices; the product writes all m·n elements.
+    written_buffer(m * n, |dst| unsafe {
+        matmul(
+            m,
+            n,
+            rows,
+            MatMut::raw(dst, n),
+            false,
+            MatRef::transposed(a, m),
+            MatRef::row_major(b, n),
+            1.0,
+        )
+    })
+}
+
+/// dst `(rows, n)` = a `(rows, k)` · w `(k, n)`: an input's gradient through a weight.
+fn input_grad(a: &[f32], k: usize, w: &[f32], n: usize, dst: &mut [f32]) {
+    let rows = a.len() / k;
+    assert_eq!(
+        dst.len(),
+        rows * n,
+        "block: gradient buffer of the wrong size"
+    );
+    // SAFETY: the sizes match the slices (checked above for dst).
+    unsafe {
+        matmul(
+            rows,
+            n,
+            k,
+            MatMut::row_major(dst, n),
+            false,
+            MatRef::row_major(a, k),
+            MatRef::row_major(w, n),
+            1.0,
+        )
+    }
+}
+
+/// Σ over the rows of `x` `(rows, n)`: a bias's gradient. Summed per chunk of rows, then the
+/// chunks in order, so the result does not depend on the thread count.
+fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(rows_per_task(n) * n)
+        .map(|rows| {
+            let mut s = vec![0.0f32; n];
+            for row in rows.chunks_exact(n) {
+                s.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+            }
+            s
+        })
+        .collect();
+    let mut s = vec![0.0f32; n];
+    for p in &partials {
+        s.iter_mut().zip(p).for_each(|(s, x)| *s += x);
+    }
+    s
+}
+
+/// Rows of the 4C-wide MLP activations handled at a time in backward.
+const MLP_ROWS: usize = 1024;
+
+/// Through W₄ and the GELU, a block of rows at a time: dW₄ = Σ dmᵀ·GELU(h) and
+/// dh = (dm·W₄) ∘ GELU′(h), written over `h`. GELU(h) and dm·W₄ exist for one block of rows
+/// only, never as whole `(N, 4C)` tensors (for the 10M config that is 96 MiB less at the peak).
+fn mlp_backward(
+    mut h: Vec<f32>,
+    dm: &[f32],
+    w4: &[f32],
+    c: usize,
+    hid: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = h.len() / hid;
+    let mut dw = vec![0.0f32; c * hid];
+    let mut buf = vec![0.0f32; MLP_ROWS.min(n) * hid];
+    for r0 in (0..n).step_by(MLP_ROWS) {
+        let rows = MLP_ROWS.min(n - r0);
+        let hc = &mut h[r0 * hid..(r0 + rows) * hid];
+        let dmc = &dm[r0 * c..(r0 + rows) * c];
+        let gc = &mut buf[..rows * hid];
+        gelu_forward(hc, gc);
+        // SAFETY: dmc is (rows, c), gc is (rows, hid), dw is (c, hid).
+        unsafe {
+            matmul(
+                c,
+                hid,
+                rows,
+                MatMut::row_major(&mut dw, hid),
+                r0 > 0,
+                MatRef::transposed(dmc, c),
+                MatRef::row_major(gc, hid),
+                1.0,
+            )
+        };
+        input_grad(dmc, c, w4, hid, gc);
+        gelu_backward_over_input(hc, gc);
+    }
+    (dw, h)
+}
+
+impl BlockOp {
+    fn attention_dropout(&self) -> Option<AttentionDropout> {
+        self.dropout.map(|d| AttentionDropout {
+            p: d.p,
+            seed: d.attention,
+        })
+    }
+
+    /// The forward pass on `x` `(B, T, C)`: the output and what backward needs.
+    fn forward(&self, w: &W, x: &[f32], dims: &Dims) -> (Vec<f32>, Activations) {
+        let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
+        let mut a = vec![0.0f32; n * c];
+        layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
+        let qkv = affine(&a, n, c, &w.wqkv, None);
+        let att = attention::forward_slices(dims, &qkv, self.attention_dropout());
+        let x1 = self.attention_residual(w, x, &att);
+        let mut b = a; // LN₁'s output is not needed any more
+        layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+        let h = affine(&b, n, c, w.fc.0, w.fc.1);
+        let mut g = vec![0.0f32; h.len()];
+        gelu_forward(&h, &mut g);
+        let mut y = affine(&g, n, h.len() / n, w.mlp.0, w.mlp.1);
+        add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p)));
+        (y, Activations { qkv, att, h })
+    }
+
+    /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward rather than
+    /// kept (one (C, C) product, 3% of a step, for 24 MiB less per block on the 10M config).
+    fn attention_residual(&self, w: &W, x: &[f32], att: &[f32]) -> Vec<f32> {
+        let c = w.ln1.0.len();
+        let mut x1 = affine(att, att.len() / c, c, w.proj.0, w.proj.1);
+        add_dropped(&mut x1, x, self.dropout.map(|d| (d.attn_proj, d.p)));
+        x1
+    }
+
+    /// The backward pass: dx, and the weights' gradients in [`BlockWeights::tensors`] order.
+    fn backward(
+        &self,
+        w: &W,
+        x: &[f32],
+        dy: &[f32],
+        dims: &Dims,
+        act: Activations,
+    ) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
+        let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
+        let hid = act.h.len() / n;
+        let Activations { qkv, att, h } = act;
+        let x1 = self.attention_residual(w, x, &att);
+        let p = self.dropout.map_or(0.0, |d| d.p);
+        let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
+            let seed = seed?;
+            let mut out = vec![0.0f32; d.len()];
+            dropout_into(d, &mut out, seed, p);
+            Some(out)
+        };
+        // The MLP branch.
+        let dm_own = dropped(dy, self.dropout.map(|d| d.mlp_proj));
+        let dm = dm_own.as_deref().unwrap_or(dy);
+        let d_mlp_b = w.mlp.1.map(|_| column_sums(dm, c));
+        let (d_mlp_w, g) = mlp_backward(h, dm, w.mlp.0, c, hid); // g: dL/dh
+        drop(dm_own);
+        let d_fc_b = w.fc.1.map(|_| column_sums(&g, hid));
+        let mut b = vec![0.0f32; n * c];
+        layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+        let d_fc_w = weight_grad(&g, hid, &b, c);
+        input_grad(&g, hid, w.fc.0, c, &mut b); // b now holds dL/dLN₂(x₁)
+        drop(g);
+        let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.ln2.0, &b, eps);
+        drop(x1);
+        add_dropped(&mut dx1, dy, None);
+        // The attention branch.
+        let dp_own = dropped(&dx1, self.dropout.map(|d| d.attn_proj));
+        let dp = dp_own.as_deref().unwrap_or(&dx1);
+        let d_proj_b = w.proj.1.map(|_| column_sums(dp, c));
+        let d_proj_w = weight_grad(dp, c, &att, c);
+        let mut datt = att; // att is not needed after dW_O
+        input_grad(dp, c, w.proj.0, c, &mut datt);
+        drop(dp_own);
+        let dqkv = attention::backward_slices(dims, &qkv, &datt, self.attention_dropout());
+        drop(qkv);
+        let mut a = datt;
+        layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
+        let d_qkv_w = weight_grad(&dqkv, 3 * c, &a, c);
+        input_grad(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
+        let (mut dx, d_ln1_w, d_ln1_b) = layer_norm_backward(x, w.ln1.0, &a, eps);
+        add_dropped(&mut dx, &dx1, None);
+        let cc = c * c;
+        let grads = vec![
+            Some(d_ln1_w),
+            w.ln1.1.map(|_| d_ln1_b),
+            Some(d_qkv_w[..cc].to_vec()),
+            Some(d_qkv_w[cc..2 * cc].to_vec()),
+            Some(d_qkv_w[2 * cc..].to_vec()),
+            Some(d_proj_w),
+            d_proj_b,
+            Some(d_ln2_w),
+            w.ln2.1.map(|_| d_ln2_b),
+            Some(d_fc_w),
+            d_fc_b,
+            Some(d_mlp_w),
+            d_mlp_b,
+        ];
+        (dx, grads)
+    }
+
+    fn dims(&self, shape: &Shape) -> Result<Dims> {
+        let (b, t, c) = shape.dims3()?;
+        let cw = self.weights.ln_1.weight.dims1()?;
+        let n_head = self.weights.n_head;
+        if c != cw || n_head == 0 || c % n_head != 0 {
+            bail!("block: input width {c} does not fit a block of width {cw} and {n_head} heads")
+        }
+        Ok(Dims::from_sizes(b, t, c, n_head))
+    }
+}
+
+impl CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "tinygpt-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l.shape())?;
+        let x = f32_slice(s, l, "block")?;
+        let r = reader(&self.weights)?;
+        let w = W::new(&r)?;
+        let (y, act) = self.forward(&w, x, &dims);
+        if self.keep_activations {
+            if let Ok(mut saved) = self.saved.lock() {
+                *saved = Some(act);
+            }
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dims = self.dims(x.shape())?;
+        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+        let (dx, grads) = with_f32(x, "block backward", |x| {
+            with_f32(dy, "block backward", |dy| -> Result<_> {
+                let r = reader(&self.weights)?;
+                let w = W::new(&r)?;
+                let act = match saved {
+                    Some(a) => a,
+                    None => self.forward(&w, x, &dims).1,
+                };
+                Ok(self.backward(&w, x, dy, &dims, act))
+            })
+        })???;
+        for (t, g) in self.weights.tensors().into_iter().zip(grads) {
+            if let (Some(t), Some(g)) = (t, g) {
+                self.grads
+                    .push(t.id(), Tensor::from_vec(g, t.shape(), t.device())?);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
