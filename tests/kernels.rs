@@ -478,13 +478,14 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
 fn block_op_matches_the_layer_by_layer_block() {
     use tinygpt::kernels::block::{BlockDropout, BlockOp, WeightGrads};
     let ws = Workspace::new(4000);
+    // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows)
     let cases = [
-        (1, 32, 0.0, true),
-        (2, 32, 0.0, false),
-        (3, 24, 0.3, true),
-        (1, 32, 0.3, false),
+        (1, 32, 0.0, true, false),
+        (2, 32, 0.0, false, true),
+        (3, 24, 0.3, true, true),
+        (1, 32, 0.3, false, false),
     ];
-    for (n_head, c, p, keep) in cases {
+    for (n_head, c, p, keep, streamed) in cases {
         let sets = [
             format!("model.n_head={n_head}"),
             format!("model.n_embd={c}"),
@@ -495,7 +496,7 @@ fn block_op_matches_the_layer_by_layer_block() {
         let t = trainer(&ws, Kernels::Fused, &sets);
         let block = t.model.blocks[1].clone();
         for tt in [1, 13, 32] {
-            let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}, T {tt}");
+            let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}/{streamed}, T {tt}");
             let mask = causal_mask(tt, tt, 0, &Device::Cpu).unwrap();
             let x = random(&[2, tt, c], 1.0, 5);
             let r = random(&[2, tt, c], 1.0, 6);
@@ -516,9 +517,11 @@ fn block_op_matches_the_layer_by_layer_block() {
                 mlp_proj: rng.random(),
             });
             let sink = WeightGrads::default();
-            let y2 = BlockOp::new(block.fused_weights(), dropout, keep, sink.clone())
-                .apply(x2.as_tensor())
-                .unwrap();
+            let mut op = BlockOp::new(block.fused_weights(), dropout, keep, sink.clone());
+            if streamed {
+                op = op.with_streamed_mlp(16);
+            }
+            let y2 = op.apply(x2.as_tensor()).unwrap();
             let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
             assert_close(&format!("{what}: output"), &y2, &y1);
             assert_close(

@@ -20,7 +20,8 @@
 //! is computed over the buffer it came in, and the 4C-wide activations exist once.
 //!
 //! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
-//! candle anyway). LN outputs, GELU(h) and x₁ are recomputed (a cheap pass each, x₁ a (C, C)
+//! candle anyway), and GELU(h) when it is small. LN outputs, GELU(h) otherwise, and x₁ are
+//! recomputed (a cheap pass each, x₁ a (C, C)
 //! product), attention probabilities are recomputed by the attention kernel, and dropout masks
 //! are regenerated from their seeds. With `keep_activations` off, nothing is kept and backward reruns the forward
 //! pass first: activation recomputation, at the price of the block's forward products.
@@ -126,6 +127,10 @@ pub struct BlockOp {
     keep_activations: bool,
     grads: WeightGrads,
     saved: Mutex<Option<Activations>>,
+    /// The largest GELU(h) kept from forward ([`KEEP_GELU_BYTES`]).
+    keep_gelu_bytes: usize,
+    /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
+    mlp_rows: usize,
 }
 
 impl BlockOp {
@@ -142,7 +147,17 @@ impl BlockOp {
             keep_activations,
             grads,
             saved: Mutex::new(None),
+            keep_gelu_bytes: KEEP_GELU_BYTES,
+            mlp_rows: MLP_ROWS,
         }
+    }
+
+    /// Never keeps GELU(h), and runs the MLP backward `rows` rows at a time: the path large
+    /// models take, for tests on small ones.
+    pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
+        self.keep_gelu_bytes = 0;
+        self.mlp_rows = rows.max(1);
+        self
     }
 
     /// Runs the block on `x` `(B, T, C)`, the result a tensor on candle's graph.
@@ -156,6 +171,8 @@ struct Activations {
     qkv: Vec<f32>,
     att: Vec<f32>,
     h: Vec<f32>,
+    /// GELU(h), when small enough to keep ([`KEEP_GELU_BYTES`]).
+    g: Option<Vec<f32>>,
 }
 
 /// Read access to the f32 data of the block's weight tensors for the length of one pass.
@@ -317,21 +334,35 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
 
-/// Through W₄ and the GELU, a block of rows at a time: dW₄ = Σ dmᵀ·GELU(h) and
-/// dh = (dm·W₄) ∘ GELU′(h), written over `h`. GELU(h) and dm·W₄ exist for one block of rows
-/// only, never as whole `(N, 4C)` tensors (for the 10M config that is 96 MiB less at the peak).
+/// GELU(h) is kept from the forward pass when it takes at most this many bytes per block:
+/// recomputing it is 5% of a step on the small config, where it is 1.5 MiB a block, while on
+/// the 10M config it is 96 MiB a block, worth more than the time.
+const KEEP_GELU_BYTES: usize = 16 << 20;
+
+/// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
+/// With `g` = GELU(h) kept from the forward pass, in one go; without, a block of rows at a
+/// time, so that GELU(h) and dm·W₄ never exist as whole `(N, 4C)` tensors (for the 10M config
+/// that is 96 MiB less at the peak).
 fn mlp_backward(
     mut h: Vec<f32>,
+    g: Option<Vec<f32>>,
     dm: &[f32],
     w4: &[f32],
     c: usize,
     hid: usize,
+    block_rows: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    if let Some(mut g) = g {
+        let dw = weight_grad(dm, c, &g, hid);
+        input_grad(dm, c, w4, hid, &mut g);
+        gelu_backward_over_input(&mut h, &g);
+        return (dw, h);
+    }
     let n = h.len() / hid;
     let mut dw = vec![0.0f32; c * hid];
-    let mut buf = vec![0.0f32; MLP_ROWS.min(n) * hid];
-    for r0 in (0..n).step_by(MLP_ROWS) {
-        let rows = MLP_ROWS.min(n - r0);
+    let mut buf = vec![0.0f32; block_rows.min(n) * hid];
+    for r0 in (0..n).step_by(block_rows) {
+        let rows = block_rows.min(n - r0);
         let hc = &mut h[r0 * hid..(r0 + rows) * hid];
         let dmc = &dm[r0 * c..(r0 + rows) * c];
         let gc = &mut buf[..rows * hid];
@@ -378,7 +409,8 @@ impl BlockOp {
         gelu_forward(&h, &mut g);
         let mut y = affine(&g, n, h.len() / n, w.mlp.0, w.mlp.1);
         add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p)));
-        (y, Activations { qkv, att, h })
+        let g = (g.len() * 4 <= self.keep_gelu_bytes).then_some(g);
+        (y, Activations { qkv, att, h, g })
     }
 
     /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward rather than
@@ -401,7 +433,7 @@ impl BlockOp {
     ) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let hid = act.h.len() / n;
-        let Activations { qkv, att, h } = act;
+        let Activations { qkv, att, h, g } = act;
         let x1 = self.attention_residual(w, x, &att);
         let p = self.dropout.map_or(0.0, |d| d.p);
         let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
@@ -414,7 +446,7 @@ impl BlockOp {
         let dm_own = dropped(dy, self.dropout.map(|d| d.mlp_proj));
         let dm = dm_own.as_deref().unwrap_or(dy);
         let d_mlp_b = w.mlp.1.map(|_| column_sums(dm, c));
-        let (d_mlp_w, g) = mlp_backward(h, dm, w.mlp.0, c, hid); // g: dL/dh
+        let (d_mlp_w, g) = mlp_backward(h, g, dm, w.mlp.0, c, hid, self.mlp_rows); // g: dL/dh
         drop(dm_own);
         let d_fc_b = w.fc.1.map(|_| column_sums(&g, hid));
         let mut b = vec![0.0f32; n * c];
