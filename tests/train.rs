@@ -93,6 +93,14 @@ fn save_then_load_gives_identical_logits() {
 
 #[test]
 fn resume_continues_exactly() {
+    // On the fused kernels, training runs each block as one op (its own backward, weight
+    // gradients through a side store): resume must be exact there too.
+    for kernels in ["reference", "fused"] {
+        resume_continues_exactly_on(kernels);
+    }
+}
+
+fn resume_continues_exactly_on(kernels: &str) {
     let ws = Workspace::new(5000);
     let over = |n: usize| {
         vec![
@@ -102,10 +110,13 @@ fn resume_continues_exactly() {
             "training.checkpoint_interval=5".into(),
             "model.dropout=0.1".into(),
             "training.grad_accum_steps=2".into(),
+            format!("model.kernels=\"{kernels}\""),
         ]
     };
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
     let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let ran_on = format!("{:?}", whole.config.model.kernels).to_lowercase();
+    assert_eq!(ran_on, kernels);
     whole.run(&opts(&ws.path("whole"), false)).unwrap();
 
     let cfg = Config::load(&ws.path("tiny.toml"), &over(10)).unwrap();
@@ -125,7 +136,7 @@ fn resume_continues_exactly() {
 
     let (a, b) = (weights(&whole), weights(&second));
     for ((name, x), (_, y)) in a.iter().zip(&b) {
-        assert!(x == y, "{name} differs after resume");
+        assert!(x == y, "{kernels}: {name} differs after resume");
     }
     // The split run also evaluated at its first end (step 10); every other evaluation agrees.
     let split_history: Vec<_> = second
