@@ -112,25 +112,31 @@ impl Gpt {
         for (i, block) in self.blocks.iter().enumerate() {
             let fused = self.cfg.kernels == Kernels::Fused;
             if self.block_ops && fused && whole_blocks {
-                if let Some(r) = rng.as_deref_mut() {
-                    // Seeds drawn in the order the layer-by-layer path draws them, so both
-                    // paths drop the same units.
-                    let p = self.cfg.dropout;
-                    let dropout = (p > 0.0).then(|| BlockDropout {
+                // Seeds drawn in the order the layer-by-layer path draws them, so both paths
+                // drop the same units.
+                let p = self.cfg.dropout;
+                let dropout = match rng.as_deref_mut() {
+                    Some(r) if p > 0.0 => Some(BlockDropout {
                         p,
                         attention: r.random(),
                         attn_proj: r.random(),
                         mlp_proj: r.random(),
-                    });
-                    let op = BlockOp::new(
-                        block.fused_weights(),
-                        dropout,
-                        !self.recompute,
-                        self.weight_grads.clone(),
-                    );
-                    x = op.apply(&x)?;
-                    continue;
-                }
+                    }),
+                    _ => None,
+                };
+                // Without an RNG this is an evaluation pass: it keeps nothing for a backward
+                // pass (one that comes anyway recomputes what it needs). Otherwise candle's
+                // graph would hold every activation of the pass until the loss is dropped:
+                // 2.9 GB at the peak on the 10M config instead of 1.8.
+                let keep = rng.is_some() && !self.recompute;
+                let op = BlockOp::new(
+                    block.fused_weights(),
+                    dropout,
+                    keep,
+                    self.weight_grads.clone(),
+                );
+                x = op.apply(&x)?;
+                continue;
             }
             if self.recompute && whole_blocks {
                 if let Some(r) = rng.as_deref_mut() {
