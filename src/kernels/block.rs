@@ -39,8 +39,9 @@ use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{add_dropped, dropout_into};
 use super::gelu::{gelu_backward_over_input, gelu_forward};
 use super::layer_norm::{layer_norm_backward, layer_norm_forward};
+use super::linear::{input_grad_into, linear_forward, weight_grad};
 use super::matmul::{matmul, MatMut, MatRef};
-use super::{f32_slice, rows_per_task, with_f32, written_buffer};
+use super::{f32_slice, rows_per_task, with_f32};
 
 /// Weight gradients computed inside block ops during one backward pass, by weight tensor id.
 #[derive(Debug, Clone, Default)]
@@ -244,22 +245,10 @@ impl<'a> W<'a> {
 }
 
 /// y `(n, out)` = x `(n, in)` · Wᵀ (+ b), W `(out, in)`.
-fn affine(x: &[f32], n: usize, d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
-    let out = w.len() / d_in;
-    // SAFETY: x is (n, in), w is (out, in), and the product writes all n·out elements.
-    let mut y = written_buffer(n * out, |y| unsafe {
-        matmul(
-            n,
-            out,
-            d_in,
-            MatMut::raw(y, out),
-            false,
-            MatRef::row_major(x, d_in),
-            MatRef::transposed(w, d_in),
-            1.0,
-        )
-    });
+fn affine(x: &[f32], d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let mut y = linear_forward(x, d_in, w);
     if let Some(b) = b {
+        let out = b.len();
         y.par_chunks_mut(rows_per_task(out) * out).for_each(|rows| {
             for row in rows.chunks_exact_mut(out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -267,48 +256,6 @@ fn affine(x: &[f32], n: usize, d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec
         });
     }
     y
-}
-
-/// `(m, n)` = aᵀ · b for a `(rows, m)` and b `(rows, n)`, both row-major: a weight's
-/// gradient from its output's gradient and its input.
-fn weight_grad(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> {
-    let rows = a.len() / m;
-    // SAFETY: the sizes match the slices; the product writes all m·n elements.
-    written_buffer(m * n, |dst| unsafe {
-        matmul(
-            m,
-            n,
-            rows,
-            MatMut::raw(dst, n),
-            false,
-            MatRef::transposed(a, m),
-            MatRef::row_major(b, n),
-            1.0,
-        )
-    })
-}
-
-/// dst `(rows, n)` = a `(rows, k)` · w `(k, n)`: an input's gradient through a weight.
-fn input_grad(a: &[f32], k: usize, w: &[f32], n: usize, dst: &mut [f32]) {
-    let rows = a.len() / k;
-    assert_eq!(
-        dst.len(),
-        rows * n,
-        "block: gradient buffer of the wrong size"
-    );
-    // SAFETY: the sizes match the slices (checked above for dst).
-    unsafe {
-        matmul(
-            rows,
-            n,
-            k,
-            MatMut::row_major(dst, n),
-            false,
-            MatRef::row_major(a, k),
-            MatRef::row_major(w, n),
-            1.0,
-        )
-    }
 }
 
 /// Σ over the rows of `x` `(rows, n)`: a bias's gradient. Summed per chunk of rows, then the
@@ -354,7 +301,7 @@ fn mlp_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     if let Some(mut g) = g {
         let dw = weight_grad(dm, c, &g, hid);
-        input_grad(dm, c, w4, hid, &mut g);
+        input_grad_into(dm, c, w4, hid, &mut g);
         gelu_backward_over_input(&mut h, &g);
         return (dw, h);
     }
@@ -380,7 +327,7 @@ fn mlp_backward(
                 1.0,
             )
         };
-        input_grad(dmc, c, w4, hid, gc);
+        input_grad_into(dmc, c, w4, hid, gc);
         gelu_backward_over_input(hc, gc);
     }
     (dw, h)
@@ -399,15 +346,15 @@ impl BlockOp {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let mut a = vec![0.0f32; n * c];
         layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
-        let qkv = affine(&a, n, c, &w.wqkv, None);
+        let qkv = affine(&a, c, &w.wqkv, None);
         let att = attention::forward_slices(dims, &qkv, self.attention_dropout());
         let x1 = self.attention_residual(w, x, &att);
         let mut b = a; // LN₁'s output is not needed any more
         layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
-        let h = affine(&b, n, c, w.fc.0, w.fc.1);
+        let h = affine(&b, c, w.fc.0, w.fc.1);
         let mut g = vec![0.0f32; h.len()];
         gelu_forward(&h, &mut g);
-        let mut y = affine(&g, n, h.len() / n, w.mlp.0, w.mlp.1);
+        let mut y = affine(&g, h.len() / n, w.mlp.0, w.mlp.1);
         add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p)));
         let g = (g.len() * 4 <= self.keep_gelu_bytes).then_some(g);
         (y, Activations { qkv, att, h, g })
@@ -417,7 +364,7 @@ impl BlockOp {
     /// kept (one (C, C) product, 3% of a step, for 24 MiB less per block on the 10M config).
     fn attention_residual(&self, w: &W, x: &[f32], att: &[f32]) -> Vec<f32> {
         let c = w.ln1.0.len();
-        let mut x1 = affine(att, att.len() / c, c, w.proj.0, w.proj.1);
+        let mut x1 = affine(att, c, w.proj.0, w.proj.1);
         add_dropped(&mut x1, x, self.dropout.map(|d| (d.attn_proj, d.p)));
         x1
     }
@@ -452,7 +399,7 @@ impl BlockOp {
         let mut b = vec![0.0f32; n * c];
         layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
         let d_fc_w = weight_grad(&g, hid, &b, c);
-        input_grad(&g, hid, w.fc.0, c, &mut b); // b now holds dL/dLN₂(x₁)
+        input_grad_into(&g, hid, w.fc.0, c, &mut b); // b now holds dL/dLN₂(x₁)
         drop(g);
         let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.ln2.0, &b, eps);
         drop(x1);
@@ -463,14 +410,14 @@ impl BlockOp {
         let d_proj_b = w.proj.1.map(|_| column_sums(dp, c));
         let d_proj_w = weight_grad(dp, c, &att, c);
         let mut datt = att; // att is not needed after dW_O
-        input_grad(dp, c, w.proj.0, c, &mut datt);
+        input_grad_into(dp, c, w.proj.0, c, &mut datt);
         drop(dp_own);
         let dqkv = attention::backward_slices(dims, &qkv, &datt, self.attention_dropout());
         drop(qkv);
         let mut a = datt;
         layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
         let d_qkv_w = weight_grad(&dqkv, 3 * c, &a, c);
-        input_grad(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
+        input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
         let (mut dx, d_ln1_w, d_ln1_b) = layer_norm_backward(x, w.ln1.0, &a, eps);
         add_dropped(&mut dx, &dx1, None);
         let cc = c * c;

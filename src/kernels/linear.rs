@@ -9,6 +9,79 @@ use super::{f32_slice, with_f32, written_buffer};
 
 struct LinearOp;
 
+/// y `(rows, out)` = x `(rows, in)` · Wᵀ for W `(out, in)` (PyTorch's layout).
+pub(crate) fn linear_forward(x: &[f32], d_in: usize, w: &[f32]) -> Vec<f32> {
+    let (rows, out) = (x.len() / d_in, w.len() / d_in);
+    // SAFETY: x is (rows, in), w is (out, in), and the product writes all rows·out elements.
+    written_buffer(rows * out, |y| unsafe {
+        matmul(
+            rows,
+            out,
+            d_in,
+            MatMut::raw(y, out),
+            false,
+            MatRef::row_major(x, d_in),
+            MatRef::transposed(w, d_in),
+            1.0,
+        )
+    })
+}
+
+/// `(m, n)` = aᵀ · b for a `(rows, m)` and b `(rows, n)`, both row-major: a weight's
+/// gradient from its output's gradient and its input.
+pub(crate) fn weight_grad(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> {
+    let rows = a.len() / m;
+    // SAFETY: the sizes match the slices; the product writes all m·n elements.
+    written_buffer(m * n, |dst| unsafe {
+        matmul(
+            m,
+            n,
+            rows,
+            MatMut::raw(dst, n),
+            false,
+            MatRef::transposed(a, m),
+            MatRef::row_major(b, n),
+            1.0,
+        )
+    })
+}
+
+/// `(rows, n)` = a `(rows, k)` · w `(k, n)` into `dst`: an input's gradient through a weight.
+///
+/// # Safety
+/// `dst` must address `rows · n` writable floats (they may be uninitialised).
+unsafe fn input_grad_raw(a: &[f32], k: usize, w: &[f32], n: usize, dst: *mut f32) {
+    matmul(
+        a.len() / k,
+        n,
+        k,
+        MatMut::raw(dst, n),
+        false,
+        MatRef::row_major(a, k),
+        MatRef::row_major(w, n),
+        1.0,
+    )
+}
+
+/// `(rows, n)` = a `(rows, k)` · w `(k, n)`: an input's gradient through a weight.
+pub(crate) fn input_grad(a: &[f32], k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    // SAFETY: the buffer has rows · n elements, all written by the product.
+    written_buffer(a.len() / k * n, |dst| unsafe {
+        input_grad_raw(a, k, w, n, dst)
+    })
+}
+
+/// [`input_grad`] written over `dst`, a buffer that is no longer needed.
+pub(crate) fn input_grad_into(a: &[f32], k: usize, w: &[f32], n: usize, dst: &mut [f32]) {
+    assert_eq!(
+        dst.len(),
+        a.len() / k * n,
+        "input_grad_into: destination of the wrong size"
+    );
+    // SAFETY: dst has exactly rows · n elements (checked above).
+    unsafe { input_grad_raw(a, k, w, n, dst.as_mut_ptr()) }
+}
+
 /// `x` `(…, in)` · `w`ᵀ with `w` `(out, in)` → `(…, out)`. No bias: the caller adds it.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
@@ -35,23 +108,10 @@ impl CustomOp2 for LinearOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, d_in, out) = dims(xl, wl)?;
+        let (_, d_in, out) = dims(xl, wl)?;
         let x = f32_slice(xs, xl, "linear")?;
         let w = f32_slice(ws, wl, "linear")?;
-        // SAFETY: the buffers have exactly the sizes the strides address, and the product
-        // writes every element of y.
-        let y = written_buffer(rows * out, |y| unsafe {
-            matmul(
-                rows,
-                out,
-                d_in,
-                MatMut::raw(y, out),
-                false,
-                MatRef::row_major(x, d_in),
-                MatRef::transposed(w, d_in),
-                1.0,
-            )
-        });
+        let y = linear_forward(x, d_in, w);
         let mut shape = xl.shape().dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -67,38 +127,13 @@ impl CustomOp2 for LinearOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (out, d_in) = w.dims2()?;
-        let rows = x.elem_count() / d_in;
         let (dx, dw) = with_f32(dy, "linear backward", |dy| {
             with_f32(w, "linear backward", |w| {
                 with_f32(x, "linear backward", |x| {
-                    // SAFETY: as in the forward pass.
                     // dx (rows, in) = dy (rows, out) · W (out, in)
-                    let dx = written_buffer(rows * d_in, |dx| unsafe {
-                        matmul(
-                            rows,
-                            d_in,
-                            out,
-                            MatMut::raw(dx, d_in),
-                            false,
-                            MatRef::row_major(dy, out),
-                            MatRef::row_major(w, d_in),
-                            1.0,
-                        )
-                    });
+                    let dx = input_grad(dy, out, w, d_in);
                     // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
-                    let dw = written_buffer(out * d_in, |dw| unsafe {
-                        matmul(
-                            out,
-                            d_in,
-                            rows,
-                            MatMut::raw(dw, d_in),
-                            false,
-                            MatRef::transposed(dy, out),
-                            MatRef::row_major(x, d_in),
-                            1.0,
-                        )
-                    });
-                    (dx, dw)
+                    (dx, weight_grad(dy, out, x, d_in))
                 })
             })
         })???;
