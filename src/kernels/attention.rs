@@ -122,6 +122,18 @@ impl Dims {
 /// # Safety
 /// `q`, `kt` must address a (T, hs) and a (hs, T) matrix.
 unsafe fn scores_to_probs(d: &Dims, q: MatRef, kt: MatRef, scale: f32, p: &mut [f32]) {
+    lower_product(d, q, 3 * d.c, kt, scale, p);
+    softmax_causal(p, d.t);
+}
+
+/// out (T, T) = scale · A·Bᵀ for A (T, hs) with rows `a_rs` apart and `bt` = Bᵀ (hs, T),
+/// computed in row blocks whose columns stop at the block's last row: the entries after the
+/// diagonal are mostly never computed (those left inside a block are garbage for the caller to
+/// mask).
+///
+/// # Safety
+/// `a`, `bt` must address a (T, hs) and a (hs, T) matrix.
+unsafe fn lower_product(d: &Dims, a: MatRef, a_rs: usize, bt: MatRef, scale: f32, out: &mut [f32]) {
     let t = d.t;
     for r0 in (0..t).step_by(ROW_BLOCK) {
         let r1 = (r0 + ROW_BLOCK).min(t);
@@ -129,14 +141,13 @@ unsafe fn scores_to_probs(d: &Dims, q: MatRef, kt: MatRef, scale: f32, p: &mut [
             r1 - r0,
             r1,
             d.hs,
-            MatMut::row_major(&mut p[r0 * t..], t),
+            MatMut::row_major(&mut out[r0 * t..], t),
             false,
-            q.skip(r0 * 3 * d.c),
-            kt,
+            a.skip(r0 * a_rs),
+            bt,
             scale,
         );
     }
-    softmax_causal(p, t);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -309,19 +320,7 @@ pub(crate) fn backward_slices(
                     1.0,
                 );
                 // dP̃ = dY·Vᵀ, row blocks up to the diagonal
-                for r0 in (0..tt).step_by(ROW_BLOCK) {
-                    let r1 = (r0 + ROW_BLOCK).min(tt);
-                    matmul_serial(
-                        r1 - r0,
-                        r1,
-                        d.hs,
-                        MatMut::row_major(&mut dp[r0 * tt..], tt),
-                        false,
-                        dy_bh.skip(r0 * d.c),
-                        vt,
-                        1.0,
-                    );
-                }
+                lower_product(&d, dy_bh, d.c, vt, 1.0, &mut dp);
                 if let Some((seed, first, thr, sc)) = mask {
                     let src = dp.clone();
                     drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
