@@ -40,7 +40,8 @@ fn apply_chunk(x: &[f32], y: &mut [f32], seed: u64, first: u32, threshold: u32, 
     }
 }
 
-fn apply(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
+/// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`.
+pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
     let (t, scale) = (threshold(p), (1.0 / (1.0 - p)) as f32);
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
@@ -77,11 +78,6 @@ pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64)>) {
         });
 }
 
-/// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`.
-pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
-    apply(x, y, seed, p)
-}
-
 /// Dropout with probability `p` and mask seed `seed` on `x` (any shape), with a backward pass.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(DropoutOp { p, seed })
@@ -100,7 +96,7 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "dropout")?;
         let mut y = vec![0.0f32; x.len()];
-        apply(x, &mut y, self.seed, self.p);
+        dropout_into(x, &mut y, self.seed, self.p);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -108,7 +104,7 @@ impl CustomOp1 for DropoutOp {
         let mut dx = vec![0.0f32; x.elem_count()];
         // The same mask scales the gradient: dx = dy · mask / (1 − p).
         with_f32(dy, "dropout backward", |dy| {
-            apply(dy, &mut dx, self.seed, self.p)
+            dropout_into(dy, &mut dx, self.seed, self.p)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

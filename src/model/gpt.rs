@@ -109,9 +109,9 @@ impl Gpt {
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
         let whole_blocks = cache.is_none() && !capture;
+        let block_ops = self.block_ops && self.cfg.kernels == Kernels::Fused && whole_blocks;
         for (i, block) in self.blocks.iter().enumerate() {
-            let fused = self.cfg.kernels == Kernels::Fused;
-            if self.block_ops && fused && whole_blocks {
+            if block_ops {
                 // Seeds drawn in the order the layer-by-layer path draws them, so both paths
                 // drop the same units.
                 let p = self.cfg.dropout;
