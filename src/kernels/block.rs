@@ -20,11 +20,11 @@
 //! is computed over the buffer it came in, and the 4C-wide activations exist once.
 //!
 //! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
-//! candle anyway), and GELU(h) when it is small. LN outputs, GELU(h) otherwise, and x₁ are
-//! recomputed (a cheap pass each, x₁ a (C, C)
-//! product), attention probabilities are recomputed by the attention kernel, and dropout masks
-//! are regenerated from their seeds. With `keep_activations` off, nothing is kept and backward reruns the forward
-//! pass first: activation recomputation, at the price of the block's forward products.
+//! candle anyway), and GELU(h) and x₁ when they are small. LN outputs are recomputed (a cheap
+//! pass each), and so are GELU(h) and x₁ (a (C, C) product) when they are large; attention
+//! probabilities are recomputed by the attention kernel, and dropout masks are regenerated
+//! from their seeds. With `keep_activations` off, nothing is kept and backward reruns the
+//! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
 //! The weights' gradients cannot be outputs of a one-input op, so they go to a
 //! [`WeightGrads`] store that the trainer adds to candle's gradients.
@@ -37,9 +37,9 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{add_dropped, dropout_into};
-use super::gelu::{gelu_backward_over_input, gelu_forward};
+use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward};
 use super::layer_norm::{layer_norm_backward, layer_norm_forward};
-use super::linear::{input_grad_into, linear_forward, weight_grad};
+use super::linear::{input_grad, input_grad_into, linear_forward, weight_grad};
 use super::matmul::{matmul, MatMut, MatRef};
 use super::{f32_slice, rows_per_task, with_f32};
 
@@ -128,8 +128,8 @@ pub struct BlockOp {
     keep_activations: bool,
     grads: WeightGrads,
     saved: Mutex<Option<Activations>>,
-    /// The largest GELU(h) kept from forward ([`KEEP_GELU_BYTES`]).
-    keep_gelu_bytes: usize,
+    /// The largest GELU(h) or x₁ kept from forward ([`KEEP_BYTES`]).
+    keep_bytes: usize,
     /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
     mlp_rows: usize,
 }
@@ -148,15 +148,15 @@ impl BlockOp {
             keep_activations,
             grads,
             saved: Mutex::new(None),
-            keep_gelu_bytes: KEEP_GELU_BYTES,
+            keep_bytes: KEEP_BYTES,
             mlp_rows: MLP_ROWS,
         }
     }
 
-    /// Never keeps GELU(h), and runs the MLP backward `rows` rows at a time: the path large
-    /// models take, for tests on small ones.
+    /// Never keeps GELU(h) or x₁, and runs the MLP backward `rows` rows at a time: the path
+    /// large models take, for tests on small ones.
     pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
-        self.keep_gelu_bytes = 0;
+        self.keep_bytes = 0;
         self.mlp_rows = rows.max(1);
         self
     }
@@ -172,8 +172,9 @@ struct Activations {
     qkv: Vec<f32>,
     att: Vec<f32>,
     h: Vec<f32>,
-    /// GELU(h), when small enough to keep ([`KEEP_GELU_BYTES`]).
+    /// GELU(h) and x₁, each when small enough to keep ([`KEEP_BYTES`]).
     g: Option<Vec<f32>>,
+    x1: Option<Vec<f32>>,
 }
 
 /// Read access to the f32 data of the block's weight tensors for the length of one pass.
@@ -281,13 +282,15 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
 
-/// GELU(h) is kept from the forward pass when it takes at most this many bytes per block:
-/// recomputing it is 5% of a step on the small config, where it is 1.5 MiB a block, while on
-/// the 10M config it is 96 MiB a block, worth more than the time.
-const KEEP_GELU_BYTES: usize = 16 << 20;
+/// GELU(h) and x₁ are each kept from the forward pass when they take at most this many bytes
+/// per block: recomputing them is 5% (GELU) and 3% (x₁, one (C, C) product) of a step on the
+/// small config, where they are 1.5 MiB and 0.4 MiB a block, while on the 10M config they are
+/// 96 and 24 MiB a block, worth more than the time.
+const KEEP_BYTES: usize = 16 << 20;
 
 /// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
-/// With `g` = GELU(h) kept from the forward pass, in one go; without, a block of rows at a
+/// With `g` = GELU(h) kept from the forward pass, in one go, GELU′ taking Φ(h) = g / h instead
+/// of recomputing it; without, a block of rows at a
 /// time, so that GELU(h) and dm·W₄ never exist as whole `(N, 4C)` tensors (for the 10M config
 /// that is 96 MiB less at the peak).
 fn mlp_backward(
@@ -299,10 +302,10 @@ fn mlp_backward(
     hid: usize,
     block_rows: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    if let Some(mut g) = g {
+    if let Some(g) = g {
         let dw = weight_grad(dm, c, &g, hid);
-        input_grad_into(dm, c, w4, hid, &mut g);
-        gelu_backward_over_input(&mut h, &g);
+        let dg = input_grad(dm, c, w4, hid);
+        gelu_backward_from_output(&mut h, &g, &dg);
         return (dw, h);
     }
     let n = h.len() / hid;
@@ -356,12 +359,13 @@ impl BlockOp {
         gelu_forward(&h, &mut g);
         let mut y = affine(&g, h.len() / n, w.mlp.0, w.mlp.1);
         add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p)));
-        let g = (g.len() * 4 <= self.keep_gelu_bytes).then_some(g);
-        (y, Activations { qkv, att, h, g })
+        let g = (g.len() * 4 <= self.keep_bytes).then_some(g);
+        let x1 = (x1.len() * 4 <= self.keep_bytes).then_some(x1);
+        (y, Activations { qkv, att, h, g, x1 })
     }
 
-    /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward rather than
-    /// kept (one (C, C) product, 3% of a step, for 24 MiB less per block on the 10M config).
+    /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward when it is
+    /// not kept ([`KEEP_BYTES`]).
     fn attention_residual(&self, w: &W, x: &[f32], att: &[f32]) -> Vec<f32> {
         let c = w.ln1.0.len();
         let mut x1 = affine(att, c, w.proj.0, w.proj.1);
@@ -380,8 +384,8 @@ impl BlockOp {
     ) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let hid = act.h.len() / n;
-        let Activations { qkv, att, h, g } = act;
-        let x1 = self.attention_residual(w, x, &att);
+        let Activations { qkv, att, h, g, x1 } = act;
+        let x1 = x1.unwrap_or_else(|| self.attention_residual(w, x, &att));
         let p = self.dropout.map_or(0.0, |d| d.p);
         let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
             let seed = seed?;

@@ -28,6 +28,22 @@ fn backward_chunk_over_input(x: &mut [f32], dy: &[f32]) {
     }
 }
 
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn backward_chunk_from_output(x: &mut [f32], y: &[f32], dy: &[f32]) {
+    for ((x, &y), &dy) in x.iter_mut().zip(y).zip(dy) {
+        *x = dy * math::gelu_grad_from_output(*x, y);
+    }
+}
+
+/// x ← dy · GELU′(x) given y = GELU(x) from the forward pass (half the arithmetic of
+/// [`gelu_backward_over_input`]), written over the input.
+pub fn gelu_backward_from_output(x: &mut [f32], y: &[f32], dy: &[f32]) {
+    x.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(y.par_chunks(ELEMS_PER_TASK))
+        .zip(dy.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((x, y), dy)| backward_chunk_from_output(x, y, dy));
+}
+
 /// x ← dy · GELU′(x): the backward pass written over the input, which is not needed after.
 pub fn gelu_backward_over_input(x: &mut [f32], dy: &[f32]) {
     x.par_chunks_mut(ELEMS_PER_TASK)
