@@ -9,8 +9,9 @@
 //! One rayon task per (batch, head). The products run on `gemm` with strides that read the
 //! heads in place (no split, transpose or `contiguous()` copies); S is computed in row blocks
 //! that stop at the diagonal, so the masked upper triangle is mostly never computed, and the
-//! mask never exists as a tensor. P is not stored: the backward pass recomputes it from Q and K
-//! (the memory of a `(B, n_head, T, T)` tensor per layer is worth more than one more Q·Kᵀ).
+//! mask never exists as a tensor. As an op, P is not stored: the backward pass recomputes it
+//! from Q and K (the memory of a `(B, n_head, T, T)` tensor per layer is worth more than one
+//! more Q·Kᵀ on large models). The block op keeps it when it is small ([`forward_keeping`]).
 //! Dropout on P uses the counter-based mask of [`super::dropout`], regenerated in backward.
 //!
 //! Backward, with P̃ = dropout(P) and dY the output gradient:
@@ -220,7 +221,7 @@ impl CustomOp1 for AttentionOp {
         let d = Dims::new(qkv.shape(), self.n_head)?;
         let dqkv = with_f32(qkv, "causal_attention backward", |qkv| {
             with_f32(dy, "causal_attention backward", |dy| {
-                backward_slices(&d, qkv, dy, self.dropout)
+                backward_slices(&d, qkv, dy, self.dropout, None)
             })
         })??;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
@@ -229,23 +230,49 @@ impl CustomOp1 for AttentionOp {
 
 /// The forward pass on slices: `qkv` `(B, T, 3C)` → `(B, T, C)`.
 pub(crate) fn forward_slices(d: &Dims, qkv: &[f32], dropout: Option<AttentionDropout>) -> Vec<f32> {
+    forward_keeping(d, qkv, dropout, false).0
+}
+
+/// [`forward_slices`], and with `keep`, the attention weights P `(B, n_head, T, T)` (before
+/// dropout) for [`backward_slices`], which then need not recompute them.
+pub(crate) fn forward_keeping(
+    d: &Dims,
+    qkv: &[f32],
+    dropout: Option<AttentionDropout>,
+    keep: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let scale = 1.0 / (d.hs as f32).sqrt();
     let qkv_ptr = qkv.as_ptr() as usize;
+    let tt = d.t * d.t;
+    let mut probs = keep.then(|| vec![0.0f32; d.b * d.n_head * tt]);
+    let probs_ptr = probs.as_mut().map(|p| p.as_mut_ptr() as usize);
     // Every (b, h) task writes all T rows of its hs columns: together, all of y.
-    written_buffer(d.b * d.t * d.c, |y| {
+    let y = written_buffer(d.b * d.t * d.c, |y| {
         let y_all = MatMut::raw(y, d.c);
         (0..d.b * d.n_head).into_par_iter().for_each(|task| {
             let (b, h) = (task / d.n_head, task % d.n_head);
             let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
-            let mut p = vec![0.0f32; d.t * d.t];
+            let mut own = Vec::new();
+            let p: &mut [f32] = match probs_ptr {
+                // SAFETY: task `task` alone uses block `task` of the kept weights.
+                Some(all) => unsafe {
+                    std::slice::from_raw_parts_mut((all as *mut f32).add(task * tt), tt)
+                },
+                None => {
+                    own.resize(tt, 0.0);
+                    &mut own
+                }
+            };
             // SAFETY: q, kt, v address head h of batch b inside `qkv`; each task writes its
             // own (b, h) columns of `y`.
             unsafe {
-                scores_to_probs(d, q, kt, scale, &mut p);
-                if let Some((seed, first, thr, sc)) = mask_of(dropout, d, b, h) {
-                    let src = p.clone();
-                    drop_rows(&src, &mut p, d.t, seed, first, thr, sc);
-                }
+                scores_to_probs(d, q, kt, scale, p);
+                let dropped = mask_of(dropout, d, b, h).map(|(seed, first, thr, sc)| {
+                    let mut pd = vec![0.0f32; tt];
+                    drop_rows(p, &mut pd, d.t, seed, first, thr, sc);
+                    pd
+                });
+                let pd = dropped.as_deref().unwrap_or(p);
                 let y_bh = y_all.skip(b * d.t * d.c + h * d.hs);
                 matmul_serial(
                     d.t,
@@ -253,21 +280,24 @@ pub(crate) fn forward_slices(d: &Dims, qkv: &[f32], dropout: Option<AttentionDro
                     d.t,
                     y_bh,
                     false,
-                    MatRef::row_major(&p, d.t),
+                    MatRef::row_major(pd, d.t),
                     v,
                     1.0,
                 );
             }
         });
-    })
+    });
+    (y, probs)
 }
 
 /// The backward pass on slices: `qkv` `(B, T, 3C)` and `dy` `(B, T, C)` → `dqkv` `(B, T, 3C)`.
+/// `probs`: the attention weights kept by [`forward_keeping`]; recomputed when `None`.
 pub(crate) fn backward_slices(
     d: &Dims,
     qkv: &[f32],
     dy: &[f32],
     dropout: Option<AttentionDropout>,
+    probs: Option<&[f32]>,
 ) -> Vec<f32> {
     let d = *d;
     let scale = 1.0 / (d.hs as f32).sqrt();
@@ -295,19 +325,27 @@ pub(crate) fn backward_slices(
             };
             let at = |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
             let tt = d.t;
-            let mut p = vec![0.0f32; tt * tt];
+            let mut own = Vec::new();
+            let p: &[f32] = match probs {
+                Some(all) => &all[task * tt * tt..(task + 1) * tt * tt],
+                None => {
+                    own.resize(tt * tt, 0.0);
+                    // SAFETY: q and kt address head h of batch b inside `qkv`.
+                    unsafe { scores_to_probs(&d, q, kt, scale, &mut own) };
+                    &own
+                }
+            };
             let mut dp = vec![0.0f32; tt * tt];
             // SAFETY: as in the forward pass; each task writes its own (b, h) columns
             // of the Q, K and V parts of dqkv.
             unsafe {
-                scores_to_probs(&d, q, kt, scale, &mut p);
                 let mask = mask_of(dropout, &d, b, h);
                 let dropped = mask.map(|(seed, first, thr, sc)| {
                     let mut pd = vec![0.0f32; tt * tt];
-                    drop_rows(&p, &mut pd, tt, seed, first, thr, sc);
+                    drop_rows(p, &mut pd, tt, seed, first, thr, sc);
                     pd
                 });
-                let pd = dropped.as_deref().unwrap_or(&p);
+                let pd = dropped.as_deref().unwrap_or(p);
                 // dV = P̃ᵀ·dY
                 matmul_serial(
                     tt,
@@ -325,7 +363,7 @@ pub(crate) fn backward_slices(
                     let src = dp.clone();
                     drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
                 }
-                softmax_backward(&p, &mut dp, tt, scale);
+                softmax_backward(p, &mut dp, tt, scale);
                 // dQ = dS·K, dK = dSᵀ·Q
                 matmul_serial(
                     tt,

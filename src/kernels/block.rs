@@ -20,9 +20,9 @@
 //! is computed over the buffer it came in, and the 4C-wide activations exist once.
 //!
 //! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
-//! candle anyway), and GELU(h) and x₁ when they are small. LN outputs are recomputed (a cheap
-//! pass each), and so are GELU(h) and x₁ (a (C, C) product) when they are large; attention
-//! probabilities are recomputed by the attention kernel, and dropout masks are regenerated
+//! candle anyway), and GELU(h), x₁ and the attention weights when they are small. LN outputs
+//! are recomputed (a cheap pass each), and so are GELU(h), x₁ (a (C, C) product) and the
+//! attention weights (Q·Kᵀ and a softmax) when they are large; dropout masks are regenerated
 //! from their seeds. With `keep_activations` off, nothing is kept and backward reruns the
 //! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
@@ -172,9 +172,11 @@ struct Activations {
     qkv: Vec<f32>,
     att: Vec<f32>,
     h: Vec<f32>,
-    /// GELU(h) and x₁, each when small enough to keep ([`KEEP_BYTES`]).
+    /// GELU(h), x₁ and the attention weights `(B, n_head, T, T)`, each when small enough to
+    /// keep ([`KEEP_BYTES`]).
     g: Option<Vec<f32>>,
     x1: Option<Vec<f32>>,
+    probs: Option<Vec<f32>>,
 }
 
 /// Read access to the f32 data of the block's weight tensors for the length of one pass.
@@ -282,10 +284,11 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
 
-/// GELU(h) and x₁ are each kept from the forward pass when they take at most this many bytes
-/// per block: recomputing them is 5% (GELU) and 3% (x₁, one (C, C) product) of a step on the
-/// small config, where they are 1.5 MiB and 0.4 MiB a block, while on the 10M config they are
-/// 96 and 24 MiB a block, worth more than the time.
+/// GELU(h), x₁ and the attention weights are each kept from the forward pass when they take
+/// at most this many bytes per block: recomputing them is 5% (GELU), 3% (x₁, one (C, C)
+/// product) and 2% (weights) of a step on the small config, where they are 1.5, 0.4 and 0.8
+/// MiB a block, while on the 10M config they are 96, 24 and 96 MiB a block, worth more than
+/// the time.
 const KEEP_BYTES: usize = 16 << 20;
 
 /// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
@@ -344,13 +347,15 @@ impl BlockOp {
         })
     }
 
-    /// The forward pass on `x` `(B, T, C)`: the output and what backward needs.
-    fn forward(&self, w: &W, x: &[f32], dims: &Dims) -> (Vec<f32>, Activations) {
+    /// The forward pass on `x` `(B, T, C)`: the output and, with `keep`, what backward needs.
+    fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: bool) -> (Vec<f32>, Activations) {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let mut a = vec![0.0f32; n * c];
         layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
         let qkv = affine(&a, c, &w.wqkv, None);
-        let att = attention::forward_slices(dims, &qkv, self.attention_dropout());
+        let keep_probs = keep && dims.b * dims.n_head * dims.t * dims.t * 4 <= self.keep_bytes;
+        let (att, probs) =
+            attention::forward_keeping(dims, &qkv, self.attention_dropout(), keep_probs);
         let x1 = self.attention_residual(w, x, &att);
         let mut b = a; // LN₁'s output is not needed any more
         layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
@@ -361,7 +366,15 @@ impl BlockOp {
         add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p)));
         let g = (g.len() * 4 <= self.keep_bytes).then_some(g);
         let x1 = (x1.len() * 4 <= self.keep_bytes).then_some(x1);
-        (y, Activations { qkv, att, h, g, x1 })
+        let acts = Activations {
+            qkv,
+            att,
+            h,
+            g,
+            x1,
+            probs,
+        };
+        (y, acts)
     }
 
     /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward when it is
@@ -384,7 +397,14 @@ impl BlockOp {
     ) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let hid = act.h.len() / n;
-        let Activations { qkv, att, h, g, x1 } = act;
+        let Activations {
+            qkv,
+            att,
+            h,
+            g,
+            x1,
+            probs,
+        } = act;
         let x1 = x1.unwrap_or_else(|| self.attention_residual(w, x, &att));
         let p = self.dropout.map_or(0.0, |d| d.p);
         let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
@@ -416,8 +436,9 @@ impl BlockOp {
         let mut datt = att; // att is not needed after dW_O
         input_grad_into(dp, c, w.proj.0, c, &mut datt);
         drop(dp_own);
-        let dqkv = attention::backward_slices(dims, &qkv, &datt, self.attention_dropout());
-        drop(qkv);
+        let dropout = self.attention_dropout();
+        let dqkv = attention::backward_slices(dims, &qkv, &datt, dropout, probs.as_deref());
+        drop((qkv, probs));
         let mut a = datt;
         layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
         let d_qkv_w = weight_grad(&dqkv, 3 * c, &a, c);
@@ -464,7 +485,7 @@ impl CustomOp1 for BlockOp {
         let x = f32_slice(s, l, "block")?;
         let r = reader(&self.weights)?;
         let w = W::new(&r)?;
-        let (y, act) = self.forward(&w, x, &dims);
+        let (y, act) = self.forward(&w, x, &dims, self.keep_activations);
         if self.keep_activations {
             if let Ok(mut saved) = self.saved.lock() {
                 *saved = Some(act);
@@ -482,7 +503,7 @@ impl CustomOp1 for BlockOp {
                 let w = W::new(&r)?;
                 let act = match saved {
                     Some(a) => a,
-                    None => self.forward(&w, x, &dims).1,
+                    None => self.forward(&w, x, &dims, true).1,
                 };
                 Ok(self.backward(&w, x, dy, &dims, act))
             })
