@@ -509,8 +509,8 @@ fn block_op_matches_the_layer_by_layer_block() {
         for tt in [1, 13, 32] {
             let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}/{streamed}, T {tt}");
             let mask = causal_mask(tt, tt, 0, &Device::Cpu).unwrap();
-            let x = random(&[2, tt, c], 1.0, 5);
-            let r = random(&[2, tt, c], 1.0, 6);
+            let x = random(&[3, tt, c], 1.0, 5);
+            let r = random(&[3, tt, c], 1.0, 6);
             // Layer by layer, each op under candle's autograd.
             let x1 = Var::from_tensor(&x).unwrap();
             let mut rng = tinygpt::rng::seeded(77);

@@ -60,6 +60,9 @@ struct AttentionOp {
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {
     pub(crate) b: usize,
+    /// The index of the first of the `b` sequences in the whole batch (not 0 when this is a
+    /// part of it): dropout masks number their elements over the whole batch.
+    pub(crate) b0: usize,
     pub(crate) t: usize,
     pub(crate) c: usize,
     pub(crate) hs: usize,
@@ -71,6 +74,7 @@ impl Dims {
     pub(crate) fn from_sizes(b: usize, t: usize, c: usize, n_head: usize) -> Dims {
         Dims {
             b,
+            b0: 0,
             t,
             c,
             hs: c / n_head,
@@ -84,13 +88,7 @@ impl Dims {
             bail!("causal_attention: width {c3} is not 3 × a multiple of {n_head} heads")
         }
         let c = c3 / 3;
-        Ok(Dims {
-            b,
-            t,
-            c,
-            hs: c / n_head,
-            n_head,
-        })
+        Ok(Dims::from_sizes(b, t, c, n_head))
     }
 
     /// Q, Kᵀ and V of head `h` of batch `b`, read in place from `qkv`.
@@ -200,7 +198,7 @@ fn mask_of(
     h: usize,
 ) -> Option<(u64, u32, u32, f32)> {
     dropout.map(|dr| {
-        let first = ((b * d.n_head + h) * d.t * d.t) as u32;
+        let first = (((d.b0 + b) * d.n_head + h) * d.t * d.t) as u32;
         (dr.seed, first, threshold(dr.p), (1.0 / (1.0 - dr.p)) as f32)
     })
 }

@@ -40,13 +40,17 @@ fn apply_chunk(x: &[f32], y: &mut [f32], seed: u64, first: u32, threshold: u32, 
     }
 }
 
-/// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`.
-pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64) {
+/// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`. `first` is the
+/// number of x's first element: a slice of a larger tensor keeps the mask of its place in it.
+pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64, first: usize) {
     let (t, scale) = (threshold(p), (1.0 / (1.0 - p)) as f32);
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .enumerate()
-        .for_each(|(c, (y, x))| apply_chunk(x, y, seed, (c * ELEMS_PER_TASK) as u32, t, scale));
+        .for_each(|(c, (y, x))| {
+            let first = (first + c * ELEMS_PER_TASK) as u32;
+            apply_chunk(x, y, seed, first, t, scale)
+        });
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -66,15 +70,16 @@ fn residual_chunk(out: &mut [f32], x: &[f32], mask: Option<(u64, u32, u32, f32)>
 }
 
 /// out ← x + dropout(out): a residual connection around a dropped-out branch, in one pass.
-/// `mask` is (seed, p); element i keeps or drops exactly as in [`dropout`] with that seed.
-pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64)>) {
-    let mask = mask.map(|(seed, p)| (seed, threshold(p), (1.0 / (1.0 - p)) as f32));
+/// `mask` is (seed, p, number of out's first element, as in [`dropout_into`]); element i keeps
+/// or drops exactly as in [`dropout`] with that seed.
+pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64, usize)>) {
+    let mask = mask.map(|(seed, p, first)| (seed, threshold(p), (1.0 / (1.0 - p)) as f32, first));
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .enumerate()
         .for_each(|(c, (o, x))| {
-            let first = (c * ELEMS_PER_TASK) as u32;
-            residual_chunk(o, x, mask.map(|(s, t, sc)| (s, first, t, sc)));
+            let mask = mask.map(|(s, t, sc, first)| (s, first + c * ELEMS_PER_TASK, t, sc));
+            residual_chunk(o, x, mask.map(|(s, first, t, sc)| (s, first as u32, t, sc)));
         });
 }
 
@@ -96,7 +101,7 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "dropout")?;
         let mut y = vec![0.0f32; x.len()];
-        dropout_into(x, &mut y, self.seed, self.p);
+        dropout_into(x, &mut y, self.seed, self.p, 0);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -104,7 +109,7 @@ impl CustomOp1 for DropoutOp {
         let mut dx = vec![0.0f32; x.elem_count()];
         // The same mask scales the gradient: dx = dy · mask / (1 − p).
         with_f32(dy, "dropout backward", |dy| {
-            dropout_into(dy, &mut dx, self.seed, self.p)
+            dropout_into(dy, &mut dx, self.seed, self.p, 0)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
