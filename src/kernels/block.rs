@@ -40,7 +40,7 @@ use super::dropout::{add_dropped, dropout_into};
 use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward};
 use super::layer_norm::{layer_norm_backward, layer_norm_forward};
 use super::linear::{input_grad, input_grad_into, linear_forward, weight_grad};
-use super::matmul::{matmul, MatMut, MatRef};
+use super::matmul::{matmul, serially, MatMut, MatRef};
 use super::{f32_slice, rows_per_task, with_f32};
 
 /// Weight gradients computed inside block ops during one backward pass, by weight tensor id.
@@ -319,6 +319,16 @@ fn parts(dims: &Dims) -> Vec<Dims> {
     ]
 }
 
+/// Runs `f`, the work of part `part` of the batch `whole`, with its products unsplit when it
+/// is one of two halves ([`serially`]).
+fn split<R>(part: &Dims, whole: &Dims, f: impl FnOnce() -> R) -> R {
+    if part.b < whole.b {
+        serially(f)
+    } else {
+        f()
+    }
+}
+
 /// The parts' input gradients one after the other, and their weight gradients summed in part
 /// order.
 fn merge(results: Vec<Gradients>) -> Gradients {
@@ -561,7 +571,11 @@ impl CustomOp1 for BlockOp {
         let row = dims.t * dims.c;
         let (ys, acts): (Vec<Vec<f32>>, Vec<Activations>) = parts(&dims)
             .into_par_iter()
-            .map(|d| self.forward(&w, &x[d.b0 * row..(d.b0 + d.b) * row], &d, keep))
+            .map(|d| {
+                split(&d, &dims, || {
+                    self.forward(&w, &x[d.b0 * row..(d.b0 + d.b) * row], &d, keep)
+                })
+            })
             .unzip();
         if self.keep_activations {
             if let Ok(mut saved) = self.saved.lock() {
@@ -592,8 +606,10 @@ impl CustomOp1 for BlockOp {
                     .map(|(d, act)| {
                         let rows = d.b0 * row..(d.b0 + d.b) * row;
                         let (x, dy) = (&x[rows.clone()], &dy[rows]);
-                        let act = act.unwrap_or_else(|| self.forward(&w, x, &d, keep).1);
-                        self.backward(&w, x, dy, &d, act)
+                        split(&d, &dims, || {
+                            let act = act.unwrap_or_else(|| self.forward(&w, x, &d, keep).1);
+                            self.backward(&w, x, dy, &d, act)
+                        })
                     })
                     .collect();
                 Ok(merge(results))

@@ -102,6 +102,25 @@ impl MatMut {
     }
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether products on this thread run on it alone ([`serially`]).
+fn serial_here() -> bool {
+    SERIAL.with(|s| s.get())
+}
+
+/// Runs `f` with every [`matmul`] it makes on the calling thread, unsplit: for work that is
+/// already one of several parts running side by side (the halves of a block op), where
+/// splitting each product again only packs its operands twice.
+pub fn serially<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(before));
+    r
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -175,7 +194,7 @@ pub unsafe fn matmul(
     scale: f32,
 ) {
     let threads = rayon::current_num_threads();
-    if threads < 2 || m * n * k < PARALLEL_MIN_WORK {
+    if threads < 2 || m * n * k < PARALLEL_MIN_WORK || serial_here() {
         return matmul_serial(m, n, k, dst, accumulate, lhs, rhs, scale);
     }
     // Blocks of a multiple of 16 along the split dimension keep gemm's micro-kernels full.
@@ -227,6 +246,46 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn serially_gives_the_same_product_and_restores_the_mode() {
+        let (m, n, k) = (300, 200, 100);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let product = || {
+            let mut c = vec![0.0f32; m * n];
+            // SAFETY: three row-major buffers of these sizes.
+            unsafe {
+                matmul(
+                    m,
+                    n,
+                    k,
+                    MatMut::row_major(&mut c, n),
+                    false,
+                    MatRef::row_major(&a, k),
+                    MatRef::row_major(&b, n),
+                    1.0,
+                )
+            };
+            c
+        };
+        assert!(!serial_here());
+        let split = product();
+        let (unsplit, nested) = serially(|| (product(), serially(serial_here) && serial_here()));
+        assert!(nested, "serial mode lost inside a nested call");
+        assert!(!serial_here(), "serial mode not restored");
+        assert_eq!(split, unsplit);
+        let worst = split
+            .iter()
+            .zip(naive(m, n, k, &a, &b))
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-3, "off by {worst}");
     }
 
     #[test]
