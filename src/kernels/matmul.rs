@@ -248,35 +248,47 @@ mod tests {
         c
     }
 
+    /// Deterministic operands a `(m, k)` and b `(k, n)`.
+    fn operands(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+            .collect();
+        let b = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        (a, b)
+    }
+
+    /// a·b through [`matmul`], row-major, over a destination that starts at `init` everywhere
+    /// (which the product must overwrite).
+    fn product(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], init: f32) -> Vec<f32> {
+        let mut c = vec![init; m * n];
+        // SAFETY: three row-major buffers of these sizes.
+        unsafe {
+            matmul(
+                m,
+                n,
+                k,
+                MatMut::row_major(&mut c, n),
+                false,
+                MatRef::row_major(a, k),
+                MatRef::row_major(b, n),
+                1.0,
+            )
+        };
+        c
+    }
+
     #[test]
     fn serially_gives_the_same_product_and_restores_the_mode() {
         let (m, n, k) = (300, 200, 100);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
-            .collect();
-        let product = || {
-            let mut c = vec![0.0f32; m * n];
-            // SAFETY: three row-major buffers of these sizes.
-            unsafe {
-                matmul(
-                    m,
-                    n,
-                    k,
-                    MatMut::row_major(&mut c, n),
-                    false,
-                    MatRef::row_major(&a, k),
-                    MatRef::row_major(&b, n),
-                    1.0,
-                )
-            };
-            c
-        };
+        let (a, b) = operands(m, n, k);
         assert!(!serial_here());
-        let split = product();
-        let (unsplit, nested) = serially(|| (product(), serially(serial_here) && serial_here()));
+        let split = product(m, n, k, &a, &b, 0.0);
+        let (unsplit, nested) = serially(|| {
+            let c = product(m, n, k, &a, &b, 0.0);
+            (c, serially(serial_here) && serial_here())
+        });
         assert!(nested, "serial mode lost inside a nested call");
         assert!(!serial_here(), "serial mode not restored");
         assert_eq!(split, unsplit);
@@ -297,26 +309,9 @@ mod tests {
             (17, 300, 129),
             (96, 96, 0),
         ] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
-                .collect();
+            let (a, b) = operands(m, n, k);
             let want = naive(m, n, k, &a, &b);
-            let mut c = vec![1.0; m * n];
-            unsafe {
-                matmul(
-                    m,
-                    n,
-                    k,
-                    MatMut::row_major(&mut c, n),
-                    false,
-                    MatRef::row_major(&a, k),
-                    MatRef::row_major(&b, n),
-                    1.0,
-                )
-            };
+            let mut c = product(m, n, k, &a, &b, 1.0);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4, "{m}x{n}x{k}: {x} vs {y}");
             }
