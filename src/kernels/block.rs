@@ -154,8 +154,8 @@ impl BlockOp {
         }
     }
 
-    /// Never keeps GELU(h), x₁ or the attention weights, and runs the MLP backward `rows` rows at a time: the path
-    /// large models take, for tests on small ones.
+    /// Never keeps GELU(h), x₁ or the attention weights, and runs the MLP backward `rows` rows
+    /// at a time: the path large models take, for tests on small ones.
     pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
         self.keep_bytes = 0;
         self.mlp_rows = rows.max(1);
@@ -321,7 +321,7 @@ fn parts(dims: &Dims) -> Vec<Dims> {
 
 /// Runs `f`, the work of part `part` of the batch `whole`, with its products unsplit when it
 /// is one of two halves ([`serially`]).
-fn split<R>(part: &Dims, whole: &Dims, f: impl FnOnce() -> R) -> R {
+fn run_part<R>(part: &Dims, whole: &Dims, f: impl FnOnce() -> R) -> R {
     if part.b < whole.b {
         serially(f)
     } else {
@@ -367,9 +367,8 @@ const KEEP_BYTES: usize = 16 << 20;
 
 /// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
 /// With `g` = GELU(h) kept from the forward pass, in one go, GELU′ taking Φ(h) = g / h instead
-/// of recomputing it; without, a block of rows at a
-/// time, so that GELU(h) and dm·W₄ never exist as whole `(N, 4C)` tensors (for the 10M config
-/// that is 96 MiB less at the peak).
+/// of recomputing it; without, a block of rows at a time, so that GELU(h) and dm·W₄ never
+/// exist as whole `(N, 4C)` tensors (for the 10M config that is 96 MiB less at the peak).
 fn mlp_backward(
     mut h: Vec<f32>,
     g: Option<Vec<f32>>,
@@ -465,8 +464,7 @@ impl BlockOp {
     }
 
     /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward when it is
-    /// not kept ([`KEEP_BYTES`]).
-    /// `first`: the number of x's first element in the whole batch (for the dropout mask).
+    /// not kept ([`KEEP_BYTES`]). `first`: the number of x's first element in the whole batch (for the dropout mask).
     fn attention_residual(&self, w: &W, x: &[f32], att: &[f32], first: usize) -> Vec<f32> {
         let c = w.ln1.0.len();
         let mut x1 = affine(att, c, w.proj.0, w.proj.1);
@@ -572,7 +570,7 @@ impl CustomOp1 for BlockOp {
         let (ys, acts): (Vec<Vec<f32>>, Vec<Activations>) = parts(&dims)
             .into_par_iter()
             .map(|d| {
-                split(&d, &dims, || {
+                run_part(&d, &dims, || {
                     self.forward(&w, &x[d.b0 * row..(d.b0 + d.b) * row], &d, keep)
                 })
             })
@@ -594,9 +592,8 @@ impl CustomOp1 for BlockOp {
                 let w = W::new(&r)?;
                 let row = dims.t * dims.c;
                 let parts = parts(&dims);
-                let mut saved = saved.map(|v| v.into_iter().map(Some).collect::<Vec<_>>());
-                let acts: Vec<Option<Activations>> = match saved.as_mut() {
-                    Some(v) if v.len() == parts.len() => v.iter_mut().map(Option::take).collect(),
+                let acts: Vec<Option<Activations>> = match saved {
+                    Some(v) if v.len() == parts.len() => v.into_iter().map(Some).collect(),
                     _ => parts.iter().map(|_| None).collect(),
                 };
                 let keep = self.keeps(&dims, true);
@@ -606,7 +603,7 @@ impl CustomOp1 for BlockOp {
                     .map(|(d, act)| {
                         let rows = d.b0 * row..(d.b0 + d.b) * row;
                         let (x, dy) = (&x[rows.clone()], &dy[rows]);
-                        split(&d, &dims, || {
+                        run_part(&d, &dims, || {
                             let act = act.unwrap_or_else(|| self.forward(&w, x, &d, keep).1);
                             self.backward(&w, x, dy, &d, act)
                         })
