@@ -78,8 +78,8 @@ pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64, usize)>) 
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .enumerate()
         .for_each(|(c, (o, x))| {
-            let mask = mask.map(|(s, t, sc, first)| (s, first + c * ELEMS_PER_TASK, t, sc));
-            residual_chunk(o, x, mask.map(|(s, first, t, sc)| (s, first as u32, t, sc)));
+            let mask = mask.map(|(s, t, sc, f)| (s, (f + c * ELEMS_PER_TASK) as u32, t, sc));
+            residual_chunk(o, x, mask);
         });
 }
 
