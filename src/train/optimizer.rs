@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::checkpoint::OptimizerState;
 use crate::config::TrainingConfig;
@@ -78,32 +79,39 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let step = AdamWStep {
-                step_size: (lr / bc1) as f32,
-                decay: if slot.decay {
-                    (1.0 - lr * self.weight_decay) as f32
-                } else {
-                    1.0
-                },
-                beta1: self.beta1 as f32,
-                beta2: self.beta2 as f32,
-                eps: self.eps as f32,
-                inv_bc2: (1.0 / bc2_sqrt) as f32,
-                grad_scale,
-            };
-            let param = slot.var.as_tensor();
-            match g {
-                Some(g) => with_f32(g, "adamw", |g| {
-                    adamw_update_tensor(param, g, &mut slot.m, &mut slot.v, &step)
-                })??,
-                None => {
-                    let zeros = vec![0.0f32; slot.m.len()];
-                    adamw_update_tensor(param, &zeros, &mut slot.m, &mut slot.v, &step)?
+        let (beta1, beta2, eps, weight_decay) =
+            (self.beta1, self.beta2, self.eps, self.weight_decay);
+        // The parameters side by side: most are too small to split (a LayerNorm's 128 floats,
+        // a 128×128 weight is one task), so one at a time they would run on one core.
+        self.slots
+            .par_iter_mut()
+            .zip(grads.par_iter())
+            .try_for_each(|(slot, g)| -> Result<()> {
+                let step = AdamWStep {
+                    step_size: (lr / bc1) as f32,
+                    decay: if slot.decay {
+                        (1.0 - lr * weight_decay) as f32
+                    } else {
+                        1.0
+                    },
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    eps: eps as f32,
+                    inv_bc2: (1.0 / bc2_sqrt) as f32,
+                    grad_scale,
+                };
+                let param = slot.var.as_tensor();
+                match g {
+                    Some(g) => with_f32(g, "adamw", |g| {
+                        adamw_update_tensor(param, g, &mut slot.m, &mut slot.v, &step)
+                    })??,
+                    None => {
+                        let zeros = vec![0.0f32; slot.m.len()];
+                        adamw_update_tensor(param, &zeros, &mut slot.m, &mut slot.v, &step)?
+                    }
                 }
-            }
-        }
-        Ok(())
+                Ok(())
+            })
     }
 
     /// The moments and step, for `optimizer.safetensors`.
