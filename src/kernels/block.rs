@@ -38,8 +38,10 @@ use rayon::prelude::*;
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{add_dropped, dropout_into};
 use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward};
-use super::layer_norm::{layer_norm_backward, layer_norm_forward};
-use super::linear::{input_grad, input_grad_into, linear_forward, weight_grad};
+use super::layer_norm::{layer_norm_backward, layer_norm_backward_into, layer_norm_forward};
+use super::linear::{
+    input_grad, input_grad_into, linear_forward, linear_forward_into, weight_grad,
+};
 use super::matmul::{matmul, serially, MatMut, MatRef};
 use super::{f32_slice, rows_per_task, with_f32};
 
@@ -251,6 +253,18 @@ impl<'a> W<'a> {
 /// y `(n, out)` = x `(n, in)` · Wᵀ (+ b), W `(out, in)`.
 fn affine(x: &[f32], d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     let mut y = linear_forward(x, d_in, w);
+    add_bias(&mut y, b);
+    y
+}
+
+/// [`affine`] written into `y`.
+fn affine_into(x: &[f32], d_in: usize, w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
+    linear_forward_into(x, d_in, w, y);
+    add_bias(y, b);
+}
+
+/// y `(n, out)` += b `(out)` on every row.
+fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
     if let Some(b) = b {
         let out = b.len();
         y.par_chunks_mut(rows_per_task(out) * out).for_each(|rows| {
@@ -259,7 +273,17 @@ fn affine(x: &[f32], d_in: usize, w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
             }
         });
     }
-    y
+}
+
+/// `buf` cut into one piece per part of the batch, `row` floats per sequence.
+fn split_parts<'a>(mut buf: &'a mut [f32], parts: &[Dims], row: usize) -> Vec<&'a mut [f32]> {
+    let mut pieces = Vec::with_capacity(parts.len());
+    for d in parts {
+        let (piece, rest) = buf.split_at_mut(d.b * row);
+        pieces.push(piece);
+        buf = rest;
+    }
+    pieces
 }
 
 /// Σ over the rows of `x` `(rows, n)`: a bias's gradient. Summed per chunk of rows, then the
@@ -282,9 +306,9 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
     s
 }
 
-/// What a backward pass gives: the input's gradient, and the weights' gradients in
-/// [`BlockWeights::tensors`] order (`None` for a bias the block does not have).
-type Gradients = (Vec<f32>, Vec<Option<Vec<f32>>>);
+/// The weights' gradients from a backward pass, in [`BlockWeights::tensors`] order (`None`
+/// for a bias the block does not have).
+type Gradients = Vec<Option<Vec<f32>>>;
 
 /// Which of the optional activations a forward pass keeps ([`KEEP_BYTES`]).
 #[derive(Clone, Copy)]
@@ -329,24 +353,18 @@ fn run_part<R>(part: &Dims, whole: &Dims, f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// The parts' input gradients one after the other, and their weight gradients summed in part
-/// order.
+/// The parts' weight gradients summed in part order (the tensors side by side).
 fn merge(results: Vec<Gradients>) -> Gradients {
-    let mut dx = Vec::with_capacity(results.iter().map(|r| r.0.len()).sum());
-    let mut grads: Vec<Option<Vec<f32>>> = Vec::new();
-    for (part_dx, part_grads) in results {
-        dx.extend_from_slice(&part_dx);
-        if grads.is_empty() {
-            grads = part_grads;
-            continue;
-        }
-        for (sum, g) in grads.iter_mut().zip(part_grads) {
+    let mut parts = results.into_iter();
+    let mut grads = parts.next().unwrap_or_default();
+    for part in parts {
+        grads.par_iter_mut().zip(part).for_each(|(sum, g)| {
             if let (Some(sum), Some(g)) = (sum.as_mut(), g) {
                 sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
             }
-        }
+        });
     }
-    (dx, grads)
+    grads
 }
 
 /// The most rows (B·T) a block op splits into halves ([`parts`]). Where ops are short the
@@ -432,9 +450,9 @@ impl BlockOp {
         }
     }
 
-    /// The forward pass on `x` `(B, T, C)`, one part of the batch: the output and what
-    /// backward needs (the optional parts as `keep` says).
-    fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: Keep) -> (Vec<f32>, Activations) {
+    /// The forward pass on `x` `(B, T, C)`, one part of the batch: the output, written into
+    /// `y` (as long as `x`), and what backward needs (the optional parts as `keep` says).
+    fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: Keep, y: &mut [f32]) -> Activations {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
         let mut a = vec![0.0f32; n * c];
@@ -448,19 +466,18 @@ impl BlockOp {
         let h = affine(&b, c, w.fc.0, w.fc.1);
         let mut g = vec![0.0f32; h.len()];
         gelu_forward(&h, &mut g);
-        let mut y = affine(&g, h.len() / n, w.mlp.0, w.mlp.1);
-        add_dropped(&mut y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
+        affine_into(&g, h.len() / n, w.mlp.0, w.mlp.1, y);
+        add_dropped(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
         let x1 = keep.x1.then_some(x1);
-        let acts = Activations {
+        Activations {
             qkv,
             att,
             h,
             g,
             x1,
             probs,
-        };
-        (y, acts)
+        }
     }
 
     /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward when it is
@@ -472,8 +489,18 @@ impl BlockOp {
         x1
     }
 
-    /// The backward pass: dx, and the weights' gradients in [`BlockWeights::tensors`] order.
-    fn backward(&self, w: &W, x: &[f32], dy: &[f32], dims: &Dims, act: Activations) -> Gradients {
+    /// The backward pass: dx written into `dx` (as long as `x`), and the weights' gradients
+    /// returned in [`BlockWeights::tensors`] order.
+    #[allow(clippy::too_many_arguments)] // the part's inputs, its saved activations, its dx
+    fn backward(
+        &self,
+        w: &W,
+        x: &[f32],
+        dy: &[f32],
+        dims: &Dims,
+        act: Activations,
+        dx: &mut [f32],
+    ) -> Gradients {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let first = dims.b0 * dims.t * c;
         let hid = act.h.len() / n;
@@ -523,10 +550,10 @@ impl BlockOp {
         layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
         let d_qkv_w = weight_grad(&dqkv, 3 * c, &a, c);
         input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
-        let (mut dx, d_ln1_w, d_ln1_b) = layer_norm_backward(x, w.ln1.0, &a, eps);
-        add_dropped(&mut dx, &dx1, None);
+        let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.ln1.0, &a, eps, dx);
+        add_dropped(dx, &dx1, None);
         let cc = c * c;
-        let grads = vec![
+        vec![
             Some(d_ln1_w),
             w.ln1.1.map(|_| d_ln1_b),
             Some(d_qkv_w[..cc].to_vec()),
@@ -540,8 +567,7 @@ impl BlockOp {
             d_fc_b,
             Some(d_mlp_w),
             d_mlp_b,
-        ];
-        (dx, grads)
+        ]
     }
 
     fn dims(&self, shape: &Shape) -> Result<Dims> {
@@ -567,20 +593,23 @@ impl CustomOp1 for BlockOp {
         let w = W::new(&r)?;
         let keep = self.keeps(&dims, self.keep_activations);
         let row = dims.t * dims.c;
-        let (ys, acts): (Vec<Vec<f32>>, Vec<Activations>) = parts(&dims)
-            .into_par_iter()
-            .map(|d| {
-                run_part(&d, &dims, || {
-                    self.forward(&w, &x[d.b0 * row..(d.b0 + d.b) * row], &d, keep)
+        let parts = parts(&dims);
+        let mut y = vec![0.0f32; x.len()];
+        let acts: Vec<Activations> = parts
+            .par_iter()
+            .zip(split_parts(&mut y, &parts, row))
+            .map(|(d, y)| {
+                run_part(d, &dims, || {
+                    self.forward(&w, &x[d.b0 * row..(d.b0 + d.b) * row], d, keep, y)
                 })
             })
-            .unzip();
+            .collect();
         if self.keep_activations {
             if let Ok(mut saved) = self.saved.lock() {
                 *saved = Some(acts);
             }
         }
-        Ok((CpuStorage::F32(ys.concat()), l.shape().clone()))
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -597,19 +626,23 @@ impl CustomOp1 for BlockOp {
                     _ => parts.iter().map(|_| None).collect(),
                 };
                 let keep = self.keeps(&dims, true);
+                let mut dx = vec![0.0f32; x.len()];
                 let results: Vec<Gradients> = parts
-                    .into_par_iter()
+                    .par_iter()
                     .zip(acts)
-                    .map(|(d, act)| {
+                    .zip(split_parts(&mut dx, &parts, row))
+                    .map(|((d, act), dx)| {
                         let rows = d.b0 * row..(d.b0 + d.b) * row;
                         let (x, dy) = (&x[rows.clone()], &dy[rows]);
-                        run_part(&d, &dims, || {
-                            let act = act.unwrap_or_else(|| self.forward(&w, x, &d, keep).1);
-                            self.backward(&w, x, dy, &d, act)
+                        run_part(d, &dims, || {
+                            let act = act.unwrap_or_else(|| {
+                                self.forward(&w, x, d, keep, &mut vec![0.0f32; x.len()])
+                            });
+                            self.backward(&w, x, dy, d, act, dx)
                         })
                     })
                     .collect();
-                Ok(merge(results))
+                Ok((dx, merge(results)))
             })
         })???;
         for (t, g) in self.weights.tensors().into_iter().zip(grads) {

@@ -110,9 +110,21 @@ pub fn layer_norm_backward(
     dy: &[f32],
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0.0f32; x.len()];
+    let (dw, db) = layer_norm_backward_into(x, w, dy, eps, &mut dx);
+    (dx, dw, db)
+}
+
+/// [`layer_norm_backward`] with dx written into `dx` (as long as `x`); returns (dw, db).
+pub fn layer_norm_backward_into(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
     let c = w.len();
     let chunk = rows_per_task(c) * c;
-    let mut dx = vec![0.0f32; x.len()];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
@@ -130,7 +142,7 @@ pub fn layer_norm_backward(
         dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
-    (dx, dw, db)
+    (dw, db)
 }
 
 /// LayerNorm of `x` `(…, C)` with gain `w` `(C)` and optional bias `b` `(C)`.

@@ -9,6 +9,29 @@ use super::{f32_slice, with_f32, written_buffer};
 
 struct LinearOp;
 
+/// [`linear_forward`] written into `y` `(rows, out)`.
+pub(crate) fn linear_forward_into(x: &[f32], d_in: usize, w: &[f32], y: &mut [f32]) {
+    let (rows, out) = (x.len() / d_in, w.len() / d_in);
+    assert_eq!(
+        y.len(),
+        rows * out,
+        "linear_forward_into: output of the wrong size"
+    );
+    // SAFETY: x is (rows, in), w is (out, in), y is (rows, out).
+    unsafe {
+        matmul(
+            rows,
+            out,
+            d_in,
+            MatMut::row_major(y, out),
+            false,
+            MatRef::row_major(x, d_in),
+            MatRef::transposed(w, d_in),
+            1.0,
+        )
+    }
+}
+
 /// y `(rows, out)` = x `(rows, in)` · Wᵀ for W `(out, in)` (PyTorch's layout).
 pub(crate) fn linear_forward(x: &[f32], d_in: usize, w: &[f32]) -> Vec<f32> {
     let (rows, out) = (x.len() / d_in, w.len() / d_in);
