@@ -20,9 +20,9 @@
 //! is computed over the buffer it came in, and the 4C-wide activations exist once.
 //!
 //! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
-//! candle anyway), and GELU(h), x₁ and the attention weights when they are small. LN outputs
-//! are recomputed (a cheap pass each), and so are GELU(h), x₁ (a (C, C) product) and the
-//! attention weights (Q·Kᵀ and a softmax) when they are large; dropout masks are regenerated
+//! candle anyway), and GELU(h), x₁, the attention weights and the two LN outputs when they are
+//! small. When they are large they are recomputed: the LN outputs (a cheap pass each), GELU(h),
+//! x₁ (a (C, C) product) and the attention weights (Q·Kᵀ and a softmax); dropout masks are regenerated
 //! from their seeds. With `keep_activations` off, nothing is kept and backward reruns the
 //! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
@@ -131,7 +131,7 @@ pub struct BlockOp {
     grads: WeightGrads,
     /// Per part of the batch ([`parts`]), what its backward pass needs.
     saved: Mutex<Option<Vec<Activations>>>,
-    /// The largest GELU(h), x₁ or attention weights kept from forward ([`KEEP_BYTES`]).
+    /// The largest GELU(h), x₁, attention weights or LN output kept from forward ([`KEEP_BYTES`]).
     keep_bytes: usize,
     /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
     mlp_rows: usize,
@@ -156,7 +156,7 @@ impl BlockOp {
         }
     }
 
-    /// Never keeps GELU(h), x₁ or the attention weights, and runs the MLP backward `rows` rows
+    /// Never keeps GELU(h), x₁, the attention weights or the LN outputs, and runs the MLP backward `rows` rows
     /// at a time: the path large models take, for tests on small ones.
     pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
         self.keep_bytes = 0;
@@ -175,11 +175,13 @@ struct Activations {
     qkv: Vec<f32>,
     att: Vec<f32>,
     h: Vec<f32>,
-    /// GELU(h), x₁ and the attention weights `(B, n_head, T, T)`, each when small enough to
-    /// keep ([`KEEP_BYTES`]).
+    /// GELU(h), x₁, the attention weights `(B, n_head, T, T)` and the LayerNorms' outputs,
+    /// each when small enough to keep ([`KEEP_BYTES`]).
     g: Option<Vec<f32>>,
     x1: Option<Vec<f32>>,
     probs: Option<Vec<f32>>,
+    ln1: Option<Vec<f32>>,
+    ln2: Option<Vec<f32>>,
 }
 
 /// Read access to the f32 data of the block's weight tensors for the length of one pass.
@@ -316,6 +318,8 @@ struct Keep {
     g: bool,
     x1: bool,
     probs: bool,
+    /// LN₁(x) and LN₂(x₁).
+    ln: bool,
 }
 
 /// The batch's sequences in two halves, run side by side, when the block has at most
@@ -376,11 +380,11 @@ const SPLIT_ROWS: usize = 4096;
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
 
-/// GELU(h), x₁ and the attention weights are each kept from the forward pass when they take
-/// at most this many bytes per block: recomputing them is 5% (GELU), 3% (x₁, one (C, C)
-/// product) and 2% (weights) of a step on the small config, where they are 1.5, 0.4 and 0.8
-/// MiB a block, while on the 10M config they are 96, 24 and 96 MiB a block, worth more than
-/// the time.
+/// GELU(h), x₁, the attention weights and the LN outputs are each kept from the forward pass
+/// when they take at most this many bytes per block: recomputing them is 5% (GELU), 3% (x₁,
+/// one (C, C) product), 2% (weights) and 1% (both LNs) of a step on the small config, where
+/// they are 1.5, 0.4, 0.8 and 2 × 0.4 MiB a block, while on the 10M config they are 96, 24, 96
+/// and 2 × 24 MiB a block, worth more than the time.
 const KEEP_BYTES: usize = 16 << 20;
 
 /// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
@@ -447,6 +451,7 @@ impl BlockOp {
             g: fits(n * self.weights.fc.weight.dims()[0]),
             x1: fits(n * dims.c),
             probs: fits(dims.b * dims.n_head * dims.t * dims.t),
+            ln: fits(n * dims.c),
         }
     }
 
@@ -461,7 +466,10 @@ impl BlockOp {
         let (att, probs) =
             attention::forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
         let x1 = self.attention_residual(w, x, &att, first);
-        let mut b = a; // LN₁'s output is not needed any more
+        let (mut b, ln1) = match keep.ln {
+            true => (vec![0.0f32; n * c], Some(a)),
+            false => (a, None), // LN₁'s output is not needed any more
+        };
         layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
         let h = affine(&b, c, w.fc.0, w.fc.1);
         let mut g = vec![0.0f32; h.len()];
@@ -470,6 +478,7 @@ impl BlockOp {
         add_dropped(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
         let x1 = keep.x1.then_some(x1);
+        let ln2 = keep.ln.then_some(b);
         Activations {
             qkv,
             att,
@@ -477,6 +486,8 @@ impl BlockOp {
             g,
             x1,
             probs,
+            ln1,
+            ln2,
         }
     }
 
@@ -511,6 +522,8 @@ impl BlockOp {
             g,
             x1,
             probs,
+            ln1,
+            ln2,
         } = act;
         let x1 = x1.unwrap_or_else(|| self.attention_residual(w, x, &att, first));
         let p = self.dropout.map_or(0.0, |d| d.p);
@@ -527,8 +540,11 @@ impl BlockOp {
         let (d_mlp_w, g) = mlp_backward(h, g, dm, w.mlp.0, c, hid, self.mlp_rows); // g: dL/dh
         drop(dm_own);
         let d_fc_b = w.fc.1.map(|_| column_sums(&g, hid));
-        let mut b = vec![0.0f32; n * c];
-        layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+        let mut b = ln2.unwrap_or_else(|| {
+            let mut b = vec![0.0f32; n * c];
+            layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+            b
+        });
         let d_fc_w = weight_grad(&g, hid, &b, c);
         input_grad_into(&g, hid, w.fc.0, c, &mut b); // b now holds dL/dLN₂(x₁)
         drop(g);
@@ -546,9 +562,15 @@ impl BlockOp {
         let dropout = self.attention_dropout();
         let dqkv = attention::backward_slices(dims, &qkv, &datt, dropout, probs.as_deref());
         drop((qkv, probs));
-        let mut a = datt;
-        layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
-        let d_qkv_w = weight_grad(&dqkv, 3 * c, &a, c);
+        let mut a = datt; // datt is not needed any more
+        let d_qkv_w = match &ln1 {
+            Some(ln1) => weight_grad(&dqkv, 3 * c, ln1, c),
+            None => {
+                layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
+                weight_grad(&dqkv, 3 * c, &a, c)
+            }
+        };
+        drop(ln1);
         input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
         let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.ln1.0, &a, eps, dx);
         add_dropped(dx, &dx1, None);
