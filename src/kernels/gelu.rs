@@ -1,16 +1,31 @@
 //! GELU (exact, erf-based: x·Φ(x)) and its derivative Φ(x) + x·φ(x), elementwise.
 
+use std::f32::consts::FRAC_1_SQRT_2;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{f32_slice, math, with_f32, ELEMS_PER_TASK};
 
-/// y = GELU(x) on the calling thread.
+/// Elements per pass of [`forward_chunk`]: its two buffers stay in L1.
+const PASS: usize = 256;
+
+/// y = GELU(x) on the calling thread, in two passes over every [`PASS`] elements: erfc's
+/// polynomial, then its `exp`. As one loop, the body needs more constants than AVX2 has
+/// registers and reloads them on every iteration; split, it runs 1.5 → 0.95 ns an element
+/// (same results, bit for bit).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub(crate) fn forward_chunk(x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = math::gelu(x);
+    let (mut t, mut u) = ([0.0f32; PASS], [0.0f32; PASS]);
+    for (x, y) in x.chunks(PASS).zip(y.chunks_mut(PASS)) {
+        let (t, u) = (&mut t[..x.len()], &mut u[..x.len()]);
+        for ((t, u), &x) in t.iter_mut().zip(u.iter_mut()).zip(x) {
+            (*t, *u) = math::erfc_pos_parts(x.abs() * FRAC_1_SQRT_2);
+        }
+        for (((y, &x), &t), &u) in y.iter_mut().zip(x).zip(t.iter()).zip(u.iter()) {
+            *y = math::gelu_from_parts(x, t, u);
+        }
     }
 }
 
@@ -91,5 +106,24 @@ impl CustomOp1 for GeluOp {
             with_f32(dy, "gelu backward", |dy| gelu_backward(x, dy, &mut dx))
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_pass_forward_equals_gelu_bit_for_bit() {
+        // Three whole passes and a ragged end; both tails, zero and the region around it.
+        let x: Vec<f32> = (0..3 * PASS + 17)
+            .map(|i| (i as f32 - 400.0) * 0.037)
+            .chain([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0])
+            .collect();
+        let mut y = vec![f32::NAN; x.len()];
+        forward_chunk(&x, &mut y);
+        for (&x, &y) in x.iter().zip(&y) {
+            assert_eq!(y.to_bits(), math::gelu(x).to_bits(), "GELU({x})");
+        }
     }
 }

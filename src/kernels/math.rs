@@ -51,6 +51,15 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // the published coefficients, as printed
 pub fn erfc_pos(z: f32) -> f32 {
+    let (t, u) = erfc_pos_parts(z);
+    t * exp(u)
+}
+
+/// erfc(z) = t·eᵘ for z ≥ 0 ([`erfc_pos`]): (t, u), for loops that take the `exp` in a pass
+/// of its own.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // the published coefficients, as printed
+pub fn erfc_pos_parts(z: f32) -> (f32, f32) {
     let t = 1.0 / fma(0.5, z, 1.0);
     let p = fma(t, 0.170_872_77, -0.822_152_23);
     let p = fma(t, p, 1.488_515_87);
@@ -61,7 +70,7 @@ pub fn erfc_pos(z: f32) -> f32 {
     let p = fma(t, p, 0.374_091_96);
     let p = fma(t, p, 1.000_023_7);
     let poly = fma(t, p, -1.265_512_2);
-    t * exp(fma(-z, z, poly))
+    (t, fma(-z, z, poly))
 }
 
 /// Φ(x), the standard normal CDF: ½·erfc(−x/√2).
@@ -81,7 +90,15 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// GELU(x) = x·Φ(x) (the exact, erf-based form).
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    x * normal_cdf(x)
+    let (t, u) = erfc_pos_parts(x.abs() * FRAC_1_SQRT_2);
+    gelu_from_parts(x, t, u)
+}
+
+/// GELU(x) given erfc(|x|/√2) = t·eᵘ ([`erfc_pos_parts`]); equal to [`gelu`] bit for bit.
+#[inline(always)]
+pub fn gelu_from_parts(x: f32, t: f32, u: f32) -> f32 {
+    let half_tail = 0.5 * (t * exp(u));
+    x * if x >= 0.0 { 1.0 - half_tail } else { half_tail }
 }
 
 /// GELU′(x) = Φ(x) + x·φ(x), with φ the standard normal density.
