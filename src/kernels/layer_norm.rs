@@ -61,28 +61,10 @@ fn backward_rows(
         .zip(dx.chunks_exact_mut(c))
     {
         let (mean, rstd) = stats(x, eps);
-        // mean(g) and mean(g·x̂) with g = dy·w
-        let mut s_g = 0.0f32;
-        let mut s_gx = 0.0f32;
-        {
-            let mut acc_g = [0.0f32; 16];
-            let mut acc_gx = [0.0f32; 16];
-            let n16 = c / 16 * 16;
-            for i0 in (0..n16).step_by(16) {
-                for i in 0..16 {
-                    let g = dy[i0 + i] * w[i0 + i];
-                    acc_g[i] += g;
-                    acc_gx[i] += g * (x[i0 + i] - mean) * rstd;
-                }
-            }
-            for i in n16..c {
-                let g = dy[i] * w[i];
-                s_g += g;
-                s_gx += g * (x[i] - mean) * rstd;
-            }
-            s_g += acc_g.iter().sum::<f32>();
-            s_gx += acc_gx.iter().sum::<f32>();
-        }
+        // mean(g) and mean(g·x̂) with g = dy·w (each in its own loop of 16 lanes: as one
+        // loop with two sets of lanes, it ran one element at a time)
+        let s_g = math::sum_zip(dy, w, |dy, w| dy * w);
+        let s_gx = math::sum_zip3(dy, w, x, |dy, w, x| dy * w * (x - mean) * rstd);
         let (m_g, m_gx) = (s_g * inv_c, s_gx * inv_c);
         for i in 0..c {
             let xhat = (x[i] - mean) * rstd;

@@ -153,6 +153,30 @@ pub fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// Σ f(a[i], b[i], c[i]) with 16 accumulators, as [`sum_zip`].
+#[inline(always)]
+pub fn sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0.0f32; 16];
+    let (mut ca, mut cb, mut cc) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
+    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
+        for i in 0..16 {
+            acc[i] += f(x[i], y[i], z[i]);
+        }
+    }
+    let mut s = 0.0;
+    for ((&x, &y), &z) in ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+    {
+        s += f(x, y, z);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
 /// max of xs (−∞ for an empty slice).
 #[inline(always)]
 pub fn max(xs: &[f32]) -> f32 {
@@ -266,6 +290,10 @@ mod tests {
             assert_eq!(max(&xs), m);
             let d: f32 = xs.iter().map(|x| x * x).sum();
             assert!((sum_zip(&xs, &xs, |a, b| a * b) - d).abs() < 1e-4);
+            let ys: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let t: f32 = (0..n).map(|i| xs[i] * ys[i] - 2.0 * xs[i]).sum();
+            let got = sum_zip3(&xs, &ys, &xs, |a, b, c| a * b - 2.0 * c);
+            assert!((got - t).abs() < 1e-4, "n = {n}: {got} vs {t}");
         }
     }
 }
