@@ -110,6 +110,24 @@ fn linear_matches_matmul() {
 }
 
 #[test]
+fn add_positions_matches_broadcast_add() {
+    for (i, &(b, t, c)) in [(1, 1, 1), (3, 5, 7), (2, 64, 130)].iter().enumerate() {
+        let x = random(&[b, t, c], 1.0, 40 + i as u64);
+        let pos = random(&[t, c], 1.0, 50 + i as u64);
+        check(
+            &format!("add_positions {b}x{t}x{c}"),
+            &[x, pos],
+            |v| kernels::positions::add_positions(&v[0], &v[1]).unwrap(),
+            |v| v[0].broadcast_add(&v[1]).unwrap(),
+        );
+    }
+    let x = random(&[2, 3, 4], 1.0, 1);
+    let bad = random(&[3, 5], 1.0, 2);
+    let err = kernels::positions::add_positions(&x, &bad).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
+}
+
+#[test]
 fn layer_norm_matches_composition() {
     for (i, &(b, t, c, bias)) in [
         (1, 1, 1, false),

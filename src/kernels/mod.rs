@@ -25,6 +25,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod math;
 pub mod matmul;
+pub mod positions;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 

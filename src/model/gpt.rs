@@ -100,12 +100,11 @@ impl Gpt {
             .index_select(&idx.flatten_all()?, 0)?
             .reshape((b, t, c))?; // (B, T, C)
         let pos = self.wpe.narrow(0, offset, t)?; // (T, C)
-        let mut x = dropout(
-            &tok.broadcast_add(&pos)?,
-            self.cfg.dropout,
-            rng.as_deref_mut(),
-            self.cfg.kernels,
-        )?;
+        let x = match self.cfg.kernels {
+            Kernels::Reference => tok.broadcast_add(&pos)?,
+            Kernels::Fused => kernels::positions::add_positions(&tok, &pos)?,
+        };
+        let mut x = dropout(&x, self.cfg.dropout, rng.as_deref_mut(), self.cfg.kernels)?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?;
         let mut attention = Vec::new();
         let whole_blocks = cache.is_none() && !capture;
