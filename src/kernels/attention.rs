@@ -303,87 +303,90 @@ pub(crate) fn backward_slices(
     written_buffer(d.b * d.t * 3 * d.c, |out| {
         let d_all = MatMut::raw(out, 3 * d.c);
         let (qkv_ptr, dy_ptr) = (qkv.as_ptr() as usize, dy.as_ptr() as usize);
-        (0..d.b * d.n_head).into_par_iter().for_each(|task| {
-            let (b, h) = (task / d.n_head, task % d.n_head);
-            let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
-            let k = MatRef {
-                rs: kt.cs,
-                cs: 1,
-                ..kt
-            };
-            let vt = MatRef {
-                rs: 1,
-                cs: v.rs,
-                ..v
-            };
-            let dy_bh = MatRef {
-                ptr: (dy_ptr as *const f32).wrapping_add(b * d.t * d.c + h * d.hs),
-                rs: d.c as isize,
-                cs: 1,
-            };
-            let at = |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
-            let tt = d.t;
-            let mut own = Vec::new();
-            let p: &[f32] = match probs {
-                Some(all) => &all[task * tt * tt..(task + 1) * tt * tt],
-                None => {
-                    own.resize(tt * tt, 0.0);
-                    // SAFETY: q and kt address head h of batch b inside `qkv`.
-                    unsafe { scores_to_probs(&d, q, kt, scale, &mut own) };
-                    &own
+        // dP's buffer is reused from task to task: every task overwrites all of it.
+        let tt = d.t;
+        let new_dp = || vec![0.0f32; tt * tt];
+        (0..d.b * d.n_head)
+            .into_par_iter()
+            .for_each_init(new_dp, |dp, task| {
+                let (b, h) = (task / d.n_head, task % d.n_head);
+                let (q, kt, v) = d.qkv(qkv_ptr as *const f32, b, h);
+                let k = MatRef {
+                    rs: kt.cs,
+                    cs: 1,
+                    ..kt
+                };
+                let vt = MatRef {
+                    rs: 1,
+                    cs: v.rs,
+                    ..v
+                };
+                let dy_bh = MatRef {
+                    ptr: (dy_ptr as *const f32).wrapping_add(b * d.t * d.c + h * d.hs),
+                    rs: d.c as isize,
+                    cs: 1,
+                };
+                let at = |part: usize| d_all.skip(b * d.t * 3 * d.c + part * d.c + h * d.hs);
+                let mut own = Vec::new();
+                let p: &[f32] = match probs {
+                    Some(all) => &all[task * tt * tt..(task + 1) * tt * tt],
+                    None => {
+                        own.resize(tt * tt, 0.0);
+                        // SAFETY: q and kt address head h of batch b inside `qkv`.
+                        unsafe { scores_to_probs(&d, q, kt, scale, &mut own) };
+                        &own
+                    }
+                };
+                // SAFETY: as in the forward pass; each task writes its own (b, h) columns
+                // of the Q, K and V parts of dqkv.
+                unsafe {
+                    let mask = mask_of(dropout, &d, b, h);
+                    let dropped = mask.map(|(seed, first, thr, sc)| {
+                        let mut pd = vec![0.0f32; tt * tt];
+                        drop_rows(p, &mut pd, tt, seed, first, thr, sc);
+                        pd
+                    });
+                    let pd = dropped.as_deref().unwrap_or(p);
+                    // dV = P̃ᵀ·dY
+                    matmul_serial(
+                        tt,
+                        d.hs,
+                        tt,
+                        at(2),
+                        false,
+                        MatRef::transposed(pd, tt),
+                        dy_bh,
+                        1.0,
+                    );
+                    // dP̃ = dY·Vᵀ, row blocks up to the diagonal
+                    lower_product(&d, dy_bh, d.c, vt, 1.0, dp);
+                    if let Some((seed, first, thr, sc)) = mask {
+                        let src = dp.clone();
+                        drop_rows(&src, dp, tt, seed, first, thr, sc);
+                    }
+                    softmax_backward(p, dp, tt, scale);
+                    // dQ = dS·K, dK = dSᵀ·Q
+                    matmul_serial(
+                        tt,
+                        d.hs,
+                        tt,
+                        at(0),
+                        false,
+                        MatRef::row_major(dp, tt),
+                        k,
+                        1.0,
+                    );
+                    matmul_serial(
+                        tt,
+                        d.hs,
+                        tt,
+                        at(1),
+                        false,
+                        MatRef::transposed(dp, tt),
+                        q,
+                        1.0,
+                    );
                 }
-            };
-            let mut dp = vec![0.0f32; tt * tt];
-            // SAFETY: as in the forward pass; each task writes its own (b, h) columns
-            // of the Q, K and V parts of dqkv.
-            unsafe {
-                let mask = mask_of(dropout, &d, b, h);
-                let dropped = mask.map(|(seed, first, thr, sc)| {
-                    let mut pd = vec![0.0f32; tt * tt];
-                    drop_rows(p, &mut pd, tt, seed, first, thr, sc);
-                    pd
-                });
-                let pd = dropped.as_deref().unwrap_or(p);
-                // dV = P̃ᵀ·dY
-                matmul_serial(
-                    tt,
-                    d.hs,
-                    tt,
-                    at(2),
-                    false,
-                    MatRef::transposed(pd, tt),
-                    dy_bh,
-                    1.0,
-                );
-                // dP̃ = dY·Vᵀ, row blocks up to the diagonal
-                lower_product(&d, dy_bh, d.c, vt, 1.0, &mut dp);
-                if let Some((seed, first, thr, sc)) = mask {
-                    let src = dp.clone();
-                    drop_rows(&src, &mut dp, tt, seed, first, thr, sc);
-                }
-                softmax_backward(p, &mut dp, tt, scale);
-                // dQ = dS·K, dK = dSᵀ·Q
-                matmul_serial(
-                    tt,
-                    d.hs,
-                    tt,
-                    at(0),
-                    false,
-                    MatRef::row_major(&dp, tt),
-                    k,
-                    1.0,
-                );
-                matmul_serial(
-                    tt,
-                    d.hs,
-                    tt,
-                    at(1),
-                    false,
-                    MatRef::transposed(&dp, tt),
-                    q,
-                    1.0,
-                );
-            }
-        });
+            });
     })
 }

@@ -37,7 +37,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{add_dropped, dropout_into};
-use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward};
+use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_new};
 use super::layer_norm::{layer_norm_backward, layer_norm_backward_into, layer_norm_forward};
 use super::linear::{
     input_grad, input_grad_into, linear_forward, linear_forward_into, weight_grad,
@@ -472,8 +472,7 @@ impl BlockOp {
         };
         layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
         let h = affine(&b, c, w.fc.0, w.fc.1);
-        let mut g = vec![0.0f32; h.len()];
-        gelu_forward(&h, &mut g);
+        let g = gelu_new(&h);
         affine_into(&g, h.len() / n, w.mlp.0, w.mlp.1, y);
         add_dropped(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
