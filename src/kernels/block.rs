@@ -375,7 +375,7 @@ fn merge(results: Vec<Gradients>) -> Gradients {
 /// halves pay: the small config (768 rows) steps 3% faster. Where they are long they do not:
 /// the 10M config (16,384 rows) stepped 2–4% slower split, and its peak memory rose from 1.78
 /// to 2.1–2.2 GB (each thread's allocator arena keeps the buffers it freed).
-const SPLIT_ROWS: usize = 4096;
+pub const SPLIT_ROWS: usize = 4096;
 
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
