@@ -38,7 +38,9 @@ use rayon::prelude::*;
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{add_dropped, dropout_into};
 use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_new};
-use super::layer_norm::{layer_norm_backward, layer_norm_backward_into, layer_norm_forward};
+use super::layer_norm::{
+    layer_norm_backward, layer_norm_backward_into, layer_norm_forward, layer_norm_new,
+};
 use super::linear::{
     input_grad, input_grad_into, linear_forward, linear_forward_into, weight_grad,
 };
@@ -460,17 +462,19 @@ impl BlockOp {
     fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: Keep, y: &mut [f32]) -> Activations {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
-        let mut a = vec![0.0f32; n * c];
-        layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
+        let a = layer_norm_new(x, w.ln1.0, w.ln1.1, eps);
         let qkv = affine(&a, c, &w.wqkv, None);
         let (att, probs) =
             attention::forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
         let x1 = self.attention_residual(w, x, &att, first);
-        let (mut b, ln1) = match keep.ln {
-            true => (vec![0.0f32; n * c], Some(a)),
-            false => (a, None), // LN₁'s output is not needed any more
+        let (b, ln1) = match keep.ln {
+            true => (layer_norm_new(&x1, w.ln2.0, w.ln2.1, eps), Some(a)),
+            false => {
+                let mut b = a; // LN₁'s output is not needed any more
+                layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+                (b, None)
+            }
         };
-        layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
         let h = affine(&b, c, w.fc.0, w.fc.1);
         let g = gelu_new(&h);
         affine_into(&g, h.len() / n, w.mlp.0, w.mlp.1, y);

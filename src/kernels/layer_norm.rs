@@ -6,6 +6,8 @@
 //! μ and σ⁻¹ are recomputed in the backward pass rather than stored (one cheap pass over a row
 //! that is about to be read anyway).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -22,20 +24,33 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// The forward pass over whole rows of `x`, on the calling thread.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub(crate) fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+    // SAFETY: `forward_rows_into` only ever writes initialised values.
+    let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    forward_rows_into(x, w, b, eps, y);
+}
+
+/// [`forward_rows`] into memory that need not be initialised.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn forward_rows_into(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f32,
+    y: &mut [MaybeUninit<f32>],
+) {
     let c = w.len();
     for (x, y) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
         let (mean, rstd) = stats(x, eps);
         match b {
             Some(b) => {
                 for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                    *y = (x - mean) * rstd * w + b;
+                    y.write((x - mean) * rstd * w + b);
                 }
             }
             None => {
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = (x - mean) * rstd * w;
+                    y.write((x - mean) * rstd * w);
                 }
             }
         }
@@ -82,6 +97,21 @@ pub fn layer_norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: 
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(y, x)| forward_rows(x, w, b, eps, y));
+}
+
+/// The forward pass into a new buffer, written once (not zeroed first).
+pub fn layer_norm_new(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let rows = x.len() / c.max(1);
+    let chunk = rows_per_task(c) * c;
+    let mut y: Vec<f32> = Vec::with_capacity(rows * c);
+    y.spare_capacity_mut()[..rows * c]
+        .par_chunks_mut(chunk)
+        .zip(x[..rows * c].par_chunks(chunk))
+        .for_each(|(y, x)| forward_rows_into(x, w, b, eps, y));
+    // SAFETY: the chunks cover all rows·c elements, and `forward_rows_into` wrote each one.
+    unsafe { y.set_len(rows * c) };
+    y
 }
 
 /// The backward pass: `(dx, dw, db)`. dw and db are summed per chunk of rows, then the chunks
@@ -150,9 +180,7 @@ impl LayerNormOp {
                 l.shape()
             )
         }
-        let mut y = vec![0.0f32; x.len()];
-        layer_norm_forward(x, w, b, self.eps, &mut y);
-        Ok(CpuStorage::F32(y))
+        Ok(CpuStorage::F32(layer_norm_new(x, w, b, self.eps)))
     }
 
     fn bwd_tensors(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<[Tensor; 3]> {
