@@ -9,6 +9,24 @@ use super::{f32_slice, with_f32, written_buffer};
 
 struct LinearOp;
 
+/// y `(rows, out)` = x `(rows, in)` · Wᵀ into `y`.
+///
+/// # Safety
+/// `y` must address `rows · out` writable floats (they may be uninitialised).
+unsafe fn linear_forward_raw(x: &[f32], d_in: usize, w: &[f32], y: *mut f32) {
+    let (rows, out) = (x.len() / d_in, w.len() / d_in);
+    matmul(
+        rows,
+        out,
+        d_in,
+        MatMut::raw(y, out),
+        false,
+        MatRef::row_major(x, d_in),
+        MatRef::transposed(w, d_in),
+        1.0,
+    )
+}
+
 /// [`linear_forward`] written into `y` `(rows, out)`.
 pub(crate) fn linear_forward_into(x: &[f32], d_in: usize, w: &[f32], y: &mut [f32]) {
     let (rows, out) = (x.len() / d_in, w.len() / d_in);
@@ -17,37 +35,15 @@ pub(crate) fn linear_forward_into(x: &[f32], d_in: usize, w: &[f32], y: &mut [f3
         rows * out,
         "linear_forward_into: output of the wrong size"
     );
-    // SAFETY: x is (rows, in), w is (out, in), y is (rows, out).
-    unsafe {
-        matmul(
-            rows,
-            out,
-            d_in,
-            MatMut::row_major(y, out),
-            false,
-            MatRef::row_major(x, d_in),
-            MatRef::transposed(w, d_in),
-            1.0,
-        )
-    }
+    // SAFETY: y holds rows·out floats.
+    unsafe { linear_forward_raw(x, d_in, w, y.as_mut_ptr()) }
 }
 
 /// y `(rows, out)` = x `(rows, in)` · Wᵀ for W `(out, in)` (PyTorch's layout).
 pub(crate) fn linear_forward(x: &[f32], d_in: usize, w: &[f32]) -> Vec<f32> {
     let (rows, out) = (x.len() / d_in, w.len() / d_in);
-    // SAFETY: x is (rows, in), w is (out, in), and the product writes all rows·out elements.
-    written_buffer(rows * out, |y| unsafe {
-        matmul(
-            rows,
-            out,
-            d_in,
-            MatMut::raw(y, out),
-            false,
-            MatRef::row_major(x, d_in),
-            MatRef::transposed(w, d_in),
-            1.0,
-        )
-    })
+    // SAFETY: the buffer has rows·out elements, all written by the product.
+    written_buffer(rows * out, |y| unsafe { linear_forward_raw(x, d_in, w, y) })
 }
 
 /// `(m, n)` = aᵀ · b for a `(rows, m)` and b `(rows, n)`, both row-major: a weight's
