@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{f32_slice, math, with_f32, ELEMS_PER_TASK};
+use super::{as_uninit, f32_slice, mapped_in_chunks, math, with_f32, ELEMS_PER_TASK};
 
 /// Elements per pass of [`forward_chunk`]: its two buffers stay in L1.
 const PASS: usize = 256;
@@ -15,8 +15,7 @@ const PASS: usize = 256;
 /// y = GELU(x) on the calling thread ([`forward_chunk_into`]).
 pub(crate) fn forward_chunk(x: &[f32], y: &mut [f32]) {
     // SAFETY: `forward_chunk_into` only ever writes initialised values.
-    let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    forward_chunk_into(x, y);
+    forward_chunk_into(x, unsafe { as_uninit(y) });
 }
 
 /// y = GELU(x) on the calling thread, into memory that need not be initialised, in two
@@ -89,14 +88,8 @@ pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
 /// GELU(x) in a new buffer, written once (not zeroed first: for the MLP's 4C-wide
 /// activations, zeroing was most of the memory traffic of the GELU).
 pub fn gelu_new(x: &[f32]) -> Vec<f32> {
-    let mut y: Vec<f32> = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(ELEMS_PER_TASK)
-        .zip(x.par_chunks(ELEMS_PER_TASK))
-        .for_each(|(y, x)| forward_chunk_into(x, y));
-    // SAFETY: the chunks cover all x.len() elements, and `forward_chunk_into` wrote each one.
-    unsafe { y.set_len(x.len()) };
-    y
+    // SAFETY: `forward_chunk_into` writes every element of its output.
+    unsafe { mapped_in_chunks(x, ELEMS_PER_TASK, forward_chunk_into) }
 }
 
 /// dx = dy · GELU′(x) over slices of equal length.

@@ -12,7 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{f32_slice, math, rows_per_task, with_f32};
+use super::{as_uninit, f32_slice, mapped_in_chunks, math, rows_per_task, with_f32};
 
 /// (μ, σ⁻¹) of one row.
 #[inline(always)]
@@ -26,8 +26,7 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
 /// The forward pass over whole rows of `x`, on the calling thread.
 pub(crate) fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
     // SAFETY: `forward_rows_into` only ever writes initialised values.
-    let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    forward_rows_into(x, w, b, eps, y);
+    forward_rows_into(x, w, b, eps, unsafe { as_uninit(y) });
 }
 
 /// [`forward_rows`] into memory that need not be initialised.
@@ -104,14 +103,12 @@ pub fn layer_norm_new(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec<
     let c = w.len();
     let rows = x.len() / c.max(1);
     let chunk = rows_per_task(c) * c;
-    let mut y: Vec<f32> = Vec::with_capacity(rows * c);
-    y.spare_capacity_mut()[..rows * c]
-        .par_chunks_mut(chunk)
-        .zip(x[..rows * c].par_chunks(chunk))
-        .for_each(|(y, x)| forward_rows_into(x, w, b, eps, y));
-    // SAFETY: the chunks cover all rows·c elements, and `forward_rows_into` wrote each one.
-    unsafe { y.set_len(rows * c) };
-    y
+    // SAFETY: chunks are whole rows, and `forward_rows_into` writes every element of them.
+    unsafe {
+        mapped_in_chunks(&x[..rows * c], chunk, |x, y| {
+            forward_rows_into(x, w, b, eps, y)
+        })
+    }
 }
 
 /// The backward pass: `(dx, dw, db)`. dw and db are summed per chunk of rows, then the chunks

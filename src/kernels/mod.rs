@@ -27,7 +27,10 @@ pub mod math;
 pub mod matmul;
 pub mod positions;
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// The f32 elements of a contiguous CPU storage viewed through `layout`.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -59,6 +62,35 @@ pub(crate) fn written_buffer(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32>
     // SAFETY: `write` initialised all n elements (the callers' contract).
     unsafe { v.set_len(n) };
     v
+}
+
+/// `x` mapped chunk by chunk, in parallel, into a new buffer of its length that is not zeroed
+/// first: `f(x_chunk, y_chunk)` gets chunks of `chunk` elements (the last one shorter) of both.
+///
+/// # Safety
+/// `f` must initialise every element of the `y_chunk` it is given.
+pub(crate) unsafe fn mapped_in_chunks(
+    x: &[f32],
+    chunk: usize,
+    f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(y, x)| f(x, y));
+    // SAFETY: the chunks cover all x.len() elements, and `f` wrote each one (the contract).
+    unsafe { y.set_len(x.len()) };
+    y
+}
+
+/// `y` seen as possibly uninitialised memory, for a kernel written for both.
+///
+/// # Safety
+/// Only initialised values may be written through the result.
+pub(crate) unsafe fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller writes only initialised values.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// Rows handed to one rayon task: enough work (~16k elements) to pay for the task.
