@@ -1,4 +1,4 @@
-//! Branch-free `exp`, `erfc` and GELU for f32, written with plain arithmetic and bit casts so
+//! Branch-free `exp`, `erf` and GELU for f32, written with plain arithmetic and bit casts so
 //! that a loop calling them vectorises (libm's versions are opaque calls, one element at a time).
 //! Each is `#[inline(always)]` so that it is compiled with the caller's target features.
 
@@ -46,59 +46,52 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// erfc(z) for z ≥ 0 with a fractional error below ~2e-7 (a Chebyshev fit in t = 1/(1 + z/2),
-/// from Numerical Recipes), so that the tails of GELU keep their relative precision.
+/// erf(z) to within about 4·10⁻⁷ (absolute; a few ulp of values near ±1), with no `exp`:
+/// erf(z) ≈ z·P(z²)/Q(z²) on |z| < 4, a rational fit of degree 5 over 5 in z² that we made
+/// for this (near-minimax, weighted least squares against f64 erf), and ±1 beyond, where
+/// 1 − erf(4) = 1.5·10⁻⁸ is below f32's resolution at 1. Eleven fused multiply-adds and a
+/// division: GELU forward 0.95 → 0.45 ns an element against an `erfc` polynomial and an `exp`.
+/// PyTorch's vectorised GELU likewise trades the tails' relative precision for an absolute
+/// bound (its erf is 1 − poly·exp, 1.5·10⁻⁷): GELU(x) for x ≪ 0 is then within ~10⁻⁶·|x| of
+/// its tiny value, not within a few ulp of it; no training step can see the difference.
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // the published coefficients, as printed
-pub fn erfc_pos(z: f32) -> f32 {
-    let (t, u) = erfc_pos_parts(z);
-    t * exp(u)
+#[allow(clippy::excessive_precision)] // the fitted coefficients, as printed by the fit
+pub fn erf(z: f32) -> f32 {
+    let z = z.clamp(-4.0, 4.0);
+    let s = z * z;
+    let p = fma(s, 1.974_799_117e-6, 2.880_458_937e-4);
+    let p = fma(s, p, 4.003_827_724e-3);
+    let p = fma(s, p, 5.346_802_744e-2);
+    let p = fma(s, p, 1.962_530_971e-1);
+    let p = fma(s, p, 1.128_378_976);
+    let q = fma(s, 3.748_078_608e-5, 1.216_405_073e-3);
+    let q = fma(s, q, 1.544_478_132e-2);
+    let q = fma(s, q, 1.164_781_330e-1);
+    let q = fma(s, q, 5.072_559_371e-1);
+    let q = fma(s, q, 1.0);
+    let r = z * p / q;
+    // At the clamp the fit is 2 ulp short of ±1; beyond it, erf is ±1 to f32 precision.
+    if s >= 16.0 {
+        1.0f32.copysign(z)
+    } else {
+        r
+    }
 }
 
-/// erfc(z) = t·eᵘ for z ≥ 0 ([`erfc_pos`]): (t, u), for loops that take the `exp` in a pass
-/// of its own.
-#[inline(always)]
-#[allow(clippy::excessive_precision)] // the published coefficients, as printed
-pub fn erfc_pos_parts(z: f32) -> (f32, f32) {
-    let t = 1.0 / fma(0.5, z, 1.0);
-    let p = fma(t, 0.170_872_77, -0.822_152_23);
-    let p = fma(t, p, 1.488_515_87);
-    let p = fma(t, p, -1.135_203_98);
-    let p = fma(t, p, 0.278_868_07);
-    let p = fma(t, p, -0.186_288_06);
-    let p = fma(t, p, 0.096_784_18);
-    let p = fma(t, p, 0.374_091_96);
-    let p = fma(t, p, 1.000_023_7);
-    let poly = fma(t, p, -1.265_512_2);
-    (t, fma(-z, z, poly))
-}
-
-/// Φ(x), the standard normal CDF: ½·erfc(−x/√2).
+/// Φ(x), the standard normal CDF: ½ + ½·erf(x/√2).
 #[inline(always)]
 pub fn normal_cdf(x: f32) -> f32 {
-    let half_tail = 0.5 * erfc_pos(x.abs() * FRAC_1_SQRT_2);
-    if x >= 0.0 {
-        1.0 - half_tail
-    } else {
-        half_tail
-    }
+    fma(0.5, erf(x * FRAC_1_SQRT_2), 0.5)
 }
 
 /// 1/√(2π).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// GELU(x) = x·Φ(x) (the exact, erf-based form).
+/// GELU(x) = x·Φ(x) = ½x·(1 + erf(x/√2)) (the exact, erf-based form, as PyTorch's default).
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    let (t, u) = erfc_pos_parts(x.abs() * FRAC_1_SQRT_2);
-    gelu_from_parts(x, t, u)
-}
-
-/// GELU(x) given erfc(|x|/√2) = t·eᵘ ([`erfc_pos_parts`]); equal to [`gelu`] bit for bit.
-#[inline(always)]
-pub fn gelu_from_parts(x: f32, t: f32, u: f32) -> f32 {
-    let half_tail = 0.5 * (t * exp(u));
-    x * if x >= 0.0 { 1.0 - half_tail } else { half_tail }
+    let half_x = 0.5 * x;
+    fma(half_x, erf(x * FRAC_1_SQRT_2), half_x)
 }
 
 /// GELU′(x) = Φ(x) + x·φ(x), with φ the standard normal density.
@@ -217,20 +210,49 @@ mod tests {
     }
 
     #[test]
+    fn erf_is_within_its_bound_and_odd() {
+        let mut worst = (0.0f64, 0.0f32);
+        let mut z = -7.0f32;
+        while z < 7.0 {
+            let want = 1.0 - libm_erfc(z as f64);
+            let err = (erf(z) as f64 - want).abs();
+            if err > worst.0 {
+                worst = (err, z);
+            }
+            assert_eq!(erf(-z).to_bits(), (-erf(z)).to_bits(), "erf(-{z})");
+            z += 0.000_7;
+        }
+        assert!(
+            worst.0 < 4.5e-7,
+            "worst |error| {:e} at z = {}",
+            worst.0,
+            worst.1
+        );
+        assert_eq!(erf(0.0), 0.0);
+        assert!((erf(1e-20) as f64 - 2.0 / std::f64::consts::PI.sqrt() * 1e-20).abs() < 1e-26);
+        assert!((erf(1000.0) - 1.0).abs() < 1e-7 && (erf(f32::INFINITY) - 1.0).abs() < 1e-7);
+        assert!(erf(f32::NAN).is_nan());
+    }
+
+    #[test]
     fn gelu_matches_erf_definition() {
-        // Reference in f64 from an independent erfc series-free formula: Φ via libm's erfc.
+        // Reference in f64 from an independent erfc (series and continued fraction). The bound:
+        // erf's absolute error times |x|/2, and a few ulp.
         let mut x = -9.0f32;
         while x < 9.0 {
             let phi = 0.5 * libm_erfc(-(x as f64) / std::f64::consts::SQRT_2);
             let want = x as f64 * phi;
             let err = (gelu(x) as f64 - want).abs();
             assert!(
-                err <= 1e-6 * want.abs() + 1e-7,
+                err <= 1e-6 * want.abs() + 2.5e-7 * (x as f64).abs(),
                 "gelu({x}) = {} vs {want}",
                 gelu(x)
             );
-            x += 0.01;
+            x += 0.001;
         }
+        assert_eq!(gelu(0.0), 0.0);
+        assert_eq!(gelu(-100.0), 0.0);
+        assert!((gelu(100.0) - 100.0).abs() <= 100.0 * 1e-7);
     }
 
     #[test]
