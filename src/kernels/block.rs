@@ -133,6 +133,8 @@ pub struct BlockOp {
     grads: WeightGrads,
     /// Per part of the batch ([`parts`]), what its backward pass needs.
     saved: Mutex<Option<Vec<Activations>>>,
+    /// [W_Q; W_K; W_V] as the forward pass stacked them, for the backward pass.
+    stacked_qkv: Mutex<Option<Vec<f32>>>,
     /// The largest GELU(h), x₁, attention weights or LN output kept from forward ([`KEEP_BYTES`]).
     keep_bytes: usize,
     /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
@@ -153,6 +155,7 @@ impl BlockOp {
             keep_activations,
             grads,
             saved: Mutex::new(None),
+            stacked_qkv: Mutex::new(None),
             keep_bytes: KEEP_BYTES,
             mlp_rows: MLP_ROWS,
         }
@@ -238,11 +241,22 @@ struct W<'a> {
 }
 
 impl<'a> W<'a> {
-    fn new<G: Deref<Target = Storage>>(r: &'a Reader<'_, G>) -> Result<W<'a>> {
-        let mut wqkv = Vec::new();
-        for i in 2..5 {
-            wqkv.extend_from_slice(r.req(i)?);
-        }
+    /// The weights of `r`, with [W_Q; W_K; W_V] stacked unless `stacked` already holds them
+    /// (from the forward pass: the weights do not change before its backward pass).
+    fn new<G: Deref<Target = Storage>>(
+        r: &'a Reader<'_, G>,
+        stacked: Option<Vec<f32>>,
+    ) -> Result<W<'a>> {
+        let wqkv = match stacked {
+            Some(w) => w,
+            None => {
+                let mut w = Vec::with_capacity(3 * r.req(2)?.len());
+                for i in 2..5 {
+                    w.extend_from_slice(r.req(i)?);
+                }
+                w
+            }
+        };
         Ok(W {
             ln1: (r.req(0)?, r.get(1)?),
             wqkv,
@@ -311,7 +325,9 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// The weights' gradients from a backward pass, in [`BlockWeights::tensors`] order (`None`
-/// for a bias the block does not have).
+/// for a bias the block does not have), except that W_Q's place holds the gradient of
+/// [W_Q; W_K; W_V] stacked, `(3C, C)`, and W_K's and W_V's are `None`: the three are views
+/// of it ([`BlockOp::push_grads`]).
 type Gradients = Vec<Option<Vec<f32>>>;
 
 /// Which of the optional activations a forward pass keeps ([`KEEP_BYTES`]).
@@ -577,13 +593,12 @@ impl BlockOp {
         input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
         let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.ln1.0, &a, eps, dx);
         add_dropped(dx, &dx1, None);
-        let cc = c * c;
         vec![
             Some(d_ln1_w),
             w.ln1.1.map(|_| d_ln1_b),
-            Some(d_qkv_w[..cc].to_vec()),
-            Some(d_qkv_w[cc..2 * cc].to_vec()),
-            Some(d_qkv_w[2 * cc..].to_vec()),
+            Some(d_qkv_w),
+            None,
+            None,
             Some(d_proj_w),
             d_proj_b,
             Some(d_ln2_w),
@@ -593,6 +608,26 @@ impl BlockOp {
             Some(d_mlp_w),
             d_mlp_b,
         ]
+    }
+
+    /// Hands the weights' gradients to the [`WeightGrads`] store, W_Q's, W_K's and W_V's as
+    /// views of their stacked gradient (no copies).
+    fn push_grads(&self, grads: Gradients) -> Result<()> {
+        let w = &self.weights;
+        for (i, (t, g)) in w.tensors().into_iter().zip(grads).enumerate() {
+            let (Some(t), Some(g)) = (t, g) else { continue };
+            if i != 2 {
+                self.grads
+                    .push(t.id(), Tensor::from_vec(g, t.shape(), t.device())?);
+                continue;
+            }
+            let c = t.dim(1)?;
+            let stacked = Tensor::from_vec(g, (3 * c, c), t.device())?;
+            for (k, wt) in [&w.w_q, &w.w_k, &w.w_v].into_iter().enumerate() {
+                self.grads.push(wt.id(), stacked.narrow(0, k * c, c)?);
+            }
+        }
+        Ok(())
     }
 
     fn dims(&self, shape: &Shape) -> Result<Dims> {
@@ -615,7 +650,7 @@ impl CustomOp1 for BlockOp {
         let dims = self.dims(l.shape())?;
         let x = f32_slice(s, l, "block")?;
         let r = reader(&self.weights)?;
-        let w = W::new(&r)?;
+        let w = W::new(&r, None)?;
         let keep = self.keeps(&dims, self.keep_activations);
         let row = dims.t * dims.c;
         let parts = parts(&dims);
@@ -633,6 +668,9 @@ impl CustomOp1 for BlockOp {
             if let Ok(mut saved) = self.saved.lock() {
                 *saved = Some(acts);
             }
+            if let Ok(mut stacked) = self.stacked_qkv.lock() {
+                *stacked = Some(w.wqkv);
+            }
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -640,10 +678,11 @@ impl CustomOp1 for BlockOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dims = self.dims(x.shape())?;
         let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+        let stacked = self.stacked_qkv.lock().ok().and_then(|mut s| s.take());
         let (dx, grads) = with_f32(x, "block backward", |x| {
             with_f32(dy, "block backward", |dy| -> Result<_> {
                 let r = reader(&self.weights)?;
-                let w = W::new(&r)?;
+                let w = W::new(&r, stacked)?;
                 let row = dims.t * dims.c;
                 let parts = parts(&dims);
                 let acts: Vec<Option<Activations>> = match saved {
@@ -670,12 +709,7 @@ impl CustomOp1 for BlockOp {
                 Ok((dx, merge(results)))
             })
         })???;
-        for (t, g) in self.weights.tensors().into_iter().zip(grads) {
-            if let (Some(t), Some(g)) = (t, g) {
-                self.grads
-                    .push(t.id(), Tensor::from_vec(g, t.shape(), t.device())?);
-            }
-        }
+        self.push_grads(grads)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
