@@ -6,7 +6,7 @@
 //! - **fused**: one pass over memory does what the composed version does in five to ten ops
 //!   (LayerNorm is ten candle ops forward and twenty backward, attention a dozen);
 //! - **vectorised**: the per-row loops are written so LLVM turns them into AVX-512 or AVX2+FMA
-//!   code, chosen at run time by [`multiversion`] (with a portable fallback); `exp` and `erfc`
+//!   code, chosen at run time by [`multiversion`] (with a portable fallback); `exp` and `erf`
 //!   are branch-free polynomials ([`math`]) so that they vectorise too;
 //! - **parallel**: rows (or (batch, head) pairs) are split over rayon's threads in fixed chunks,
 //!   and partial sums are added in chunk order, so results do not depend on thread timing.
