@@ -131,10 +131,9 @@ pub struct BlockOp {
     dropout: Option<BlockDropout>,
     keep_activations: bool,
     grads: WeightGrads,
-    /// Per part of the batch ([`parts`]), what its backward pass needs.
-    saved: Mutex<Option<Vec<Activations>>>,
-    /// [W_Q; W_K; W_V] as the forward pass stacked them, for the backward pass.
-    stacked_qkv: Mutex<Option<Vec<f32>>>,
+    /// Per part of the batch ([`parts`]), what its backward pass needs, and [W_Q; W_K; W_V]
+    /// as the forward pass stacked them.
+    saved: Mutex<Option<(Vec<Activations>, Vec<f32>)>>,
     /// The largest GELU(h), x₁, attention weights or LN output kept from forward ([`KEEP_BYTES`]).
     keep_bytes: usize,
     /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
@@ -155,7 +154,6 @@ impl BlockOp {
             keep_activations,
             grads,
             saved: Mutex::new(None),
-            stacked_qkv: Mutex::new(None),
             keep_bytes: KEEP_BYTES,
             mlp_rows: MLP_ROWS,
         }
@@ -666,10 +664,7 @@ impl CustomOp1 for BlockOp {
             .collect();
         if self.keep_activations {
             if let Ok(mut saved) = self.saved.lock() {
-                *saved = Some(acts);
-            }
-            if let Ok(mut stacked) = self.stacked_qkv.lock() {
-                *stacked = Some(w.wqkv);
+                *saved = Some((acts, w.wqkv));
             }
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -677,8 +672,10 @@ impl CustomOp1 for BlockOp {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dims = self.dims(x.shape())?;
-        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
-        let stacked = self.stacked_qkv.lock().ok().and_then(|mut s| s.take());
+        let (saved, stacked) = match self.saved.lock().ok().and_then(|mut s| s.take()) {
+            Some((acts, stacked)) => (Some(acts), Some(stacked)),
+            None => (None, None),
+        };
         let (dx, grads) = with_f32(x, "block backward", |x| {
             with_f32(dy, "block backward", |dy| -> Result<_> {
                 let r = reader(&self.weights)?;
