@@ -214,10 +214,19 @@ fn reference_attention(qkv: &Tensor, n_head: usize, mask_p: Option<(&Tensor, f64
 
 #[test]
 fn causal_attention_matches_textbook_attention() {
-    // (B, T, C, heads): T = 1; head size 1 and 2; T = 70 crosses the 64-row block.
-    for (i, &(b, t, c, nh)) in [(1, 1, 1, 1), (2, 5, 6, 3), (1, 9, 5, 1), (2, 70, 12, 2)]
-        .iter()
-        .enumerate()
+    // (B, T, C, heads): T = 1; head size 1 and 2; the triangular products run in row blocks
+    // (32 rows up to T = 64, 64 beyond): T = 45 crosses one 32-row block, T = 70 one 64-row
+    // block, T = 150 two, with a ragged last block each.
+    for (i, &(b, t, c, nh)) in [
+        (1, 1, 1, 1),
+        (2, 5, 6, 3),
+        (1, 9, 5, 1),
+        (1, 45, 6, 2),
+        (2, 70, 12, 2),
+        (1, 150, 4, 1),
+    ]
+    .iter()
+    .enumerate()
     {
         let qkv = random(&[b, t, 3 * c], 2.0, i as u64);
         check(
@@ -231,7 +240,8 @@ fn causal_attention_matches_textbook_attention() {
 
 #[test]
 fn attention_dropout_uses_the_same_mask_forward_and_backward() {
-    let (b, t, c, nh, p, seed) = (2usize, 19usize, 8usize, 2usize, 0.3, 12345u64);
+    // T = 40 crosses a 32-row block of the triangular products.
+    let (b, t, c, nh, p, seed) = (2usize, 40usize, 8usize, 2usize, 0.3, 12345u64);
     // The mask the kernel draws, built independently: element (b, h, i, j) of the weights.
     let (thr, scale) = (kernels::dropout::threshold(p), (1.0 / (1.0 - p)) as f32);
     let mut keep = Vec::new();

@@ -55,7 +55,8 @@ impl MatRef {
         }
     }
 
-    fn offset(self, i: usize, j: usize) -> MatRef {
+    /// The same strides, starting at element (i, j).
+    pub fn offset(self, i: usize, j: usize) -> MatRef {
         MatRef {
             ptr: self
                 .ptr
@@ -92,7 +93,8 @@ impl MatMut {
         }
     }
 
-    fn offset(self, i: usize, j: usize) -> MatMut {
+    /// The same strides, starting at element (i, j).
+    pub fn offset(self, i: usize, j: usize) -> MatMut {
         MatMut {
             ptr: self
                 .ptr
