@@ -9,9 +9,9 @@
 //! One rayon task per (batch, head). The products run on `gemm` with strides that read the
 //! heads in place (no split, transpose or `contiguous()` copies). All six products (S, P̃·V
 //! and the four of the backward pass) run in row blocks whose sums stop at the diagonal, or
-//! start from it, so the masked triangle is mostly never computed (at T = 256, 62.5% of the
-//! multiply-adds: attention's forward and backward 15% faster), and the mask never exists as a
-//! tensor. As an op, P is not stored: the backward pass recomputes it
+//! start from it, so the masked triangle is mostly never computed (at T = 256 they do 62.5% of
+//! a full product's multiply-adds, and attention's forward and backward ran 15% faster for
+//! it), and the mask never exists as a tensor. As an op, P is not stored: the backward pass recomputes it
 //! from Q and K (the memory of a `(B, n_head, T, T)` tensor per layer is worth more than one
 //! more Q·Kᵀ on large models). The block op keeps it when it is small ([`forward_keeping`]).
 //! Dropout on P uses the counter-based mask of [`super::dropout`], regenerated in backward.
@@ -33,8 +33,8 @@ use super::{f32_slice, math, with_f32, written_buffer};
 /// Rows per block of the triangular products (S, dP, and those by P̃, dS and their
 /// transposes), whose sums stop at (or start from) the block's diagonal. Smaller blocks skip
 /// more of the masked triangle but give `gemm` thinner shapes: over 4 layers' forward and
-/// backward, 32 is the fastest at T = 64 (3.5 against 3.7 ms with 64) and 64 at T = 256 (66
-/// against 72 ms with 32, batch 8).
+/// backward (medians of interleaved runs), 32 is the fastest at T = 64 (3.5 against 3.7 ms
+/// with 64) and 64 at T = 256 (68 against 73 ms with 32, batch 8; 16 is slower at both).
 fn row_block(t: usize) -> usize {
     if t <= 64 {
         32
