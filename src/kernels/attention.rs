@@ -30,17 +30,14 @@ use super::dropout::{keep_scale, threshold};
 use super::matmul::{matmul_serial, MatMut, MatRef};
 use super::{f32_slice, math, with_f32, written_buffer};
 
-/// Rows per block of the triangular products (S, dP, and those by P̃, dS and their
+/// The row blocks [r0, r1) of the triangular products (S, dP, and those by P̃, dS and their
 /// transposes), whose sums stop at (or start from) the block's diagonal. Smaller blocks skip
 /// more of the masked triangle but give `gemm` thinner shapes: over 4 layers' forward and
-/// backward (medians of interleaved runs), 32 is the fastest at T = 64 (3.5 against 3.7 ms
-/// with 64) and 64 at T = 256 (68 against 73 ms with 32, batch 8; 16 is slower at both).
-fn row_block(t: usize) -> usize {
-    if t <= 64 {
-        32
-    } else {
-        64
-    }
+/// backward (medians of interleaved runs), 32 rows are the fastest at T = 64 (3.5 against
+/// 3.7 ms with 64) and 64 at T = 256 (68 against 73 ms with 32, batch 8; 16 is slower at both).
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    let rows = if t <= 64 { 32 } else { 64 };
+    (0..t).step_by(rows).map(move |r0| (r0, (r0 + rows).min(t)))
 }
 
 /// Dropout on the attention weights: probability and mask seed.
@@ -146,9 +143,7 @@ unsafe fn scores_to_probs(d: &Dims, q: MatRef, kt: MatRef, scale: f32, p: &mut [
 /// `a`, `bt` must address a (T, hs) and a (hs, T) matrix.
 unsafe fn lower_product(d: &Dims, a: MatRef, a_rs: usize, bt: MatRef, scale: f32, out: &mut [f32]) {
     let t = d.t;
-    let rb = row_block(t);
-    for r0 in (0..t).step_by(rb) {
-        let r1 = (r0 + rb).min(t);
+    for (r0, r1) in row_blocks(t) {
         matmul_serial(
             r1 - r0,
             r1,
@@ -162,47 +157,35 @@ unsafe fn lower_product(d: &Dims, a: MatRef, a_rs: usize, bt: MatRef, scale: f32
     }
 }
 
-/// out (T, n) = A·B for a (T, T) `a` that is zero after its diagonal (P, P̃ or dS) and a
-/// (T, n) `b`: row block [r0, r1) of the output sums over columns 0..r1 of A only, the
-/// columns after them being zero in every row of the block.
+/// Where a (T, T) factor of a product is zero by the causal mask.
+#[derive(Clone, Copy)]
+enum Zero {
+    /// After its diagonal: P, P̃ and dS.
+    AfterDiagonal,
+    /// Before its diagonal: their transposes.
+    BeforeDiagonal,
+}
+
+/// out (T, n) = A·B for a (T, T) `a` that is zero on the `zero` side of its diagonal and a
+/// (T, n) `b`. Row block [r0, r1) of the output sums only over the columns of A that are not
+/// zero in every row of the block: 0..r1 when A is zero after the diagonal, r0..T when before.
 ///
 /// # Safety
 /// `a`, `b` and `out` must address a (T, T), a (T, n) and a writable (T, n) matrix.
-unsafe fn lower_times(t: usize, n: usize, a: MatRef, b: MatRef, out: MatMut) {
-    let rb = row_block(t);
-    for r0 in (0..t).step_by(rb) {
-        let r1 = (r0 + rb).min(t);
+unsafe fn triangular_times(zero: Zero, t: usize, n: usize, a: MatRef, b: MatRef, out: MatMut) {
+    for (r0, r1) in row_blocks(t) {
+        let (k0, k1) = match zero {
+            Zero::AfterDiagonal => (0, r1),
+            Zero::BeforeDiagonal => (r0, t),
+        };
         matmul_serial(
             r1 - r0,
             n,
-            r1,
+            k1 - k0,
             out.offset(r0, 0),
             false,
-            a.offset(r0, 0),
-            b,
-            1.0,
-        );
-    }
-}
-
-/// out (T, n) = A·B for a (T, T) `a` that is zero before its diagonal (the transpose of P̃ or
-/// of dS) and a (T, n) `b`: row block [r0, r1) of the output sums over columns r0..T of A
-/// only, the columns before them being zero in every row of the block.
-///
-/// # Safety
-/// As [`lower_times`].
-unsafe fn upper_times(t: usize, n: usize, a: MatRef, b: MatRef, out: MatMut) {
-    let rb = row_block(t);
-    for r0 in (0..t).step_by(rb) {
-        let r1 = (r0 + rb).min(t);
-        matmul_serial(
-            r1 - r0,
-            n,
-            t - r0,
-            out.offset(r0, 0),
-            false,
-            a.offset(r0, r0),
-            b.offset(r0, 0),
+            a.offset(r0, k0),
+            b.offset(k0, 0),
             1.0,
         );
     }
@@ -331,7 +314,14 @@ pub(crate) fn forward_keeping(
                 });
                 let pd = dropped.as_deref().unwrap_or(p);
                 let y_bh = y_all.skip(b * d.t * d.c + h * d.hs);
-                lower_times(d.t, d.hs, MatRef::row_major(pd, d.t), v, y_bh);
+                triangular_times(
+                    Zero::AfterDiagonal,
+                    d.t,
+                    d.hs,
+                    MatRef::row_major(pd, d.t),
+                    v,
+                    y_bh,
+                );
             }
         });
     });
@@ -398,7 +388,14 @@ pub(crate) fn backward_slices(
                     });
                     let pd = dropped.as_deref().unwrap_or(p);
                     // dV = P̃ᵀ·dY
-                    upper_times(tt, d.hs, MatRef::transposed(pd, tt), dy_bh, at(2));
+                    triangular_times(
+                        Zero::BeforeDiagonal,
+                        tt,
+                        d.hs,
+                        MatRef::transposed(pd, tt),
+                        dy_bh,
+                        at(2),
+                    );
                     // dP̃ = dY·Vᵀ, row blocks up to the diagonal
                     lower_product(&d, dy_bh, d.c, vt, 1.0, dp);
                     if let Some((seed, first, thr, sc)) = mask {
@@ -407,8 +404,22 @@ pub(crate) fn backward_slices(
                     }
                     softmax_backward(p, dp, tt, scale);
                     // dQ = dS·K, dK = dSᵀ·Q
-                    lower_times(tt, d.hs, MatRef::row_major(dp, tt), k, at(0));
-                    upper_times(tt, d.hs, MatRef::transposed(dp, tt), q, at(1));
+                    triangular_times(
+                        Zero::AfterDiagonal,
+                        tt,
+                        d.hs,
+                        MatRef::row_major(dp, tt),
+                        k,
+                        at(0),
+                    );
+                    triangular_times(
+                        Zero::BeforeDiagonal,
+                        tt,
+                        d.hs,
+                        MatRef::transposed(dp, tt),
+                        q,
+                        at(1),
+                    );
                 }
             });
     })
