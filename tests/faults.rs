@@ -86,6 +86,50 @@ fn sigterm_saves_and_exits_143() {
 }
 
 #[test]
+fn a_run_with_only_best_resumes_from_it() {
+    // A kill between the first evaluation and the first last/ leaves best/ alone; here a
+    // finished run loses its last/ instead, and best/ (from some evaluation) must carry on.
+    let ws = Workspace::new(6000);
+    let sets = [
+        "--set",
+        "training.max_iters=20",
+        "--set",
+        "training.lr_decay_iters=20",
+        "--quiet",
+    ];
+    let whole = ws.path("whole");
+    let o = tiny_cmd(&ws, &["--out", whole.to_str().unwrap()])
+        .args(sets)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = ws.path("cut");
+    let o = tiny_cmd(&ws, &["--out", run.to_str().unwrap()])
+        .args(sets)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(run.join("last")).unwrap();
+    assert!(run.join("best").is_dir());
+    // Starting over is refused (best/ is a checkpoint), and the advice it gives works.
+    let o = tiny_cmd(&ws, &["--out", run.to_str().unwrap()])
+        .args(sets)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let o = resume_cmd(&ws, &run, &sets).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        checkpoint_weights(&whole.join("last")),
+        checkpoint_weights(&run.join("last")),
+    );
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{n} differs from the uninterrupted run");
+    }
+}
+
+#[test]
 fn kill_9_at_random_instants_never_loses_the_run() {
     let ws = Workspace::new(6000);
     let sets = [
@@ -114,7 +158,11 @@ fn kill_9_at_random_instants_never_loses_the_run() {
     let mut kills = 0;
     let mut last_step = 0;
     for round in 0..40 {
-        let has_checkpoint = tinygpt::checkpoint::resolve(&out.join("last")).is_dir();
+        // A kill between the first evaluation (which saves best/) and the first last/ leaves
+        // best/ alone: the run must then be resumed too, from best/.
+        let has_checkpoint = ["last", "best"]
+            .iter()
+            .any(|n| tinygpt::checkpoint::resolve(&out.join(n)).is_dir());
         let mut cmd = if has_checkpoint {
             resume_cmd(&ws, &out, &[])
         } else {

@@ -562,11 +562,16 @@ pub fn prepare_out_dir(opts: &RunOptions) -> Result<()> {
     probe_writable(&opts.out)
 }
 
-/// Where to resume from: `dir/last` when `dir` is a run directory, else `dir` itself; and the
-/// run directory the resumed run writes to.
+/// Where to resume from: `dir/last` when `dir` is a run directory, else `dir/best` (a run
+/// stopped between its first evaluation, which saves `best/`, and its first `last/`), else
+/// `dir` itself; and the run directory the resumed run writes to.
 pub fn resume_paths(dir: &Path) -> (PathBuf, PathBuf) {
-    if checkpoint::resolve(&dir.join("last")).is_dir() {
-        (dir.join("last"), dir.to_path_buf())
+    if let Some(ck) = ["last", "best"]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|ck| checkpoint::resolve(ck).is_dir())
+    {
+        (ck, dir.to_path_buf())
     } else {
         let run = dir
             .parent()
