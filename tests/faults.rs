@@ -85,6 +85,37 @@ fn sigterm_saves_and_exits_143() {
     interrupt_with("-TERM", 143);
 }
 
+/// Trains `name` in the workspace with `sets` to the end, uninterrupted; its run directory.
+fn train_to_end(ws: &Workspace, name: &str, sets: &[&str]) -> std::path::PathBuf {
+    let out = ws.path(name);
+    let o = tiny_cmd(ws, &["--out", out.to_str().unwrap()])
+        .args(sets)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// Resumes run `run` with `sets` to the end and checks that its last/ weights equal those of
+/// the uninterrupted run `whole`, bit for bit (`when` says what the run went through).
+fn resume_matches(
+    ws: &Workspace,
+    run: &std::path::Path,
+    sets: &[&str],
+    whole: &std::path::Path,
+    when: &str,
+) {
+    let o = resume_cmd(ws, run, sets).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        checkpoint_weights(&whole.join("last")),
+        checkpoint_weights(&run.join("last")),
+    );
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{n} differs from the uninterrupted run {when}");
+    }
+}
+
 #[test]
 fn a_run_with_only_best_resumes_from_it() {
     // A kill between the first evaluation and the first last/ leaves best/ alone; here a
@@ -97,18 +128,8 @@ fn a_run_with_only_best_resumes_from_it() {
         "training.lr_decay_iters=20",
         "--quiet",
     ];
-    let whole = ws.path("whole");
-    let o = tiny_cmd(&ws, &["--out", whole.to_str().unwrap()])
-        .args(sets)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run = ws.path("cut");
-    let o = tiny_cmd(&ws, &["--out", run.to_str().unwrap()])
-        .args(sets)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let whole = train_to_end(&ws, "whole", &sets);
+    let run = train_to_end(&ws, "cut", &sets);
     std::fs::remove_dir_all(run.join("last")).unwrap();
     assert!(run.join("best").is_dir());
     // Starting over is refused (best/ is a checkpoint), and the advice it gives works.
@@ -118,15 +139,7 @@ fn a_run_with_only_best_resumes_from_it() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
-    let o = resume_cmd(&ws, &run, &sets).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (
-        checkpoint_weights(&whole.join("last")),
-        checkpoint_weights(&run.join("last")),
-    );
-    for ((n, x), (_, y)) in a.iter().zip(&b) {
-        assert!(x == y, "{n} differs from the uninterrupted run");
-    }
+    resume_matches(&ws, &run, &sets, &whole, "resumed from best/ alone");
 }
 
 #[test]
@@ -144,12 +157,7 @@ fn kill_9_at_random_instants_never_loses_the_run() {
         "--quiet",
     ];
     // the reference: one uninterrupted run
-    let whole = ws.path("whole");
-    let o = tiny_cmd(&ws, &["--out", whole.to_str().unwrap()])
-        .args(sets)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let whole = train_to_end(&ws, "whole", &sets);
 
     // the same run, killed with SIGKILL at pseudo-random instants (checkpoints are written every
     // step, so many kills land inside a save), each time resumed from what is on disk
@@ -207,18 +215,7 @@ fn kill_9_at_random_instants_never_loses_the_run() {
     }
     assert!(kills >= 10, "only {kills} kills landed");
     // finish the run and compare with the uninterrupted one
-    let o = resume_cmd(&ws, &out, &sets).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (
-        checkpoint_weights(&whole.join("last")),
-        checkpoint_weights(&out.join("last")),
-    );
-    for ((n, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            x == y,
-            "{n} differs from the uninterrupted run after {kills} kills"
-        );
-    }
+    resume_matches(&ws, &out, &sets, &whole, &format!("after {kills} kills"));
 }
 
 fn all_finite(dir: &std::path::Path) -> bool {
