@@ -13,8 +13,9 @@
 //! a full product's multiply-adds, and attention's forward and backward ran 15% faster for
 //! it), and the mask never exists as a tensor. As an op, P is not stored: the backward pass
 //! recomputes it from Q and K (the memory of a `(B, n_head, T, T)` tensor per layer is worth
-//! more than one more Q·Kᵀ on large models). The block op keeps it when it is small ([`forward_keeping`]).
-//! Dropout on P uses the counter-based mask of [`super::dropout`], regenerated in backward.
+//! more than one more Q·Kᵀ on large models). The block op keeps it when it is small
+//! ([`forward_keeping`]). Dropout on P uses the counter-based mask of [`super::dropout`],
+//! regenerated in backward.
 //!
 //! Backward, with P̃ = dropout(P) and dY the output gradient:
 //! ```text
