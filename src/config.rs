@@ -7,50 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-/// Which implementation of the hot ops the model runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
-    /// candle's composed ops: the readable version, and the oracle for tests.
-    #[default]
-    Reference,
-    /// tinygpt's fused CPU kernels.
-    Fused,
-}
-
-/// Shape of the network.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Longest context the model sees, in tokens (T).
-    pub block_size: usize,
-    /// Number of transformer blocks.
-    pub n_layer: usize,
-    /// Attention heads per block; a block with one head uses [`crate::model::Head`].
-    pub n_head: usize,
-    /// Width of the residual stream (C); must be a multiple of `n_head`.
-    pub n_embd: usize,
-    /// Dropout probability on attention weights and residual branches while training.
-    #[serde(default)]
-    pub dropout: f64,
-    /// Biases in the linear layers (except W_Q, W_K, W_V) and LayerNorms.
-    #[serde(default)]
-    pub bias: bool,
-    /// `reference` (composed candle ops) or `fused` (tinygpt's CPU kernels).
-    #[serde(default)]
-    pub kernels: Kernels,
-}
-
-/// Tokenizer kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenizerKind {
-    /// One token per distinct character of the corpus.
-    Char,
-    /// Byte-level BPE trained on the corpus.
-    Bpe,
-}
+pub use crate::kernels::Kernels;
+pub use crate::model::ModelConfig;
+pub use crate::tokenizer::TokenizerKind;
 
 /// How text becomes token ids.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

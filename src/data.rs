@@ -110,8 +110,8 @@ impl TokenIds {
 pub fn tokenize_corpus(tokenizer: &Tokenizer, text: &str, mode: ProgressMode) -> Result<TokenIds> {
     let chunks = tokenizer.corpus_chunks(text, 1 << 20);
     let estimate = match tokenizer.kind() {
-        crate::config::TokenizerKind::Char => text.len(),
-        crate::config::TokenizerKind::Bpe => text.len() / 3,
+        crate::tokenizer::TokenizerKind::Char => text.len(),
+        crate::tokenizer::TokenizerKind::Bpe => text.len() / 3,
     };
     let mut ids = TokenIds::with_capacity(estimate, tokenizer.vocab_size());
     let show = mode != ProgressMode::Quiet && text.len() > 8 << 20;

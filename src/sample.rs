@@ -9,8 +9,8 @@
 use candle_core::{Device, Tensor};
 use rand::Rng as _;
 
-use crate::config::Kernels;
 use crate::error::{Error, Result};
+use crate::kernels::Kernels;
 use crate::model::{Decoder, Gpt, KvCache};
 use crate::rng::Rng;
 

@@ -19,8 +19,19 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, PreTokenizerWrapper, TokenizerBuilder};
 
-use crate::config::TokenizerKind;
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
+
+/// Tokenizer kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One token per distinct character of the corpus.
+    Char,
+    /// Byte-level BPE trained on the corpus.
+    Bpe,
+}
 
 /// Special tokens of the BPE vocabulary. The char tokenizer has none: its vocabulary is exactly
 /// the corpus's characters.

@@ -11,7 +11,7 @@
 //! - **parallel**: rows (or (batch, head) pairs) are split over rayon's threads in fixed chunks,
 //!   and partial sums are added in chunk order, so results do not depend on thread timing.
 //!
-//! The composed candle path ([`crate::config::Kernels::Reference`]) stays the readable
+//! The composed candle path ([`Kernels::Reference`]) stays the readable
 //! version and the oracle: `tests/kernels.rs` checks every op here, forward and backward,
 //! against it.
 
@@ -31,6 +31,19 @@ use std::mem::MaybeUninit;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Which implementation runs the model: the choice is made once, where an engine is built
+/// (`crate::engine`); the model itself never reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// candle's composed ops: the readable version, and the oracle for tests.
+    #[default]
+    Reference,
+    /// tinygpt's fused CPU kernels.
+    Fused,
+}
 
 /// The f32 elements of a contiguous CPU storage viewed through `layout`.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -108,9 +121,8 @@ pub(crate) const ELEMS_PER_TASK: usize = 16 * 1024;
 /// candle's ops on the calling thread). With fused kernels the few elementwise ops left to
 /// candle are small, so they run on the calling thread. Call it before the first tensor op
 /// (candle's pool starts on first use); a `CANDLE_NUM_THREADS` set by the user wins.
-pub fn configure_threads(kernels: crate::config::Kernels) {
-    if kernels == crate::config::Kernels::Fused && std::env::var_os("CANDLE_NUM_THREADS").is_none()
-    {
+pub fn configure_threads(kernels: Kernels) {
+    if kernels == Kernels::Fused && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

@@ -20,10 +20,10 @@ use rand::Rng as _;
 
 use super::layers::{dropout, Linear};
 use super::params::Params;
-use crate::config::Kernels;
 use crate::error::Result;
 use crate::kernels::attention::{causal_attention, AttentionDropout};
 use crate::kernels::linear::linear;
+use crate::kernels::Kernels;
 use crate::rng::Rng;
 
 /// The additive causal mask M for `t_q` queries at positions `offset..offset + t_q` over `t_k`

@@ -3,12 +3,13 @@
 use candle_core::Tensor;
 
 use super::attention::{Head, LayerKv, MultiHeadAttention};
+use super::config::ModelConfig;
 use super::layers::{dropout, LayerNorm, Linear};
 use super::params::Params;
-use crate::config::{Kernels, ModelConfig};
 use crate::error::Result;
 use crate::kernels::block::{Affine, BlockWeights};
 use crate::kernels::gelu::gelu;
+use crate::kernels::Kernels;
 use crate::rng::Rng;
 
 /// Position-wise feed-forward network: C → 4C → GELU → C.

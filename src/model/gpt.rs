@@ -5,14 +5,15 @@ use candle_core::{DType, Tensor};
 
 use super::attention::causal_mask;
 use super::block::Block;
+use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, Params};
 use super::recompute::RecomputedBlock;
-use crate::config::{Kernels, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::block::{BlockDropout, BlockOp, WeightGrads};
+use crate::kernels::Kernels;
 use crate::rng::Rng;
 use rand::Rng as _;
 

@@ -6,9 +6,9 @@ use candle_core::{DType, Tensor, D};
 use rand::Rng as _;
 
 use super::params::{Init, Params};
-use crate::config::Kernels;
 use crate::error::Result;
 use crate::kernels;
+use crate::kernels::Kernels;
 use crate::rng::Rng;
 
 /// y = x·Wᵀ + b over the last dimension; W is `(out, in)` as in PyTorch.

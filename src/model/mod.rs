@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod config;
 pub mod decoder;
 pub mod gpt;
 pub mod kv_cache;
@@ -11,6 +12,7 @@ pub mod params;
 pub mod recompute;
 
 pub use attention::{Head, MultiHeadAttention};
+pub use config::ModelConfig;
 pub use decoder::Decoder;
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;

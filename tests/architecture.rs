@@ -1,0 +1,137 @@
+//! The crate's layering, read from its sources: which top-level module uses which. The
+//! dependencies point one way (cli → train / sample / inspect → engine → model → kernels), so
+//! the graph of top-level modules has no circle, and the low layers import nothing above them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level modules of `src/` and, for each, the other top-level modules its code names as
+/// `crate::NAME` (comments and doc comments left out).
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let module_of = |p: &Path| -> Option<String> {
+        let rel = p.strip_prefix(&src).unwrap();
+        let first = rel.components().next()?.as_os_str().to_str()?.to_string();
+        match first.strip_suffix(".rs") {
+            Some("lib" | "main") => None,
+            Some(m) => Some(m.to_string()),
+            None => Some(first),
+        }
+    };
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let Some(m) = module_of(f) else { continue };
+        let deps = graph.entry(m.clone()).or_default();
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            let code = line.split("//").next().unwrap_or("");
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != m {
+                    deps.insert(name);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// A circle in `graph`, if there is one, as the modules along it.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        m: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == m) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_string());
+        for d in graph.get(m).into_iter().flatten() {
+            if let Some(c) = visit(d, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|m| visit(m, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_graph_reader_sees_a_circle_when_there_is_one() {
+    let g: BTreeMap<String, BTreeSet<String>> = [("a", "b"), ("b", "c"), ("c", "a")]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), BTreeSet::from([b.to_string()])))
+        .collect();
+    assert_eq!(find_cycle(&g).unwrap(), ["a", "b", "c", "a"]);
+}
+
+#[test]
+fn top_level_modules_form_no_circle() {
+    let graph = module_graph();
+    assert!(graph.contains_key("model") && graph.contains_key("kernels"));
+    assert!(
+        graph["cli"].contains("train"),
+        "the reader found cli's imports"
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!(
+            "modules import each other in a circle: {}",
+            cycle.join(" → ")
+        );
+    }
+}
+
+#[test]
+fn low_layers_know_nothing_of_the_layers_above() {
+    let graph = module_graph();
+    let above = |m: &str, forbidden: &[&str]| {
+        let bad: Vec<&String> = graph[m]
+            .iter()
+            .filter(|d| forbidden.contains(&d.as_str()))
+            .collect();
+        assert!(bad.is_empty(), "{m} imports {bad:?}");
+    };
+    let upper = [
+        "config",
+        "cli",
+        "train",
+        "sample",
+        "inspect",
+        "bench",
+        "viz",
+        "checkpoint",
+        "data",
+        "engine",
+    ];
+    above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
+    above("model", &upper);
+    //ENGINE above("engine", &upper[..9]);
+}
