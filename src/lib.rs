@@ -2,12 +2,17 @@
 //!
 //! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
 //! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint.
+//!
+//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] → [`engine`]
+//! (the reference model or its fused copy, chosen once) → [`model`] (the readable reference)
+//! → [`kernels`] (fused CPU ops, which know nothing above them).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod inspect;
 pub mod kernels;

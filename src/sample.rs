@@ -3,15 +3,15 @@
 //! Without the cache every new token runs the model over the last `block_size` tokens. With it,
 //! each new token costs one incremental step; when the window is full, the cache restarts from
 //! the last half block (positions are absolute, so a sliding cache cannot simply drop its head).
-//! A model on fused kernels decodes with [`Decoder`], one on the reference kernels with
-//! candle's [`KvCache`].
+//! The model runs on the engine its config names ([`Engine`]): the fused decoder, or the
+//! reference model with candle-nn's KV cache.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::Rng as _;
 
+use crate::engine::{last_row, Decode, Engine};
 use crate::error::{Error, Result};
-use crate::kernels::Kernels;
-use crate::model::{Decoder, Gpt, KvCache};
+use crate::model::Gpt;
 use crate::rng::Rng;
 
 /// Largest `max_new_tokens` accepted; larger requests are capped.
@@ -108,19 +108,6 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     idx[idx.len() - 1] as u32
 }
 
-fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
-    let t = logits.dim(1)?;
-    Ok(logits
-        .narrow(1, t - 1, 1)?
-        .squeeze(1)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?)
-}
-
-fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
-}
-
 /// Generates `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens), calling
 /// `on_token` with each as soon as it is chosen. Returns the new tokens.
 pub fn generate(
@@ -139,8 +126,9 @@ pub fn generate(
     let block = model.cfg.block_size;
     let mut ctx: Vec<u32> = prompt[prompt.len().saturating_sub(block)..].to_vec();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    let mut step = Stepper::new(model, opts.use_cache)?;
-    let mut logits = step.feed(model, &ctx)?;
+    let engine = Engine::new(model, model.cfg.kernels, false);
+    let mut step = Stepper::new(engine, opts.use_cache)?;
+    let mut logits = step.feed(&ctx)?;
     for n in 0..opts.max_new_tokens {
         let next = pick(&logits, opts, rng);
         on_token(next)?;
@@ -150,61 +138,57 @@ pub fn generate(
             break;
         }
         logits = match step.cached() {
-            Some(len) if len < block => step.feed(model, &[next])?,
+            Some(len) if len < block => step.feed(&[next])?,
             Some(_) => {
                 // The cache is full: restart it on the last half block, so the next
                 // block/2 tokens are cheap again.
                 step.clear();
                 let keep = (block / 2).max(1);
-                step.feed(model, &ctx[ctx.len() - keep..])?
+                step.feed(&ctx[ctx.len() - keep..])?
             }
-            None => step.feed(model, &ctx[ctx.len().saturating_sub(block)..])?,
+            None => step.feed(&ctx[ctx.len().saturating_sub(block)..])?,
         };
     }
     Ok(out)
 }
 
-/// How generation runs the model: the fused decoder or candle's KV cache (each keeps the
-/// positions seen so far), or a full forward pass over the window for every token.
+/// How generation runs the model: a decoder that caches the positions seen so far, or a full
+/// forward pass over the window for every token.
 enum Stepper {
-    Fused(Box<Decoder>),
-    Cached(KvCache),
-    Full,
+    Cached(Box<dyn Decode>),
+    Full(Engine),
 }
 
 impl Stepper {
-    fn new(model: &Gpt, use_cache: bool) -> Result<Stepper> {
-        Ok(match (use_cache, model.cfg.kernels) {
-            (false, _) => Stepper::Full,
-            (true, Kernels::Fused) => Stepper::Fused(Box::new(Decoder::new(model)?)),
-            (true, Kernels::Reference) => Stepper::Cached(model.new_cache()),
+    fn new(engine: Engine, use_cache: bool) -> Result<Stepper> {
+        Ok(match use_cache {
+            true => Stepper::Cached(engine.decoder()?),
+            false => Stepper::Full(engine),
         })
     }
 
     /// Positions cached, or `None` without a cache.
     fn cached(&self) -> Option<usize> {
         match self {
-            Stepper::Fused(d) => Some(d.len()),
-            Stepper::Cached(c) => Some(c.len()),
-            Stepper::Full => None,
+            Stepper::Cached(d) => Some(d.len()),
+            Stepper::Full(_) => None,
         }
     }
 
     fn clear(&mut self) {
-        match self {
-            Stepper::Fused(d) => d.clear(),
-            Stepper::Cached(c) => c.clear(),
-            Stepper::Full => {}
+        if let Stepper::Cached(d) = self {
+            d.clear()
         }
     }
 
     /// The logits after `ids` (new tokens for a cache, the whole window without one).
-    fn feed(&mut self, model: &Gpt, ids: &[u32]) -> Result<Vec<f32>> {
-        let device = model.wte.device();
+    fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         match self {
-            Stepper::Fused(d) => d.feed(ids),
-            Stepper::Cached(c) => last_row(&model.forward_cached(&ids_tensor(ids, device)?, c)?),
-            Stepper::Full => last_row(&model.forward(&ids_tensor(ids, device)?, None)?),
+            Stepper::Cached(d) => d.feed(ids),
+            Stepper::Full(engine) => {
+                let idx = Tensor::from_slice(ids, (1, ids.len()), engine.device())?;
+                last_row(&engine.forward(&idx)?)
+            }
         }
     }
 }

@@ -133,5 +133,5 @@ fn low_layers_know_nothing_of_the_layers_above() {
     ];
     above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
     above("model", &upper);
-    //ENGINE above("engine", &upper[..9]);
+    above("engine", &upper[..9]);
 }

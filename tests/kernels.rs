@@ -5,11 +5,14 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var, D};
+use candle_nn::Module;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tinygpt::attention::{causal_mask, scaled_dot_product_attention};
 use tinygpt::config::{Config, Kernels};
 use tinygpt::data::Split;
+use tinygpt::engine::Engine;
+use tinygpt::kernels::block::{Affine, BlockParams, GradSlot};
 use tinygpt::kernels::{self, attention::AttentionDropout};
 use tinygpt::model::{LayerNorm, Linear};
 use tinygpt::train::{ProgressMode, Trainer};
@@ -90,21 +93,18 @@ fn linear_matches_matmul() {
     {
         let x = random(&[b, t, d_in], 1.0, i as u64);
         let w = random(&[d_out, d_in], 0.5, 100 + i as u64);
-        let as_ref = |k: Kernels| {
-            move |v: &[Tensor]| {
-                let l = Linear {
-                    weight: v[1].clone(),
-                    bias: None,
-                    kernels: k,
-                };
-                l.forward(&v[0]).unwrap()
-            }
+        let reference = |v: &[Tensor]| {
+            let l = Linear {
+                weight: v[1].clone(),
+                bias: None,
+            };
+            l.forward(&v[0]).unwrap()
         };
         check(
             &format!("linear {b}x{t}x{d_in}→{d_out}"),
             &[x, w],
-            as_ref(Kernels::Fused),
-            as_ref(Kernels::Reference),
+            |v| kernels::linear::linear(&v[0], &v[1]).unwrap(),
+            reference,
         );
     }
 }
@@ -145,22 +145,19 @@ fn layer_norm_matches_composition() {
         if bias {
             inputs.push(random(&[c], 0.5, 20 + i as u64));
         }
-        let ln = |k: Kernels| {
-            move |v: &[Tensor]| {
-                let l = LayerNorm {
-                    weight: v[1].clone(),
-                    bias: v.get(2).cloned(),
-                    eps: 1e-5,
-                    kernels: k,
-                };
-                l.forward(&v[0]).unwrap()
-            }
+        let reference = |v: &[Tensor]| {
+            let l = LayerNorm {
+                weight: v[1].clone(),
+                bias: v.get(2).cloned(),
+                eps: 1e-5,
+            };
+            l.forward(&v[0]).unwrap()
         };
         check(
             &format!("layer_norm {b}x{t}x{c} bias={bias}"),
             &inputs,
-            ln(Kernels::Fused),
-            ln(Kernels::Reference),
+            |v| kernels::layer_norm::layer_norm(&v[0], &v[1], v.get(2), 1e-5).unwrap(),
+            reference,
         );
     }
 }
@@ -334,29 +331,26 @@ fn whole_model_loss_and_gradients_match() {
             .dataset
             .batch(Split::Train, 4, block, &mut r.state.rng, &Device::Cpu)
             .unwrap();
-        let lr = r.model.loss(&x, &y, None).unwrap();
-        let lf = f.model.loss(&x, &y, None).unwrap();
-        assert_close("loss", &lf, &lr);
-        let (gr, gf) = (lr.backward().unwrap(), lf.backward().unwrap());
-        // The fused trainer's model runs each block as one op (recomputing in backward, since
-        // a pass without an RNG keeps nothing); the blocks' weight gradients are in its store.
-        let blocks = f.model.weight_grads.take();
+        let rng = || tinygpt::rng::seeded(0);
+        let (lr, gr) = r.engine.loss_and_grads(&x, &y, &mut rng(), 1).unwrap();
+        let (lf, gf) = f.engine.loss_and_grads(&x, &y, &mut rng(), 1).unwrap();
+        let scalar = |l: f64| Tensor::new(l as f32, &Device::Cpu).unwrap();
+        assert_close("loss", &scalar(lf), &scalar(lr));
+        // The fused engine runs each block as one op; the gradients its ops computed are in the
+        // store it returns, beside candle's.
         assert!(
-            !blocks.is_empty(),
-            "the fused model ran its blocks as block ops"
+            matches!(f.engine, Engine::Fused(_)),
+            "the fused trainer runs the fused engine"
         );
         for (name, var) in r.params.vars() {
             let w = f.params.vars()[name].as_tensor();
-            let a = gf
-                .get(w)
-                .or_else(|| blocks.iter().find(|(id, _)| *id == w.id()).map(|(_, g)| g))
-                .unwrap();
+            let a = gf.get(w).unwrap();
             let b = gr.get(var.as_tensor()).unwrap();
             assert_close(&format!("heads={n_head} gradient of {name}"), a, b);
         }
         // logits with and without the fused attention path agree with the captured weights'
         let (logits, att) = f.model.forward_with_attention(&x).unwrap();
-        assert_close("logits", &f.model.forward(&x, None).unwrap(), &logits);
+        assert_close("logits", &f.engine.forward(&x).unwrap(), &logits);
         assert_eq!(att.len(), f.config.model.n_layer);
         let rows = att[0].sum(D::Minus1).unwrap();
         assert_close("attention rows", &rows, &rows.ones_like().unwrap());
@@ -412,15 +406,12 @@ fn fused_decoder_matches_the_full_forward_pass() {
         );
         let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();
         let full = t
-            .model
-            .forward(
-                &Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap(),
-                None,
-            )
+            .engine
+            .forward(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap())
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let mut dec = tinygpt::model::Decoder::new(&t.model).unwrap();
+        let mut dec = t.engine.decoder().unwrap();
         // the prompt in one go, then one token at a time
         let mut rows = vec![dec.feed(&ids[..5]).unwrap()];
         for &id in &ids[5..] {
@@ -488,34 +479,65 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
     let seed = 4242u64;
     let direct = |v: &[Tensor]| {
         let mut rng = tinygpt::rng::seeded(seed);
-        block
-            .forward(&v[0], &mask, Some(&mut rng), None, false)
-            .unwrap()
-            .0
+        block.forward(&v[0], &mask, Some(&mut rng), None).unwrap().0
     };
-    let grads = tinygpt::kernels::block::WeightGrads::default();
+    let grads = GradSlot::default();
     let op = |v: &[Tensor]| {
-        v[0].apply_op1(tinygpt::model::recompute::RecomputedBlock {
+        v[0].apply_op1(tinygpt::engine::recompute::RecomputedBlock {
             block: block.clone(),
             mask: mask.clone(),
             dropout_seed: Some(seed),
-            weights: block.weights(),
             grads: grads.clone(),
         })
         .unwrap()
     };
     check("recomputed block with dropout", &[x], op, direct);
-    let w = grads.take();
+    let w = grads
+        .take()
+        .expect("the block's backward left its weights' gradients");
     assert_eq!(
-        w.len(),
-        block.weights().len(),
+        w.named().len(),
+        block.params().named().len(),
         "every weight got its gradient"
     );
 }
 
+/// One block as the fused layers compute it one op at a time (the block op's dropout masks
+/// drawn from the same seeds): x₁ = x + drop(att(LN₁(x))·W_Oᵀ), y = x₁ + drop(GELU(LN₂(x₁)·W₃ᵀ)·W₄ᵀ).
+fn layer_by_layer(
+    p: &BlockParams<Tensor>,
+    n_head: usize,
+    x: &Tensor,
+    drop: Option<tinygpt::kernels::block::BlockDropout>,
+) -> Tensor {
+    let ln = |x: &Tensor, a: &Affine<Tensor>| {
+        kernels::layer_norm::layer_norm(x, &a.weight, a.bias.as_ref(), 1e-5).unwrap()
+    };
+    let lin = |x: &Tensor, a: &Affine<Tensor>| {
+        let y = kernels::linear::linear(x, &a.weight).unwrap();
+        a.bias
+            .as_ref()
+            .map_or(y.clone(), |b| y.broadcast_add(b).unwrap())
+    };
+    let dropped = |y: Tensor, seed: fn(&tinygpt::kernels::block::BlockDropout) -> u64| match drop {
+        Some(d) => kernels::dropout::dropout(&y, d.p, seed(&d)).unwrap(),
+        None => y,
+    };
+    let w_qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0).unwrap();
+    let qkv = kernels::linear::linear(&ln(x, &p.ln_1), &w_qkv).unwrap();
+    let att_drop = drop.map(|d| AttentionDropout {
+        p: d.p,
+        seed: d.attention,
+    });
+    let att = kernels::attention::causal_attention(&qkv, n_head, att_drop).unwrap();
+    let x1 = (x + dropped(lin(&att, &p.attn_proj), |d| d.attn_proj)).unwrap();
+    let h = kernels::gelu::gelu(&lin(&ln(&x1, &p.ln_2), &p.fc)).unwrap();
+    (&x1 + dropped(lin(&h, &p.mlp_proj), |d| d.mlp_proj)).unwrap()
+}
+
 #[test]
 fn block_op_matches_the_layer_by_layer_block() {
-    use tinygpt::kernels::block::{BlockDropout, BlockOp, WeightGrads};
+    use tinygpt::kernels::block::{BlockDropout, BlockOp};
     let ws = Workspace::new(4000);
     // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows)
     let cases = [
@@ -539,15 +561,7 @@ fn block_op_matches_the_layer_by_layer_block() {
             let mask = causal_mask(tt, tt, 0, &Device::Cpu).unwrap();
             let x = random(&[3, tt, c], 1.0, 5);
             let r = random(&[3, tt, c], 1.0, 6);
-            // Layer by layer, each op under candle's autograd.
-            let x1 = Var::from_tensor(&x).unwrap();
-            let mut rng = tinygpt::rng::seeded(77);
-            let (y1, _) = block
-                .forward(x1.as_tensor(), &mask, Some(&mut rng), None, false)
-                .unwrap();
-            let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            // The whole block as one op, with the seeds the layers drew.
-            let x2 = Var::from_tensor(&x).unwrap();
+            // The seeds of the block's three dropout masks.
             let mut rng = tinygpt::rng::seeded(77);
             let dropout = (p > 0.0).then(|| BlockDropout {
                 p,
@@ -555,8 +569,23 @@ fn block_op_matches_the_layer_by_layer_block() {
                 attn_proj: rng.random(),
                 mlp_proj: rng.random(),
             });
-            let sink = WeightGrads::default();
-            let mut op = BlockOp::new(block.fused_weights(), dropout, keep, sink.clone());
+            // Layer by layer, each op under candle's autograd: the fused kernels' ops with the
+            // same masks, and without dropout the reference block too.
+            let x1 = Var::from_tensor(&x).unwrap();
+            let y1 = layer_by_layer(&block.params(), n_head, x1.as_tensor(), dropout);
+            if p == 0.0 {
+                let (y0, _) = block.forward(&x, &mask, None, None).unwrap();
+                assert_close(
+                    &format!("{what}: fused layers against the reference"),
+                    &y1,
+                    &y0,
+                );
+            }
+            let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            // The whole block as one op, with the same seeds.
+            let x2 = Var::from_tensor(&x).unwrap();
+            let sink = GradSlot::default();
+            let mut op = BlockOp::new(block.params(), n_head, 1e-5, dropout, keep, sink.clone());
             if streamed {
                 op = op.with_streamed_mlp(16);
             }
@@ -568,13 +597,13 @@ fn block_op_matches_the_layer_by_layer_block() {
                 g2.get(x2.as_tensor()).unwrap(),
                 g1.get(x1.as_tensor()).unwrap(),
             );
-            let got = sink.take();
-            let weights = block.weights();
+            let got = sink.take().expect("backward left the weights' gradients");
+            let weights = block.params().named();
+            let got = got.named();
             assert_eq!(got.len(), weights.len(), "{what}: every weight's gradient");
-            for w in &weights {
-                let (_, g) = got.iter().find(|(id, _)| *id == w.id()).unwrap();
+            for ((name, w), (_, g)) in weights.iter().zip(&got) {
                 assert_close(
-                    &format!("{what}: gradient of a {:?} weight", w.dims()),
+                    &format!("{what}: gradient of {name} {:?}", w.dims()),
                     g,
                     g1.get(w).unwrap(),
                 );

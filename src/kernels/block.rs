@@ -26,13 +26,13 @@
 //! from their seeds. With `keep_activations` off, nothing is kept and backward reruns the
 //! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
-//! The weights' gradients cannot be outputs of a one-input op, so they go to a
-//! [`WeightGrads`] store that the trainer adds to candle's gradients.
+//! The weights' gradients cannot be outputs of a one-input op, so backward leaves them, named
+//! ([`BlockParams`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{self, AttentionDropout, Dims};
@@ -47,71 +47,162 @@ use super::linear::{
 use super::matmul::{matmul, serially, MatMut, MatRef};
 use super::{f32_slice, rows_per_task, with_f32};
 
-/// Weight gradients computed inside block ops during one backward pass, by weight tensor id.
-#[derive(Debug, Clone, Default)]
-pub struct WeightGrads(Arc<Mutex<Vec<(TensorId, Tensor)>>>);
+/// A weight `(out, in)` (PyTorch's layout) or a LayerNorm gain `(C)`, and its optional bias.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+}
 
-impl WeightGrads {
-    /// Records the gradient `g` of the weight whose tensor id is `id`.
-    pub fn push(&self, id: TensorId, g: Tensor) {
-        if let Ok(mut v) = self.0.lock() {
-            v.push((id, g));
+impl<T> Affine<T> {
+    fn as_ref(&self) -> Affine<&T> {
+        Affine {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
         }
     }
 
-    /// Takes (and clears) the gradients collected so far, as (weight's tensor id, gradient).
-    pub fn take(&self) -> Vec<(TensorId, Tensor)> {
-        self.0
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default()
+    fn as_mut(&mut self) -> Affine<&mut T> {
+        Affine {
+            weight: &mut self.weight,
+            bias: self.bias.as_mut(),
+        }
+    }
+
+    fn try_map<U, E>(
+        self,
+        mut f: impl FnMut(T) -> std::result::Result<U, E>,
+    ) -> std::result::Result<Affine<U>, E> {
+        Ok(Affine {
+            weight: f(self.weight)?,
+            bias: self.bias.map(f).transpose()?,
+        })
     }
 }
 
-/// A weight `(out, in)` (PyTorch's layout) or a LayerNorm gain `(C)`, and its optional bias.
-#[derive(Debug, Clone)]
-pub struct Affine {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-/// The weights of one block, as the model holds them.
-#[derive(Debug, Clone)]
-pub struct BlockWeights {
-    /// LayerNorm gain `(C)` and bias.
-    pub ln_1: Affine,
-    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (no biases).
-    pub w_q: Tensor,
-    pub w_k: Tensor,
-    pub w_v: Tensor,
+/// The parameters of one transformer block, by name, generic over what each one holds: the
+/// model's tensors, the slices the block op reads, the gradients it returns. Biases are `None`
+/// in a model without them; W_Q, W_K, W_V never have one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockParams<T> {
+    /// LayerNorm before attention: gain `(C)` and bias.
+    pub ln_1: Affine<T>,
+    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other.
+    pub w_q: T,
+    pub w_k: T,
+    pub w_v: T,
     /// Attention output projection `(C, C)`.
-    pub attn_proj: Affine,
-    pub ln_2: Affine,
+    pub attn_proj: Affine<T>,
+    /// LayerNorm before the MLP.
+    pub ln_2: Affine<T>,
     /// MLP expansion `(4C, C)`.
-    pub fc: Affine,
+    pub fc: Affine<T>,
     /// MLP projection `(C, 4C)`.
-    pub mlp_proj: Affine,
-    pub eps: f32,
-    pub n_head: usize,
+    pub mlp_proj: Affine<T>,
 }
 
-impl BlockWeights {
-    /// Every tensor in a fixed order: LN₁ (gain, bias), W_Q, W_K, W_V, W_O (weight, bias),
-    /// LN₂, W₃, W₄ (each weight, bias).
-    fn tensors(&self) -> Vec<Option<&Tensor>> {
-        fn aff(a: &Affine) -> [Option<&Tensor>; 2] {
-            [Some(&a.weight), a.bias.as_ref()]
+impl<T> BlockParams<T> {
+    /// The same parameters, borrowed.
+    pub fn as_ref(&self) -> BlockParams<&T> {
+        BlockParams {
+            ln_1: self.ln_1.as_ref(),
+            w_q: &self.w_q,
+            w_k: &self.w_k,
+            w_v: &self.w_v,
+            attn_proj: self.attn_proj.as_ref(),
+            ln_2: self.ln_2.as_ref(),
+            fc: self.fc.as_ref(),
+            mlp_proj: self.mlp_proj.as_ref(),
+        }
+    }
+
+    /// The same parameters, mutably borrowed.
+    pub fn as_mut(&mut self) -> BlockParams<&mut T> {
+        BlockParams {
+            ln_1: self.ln_1.as_mut(),
+            w_q: &mut self.w_q,
+            w_k: &mut self.w_k,
+            w_v: &mut self.w_v,
+            attn_proj: self.attn_proj.as_mut(),
+            ln_2: self.ln_2.as_mut(),
+            fc: self.fc.as_mut(),
+            mlp_proj: self.mlp_proj.as_mut(),
+        }
+    }
+
+    /// Each parameter passed through `f` (biases only where present), in [`Self::named`] order.
+    pub fn try_map<U, E>(
+        self,
+        mut f: impl FnMut(T) -> std::result::Result<U, E>,
+    ) -> std::result::Result<BlockParams<U>, E> {
+        Ok(BlockParams {
+            ln_1: self.ln_1.try_map(&mut f)?,
+            w_q: f(self.w_q)?,
+            w_k: f(self.w_k)?,
+            w_v: f(self.w_v)?,
+            attn_proj: self.attn_proj.try_map(&mut f)?,
+            ln_2: self.ln_2.try_map(&mut f)?,
+            fc: self.fc.try_map(&mut f)?,
+            mlp_proj: self.mlp_proj.try_map(&mut f)?,
+        })
+    }
+
+    /// Every parameter present, with its name inside the block as the model's checkpoints
+    /// spell it (`ln_1.weight`, `attn.w_q.weight`, `attn.c_proj.bias`, `mlp.c_fc.weight`, …),
+    /// in a fixed order.
+    pub fn named(self) -> Vec<(&'static str, T)> {
+        fn affine<T>(v: &mut Vec<(&'static str, T)>, names: [&'static str; 2], a: Affine<T>) {
+            v.push((names[0], a.weight));
+            v.extend(a.bias.map(|b| (names[1], b)));
         }
         let mut v = Vec::with_capacity(13);
-        v.extend(aff(&self.ln_1));
-        v.extend([Some(&self.w_q), Some(&self.w_k), Some(&self.w_v)]);
-        v.extend(aff(&self.attn_proj));
-        v.extend(aff(&self.ln_2));
-        v.extend(aff(&self.fc));
-        v.extend(aff(&self.mlp_proj));
+        affine(&mut v, ["ln_1.weight", "ln_1.bias"], self.ln_1);
+        v.push(("attn.w_q.weight", self.w_q));
+        v.push(("attn.w_k.weight", self.w_k));
+        v.push(("attn.w_v.weight", self.w_v));
+        affine(
+            &mut v,
+            ["attn.c_proj.weight", "attn.c_proj.bias"],
+            self.attn_proj,
+        );
+        affine(&mut v, ["ln_2.weight", "ln_2.bias"], self.ln_2);
+        affine(&mut v, ["mlp.c_fc.weight", "mlp.c_fc.bias"], self.fc);
+        affine(
+            &mut v,
+            ["mlp.c_proj.weight", "mlp.c_proj.bias"],
+            self.mlp_proj,
+        );
         v
     }
 }
+
+/// Where a block op leaves its weights' gradients for whoever runs it: a custom op's backward
+/// can only return the gradient of its input.
+#[derive(Debug, Clone)]
+pub struct GradSlot<T>(Arc<Mutex<Option<T>>>);
+
+impl<T> Default for GradSlot<T> {
+    fn default() -> Self {
+        GradSlot(Arc::new(Mutex::new(None)))
+    }
+}
+
+impl<T> GradSlot<T> {
+    /// Leaves `g` in the slot (replacing what was there).
+    pub fn put(&self, g: T) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(g);
+        }
+    }
+
+    /// Takes what the slot holds.
+    pub fn take(&self) -> Option<T> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+}
+
+/// The gradients of one block's parameters, shaped as the parameters.
+pub type BlockGrads = BlockParams<Tensor>;
 
 /// Dropout inside the block: probability and one mask seed per place.
 #[derive(Debug, Clone, Copy)]
@@ -127,10 +218,13 @@ pub struct BlockDropout {
 
 /// A block as one op on `x` `(B, T, C)` → `(B, T, C)`.
 pub struct BlockOp {
-    weights: BlockWeights,
+    params: BlockParams<Tensor>,
+    n_head: usize,
+    /// The LayerNorms' ε.
+    eps: f32,
     dropout: Option<BlockDropout>,
     keep_activations: bool,
-    grads: WeightGrads,
+    grads: GradSlot<BlockGrads>,
     /// Per part of the batch ([`parts`]), what its backward pass needs, and [W_Q; W_K; W_V]
     /// as the forward pass stacked them.
     saved: Mutex<Option<(Vec<Activations>, Vec<f32>)>>,
@@ -141,15 +235,21 @@ pub struct BlockOp {
 }
 
 impl BlockOp {
-    /// `keep_activations`: keep what backward needs (fast), or recompute it there (small).
+    /// The block of `params` with `n_head` heads and LayerNorm ε `eps`. `keep_activations`:
+    /// keep what backward needs (fast), or recompute it there (small). Backward leaves the
+    /// parameters' gradients in `grads`.
     pub fn new(
-        weights: BlockWeights,
+        params: BlockParams<Tensor>,
+        n_head: usize,
+        eps: f32,
         dropout: Option<BlockDropout>,
         keep_activations: bool,
-        grads: WeightGrads,
+        grads: GradSlot<BlockGrads>,
     ) -> BlockOp {
         BlockOp {
-            weights,
+            params,
+            n_head,
+            eps,
             dropout: dropout.filter(|d| d.p > 0.0),
             keep_activations,
             grads,
@@ -159,8 +259,8 @@ impl BlockOp {
         }
     }
 
-    /// Never keeps GELU(h), x₁, the attention weights or the LN outputs, and runs the MLP backward `rows` rows
-    /// at a time: the path large models take, for tests on small ones.
+    /// Never keeps GELU(h), x₁, the attention weights or the LN outputs, and runs the MLP
+    /// backward `rows` rows at a time: the path large models take, for tests on small ones.
     pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
         self.keep_bytes = 0;
         self.mlp_rows = rows.max(1);
@@ -187,82 +287,40 @@ struct Activations {
     ln2: Option<Vec<f32>>,
 }
 
-/// Read access to the f32 data of the block's weight tensors for the length of one pass.
-struct Reader<'a, G> {
-    guards: Vec<Option<(G, &'a Layout)>>,
-}
-
-fn reader(w: &BlockWeights) -> Result<Reader<'_, impl Deref<Target = Storage> + '_>> {
-    let mut guards = Vec::new();
-    for t in w.tensors() {
-        guards.push(match t {
-            Some(t) => {
-                if !t.is_contiguous() {
-                    bail!("block: weight {:?} is not contiguous", t.shape())
-                }
-                Some(t.storage_and_layout())
-            }
-            None => None,
-        });
-    }
-    Ok(Reader { guards })
-}
-
-impl<G: Deref<Target = Storage>> Reader<'_, G> {
-    fn get(&self, i: usize) -> Result<Option<&[f32]>> {
-        match &self.guards[i] {
-            None => Ok(None),
-            Some((storage, layout)) => match &**storage {
-                Storage::Cpu(s) => Ok(Some(f32_slice(s, layout, "block")?)),
-                _ => bail!("block: the fused kernels run on the CPU only"),
-            },
+/// Read locks on the storage of every parameter tensor, for the length of one pass.
+fn lock(
+    params: &BlockParams<Tensor>,
+) -> Result<BlockParams<(impl Deref<Target = Storage> + '_, &Layout)>> {
+    params.as_ref().try_map(|t| {
+        if !t.is_contiguous() {
+            bail!("block: weight {:?} is not contiguous", t.shape())
         }
-    }
-
-    fn req(&self, i: usize) -> Result<&[f32]> {
-        match self.get(i)? {
-            Some(s) => Ok(s),
-            None => bail!("block: missing weight {i}"),
-        }
-    }
+        Ok(t.storage_and_layout())
+    })
 }
 
-/// Slices of every weight (a weight and its optional bias).
+/// The parameters' f32 data, and [W_Q; W_K; W_V] stacked `(3C, C)` for the one product that
+/// gives Q | K | V.
 struct W<'a> {
-    ln1: (&'a [f32], Option<&'a [f32]>),
-    /// [W_Q; W_K; W_V] stacked: `(3C, C)`.
+    p: BlockParams<&'a [f32]>,
     wqkv: Vec<f32>,
-    proj: (&'a [f32], Option<&'a [f32]>),
-    ln2: (&'a [f32], Option<&'a [f32]>),
-    fc: (&'a [f32], Option<&'a [f32]>),
-    mlp: (&'a [f32], Option<&'a [f32]>),
 }
 
 impl<'a> W<'a> {
-    /// The weights of `r`, with [W_Q; W_K; W_V] stacked unless `stacked` already holds them
+    /// The data under `locks`, with [W_Q; W_K; W_V] stacked unless `stacked` already holds them
     /// (from the forward pass: the weights do not change before its backward pass).
     fn new<G: Deref<Target = Storage>>(
-        r: &'a Reader<'_, G>,
+        locks: &'a BlockParams<(G, &Layout)>,
         stacked: Option<Vec<f32>>,
     ) -> Result<W<'a>> {
-        let wqkv = match stacked {
-            Some(w) => w,
-            None => {
-                let mut w = Vec::with_capacity(3 * r.req(2)?.len());
-                for i in 2..5 {
-                    w.extend_from_slice(r.req(i)?);
-                }
-                w
-            }
-        };
-        Ok(W {
-            ln1: (r.req(0)?, r.get(1)?),
-            wqkv,
-            proj: (r.req(5)?, r.get(6)?),
-            ln2: (r.req(7)?, r.get(8)?),
-            fc: (r.req(9)?, r.get(10)?),
-            mlp: (r.req(11)?, r.get(12)?),
-        })
+        let p = locks
+            .as_ref()
+            .try_map(|(storage, layout)| match &**storage {
+                Storage::Cpu(s) => f32_slice(s, layout, "block"),
+                _ => bail!("block: the fused kernels run on the CPU only"),
+            })?;
+        let wqkv = stacked.unwrap_or_else(|| [p.w_q, p.w_k, p.w_v].concat());
+        Ok(W { p, wqkv })
     }
 }
 
@@ -322,11 +380,8 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
     s
 }
 
-/// The weights' gradients from a backward pass, in [`BlockWeights::tensors`] order (`None`
-/// for a bias the block does not have), except that W_Q's place holds the gradient of
-/// [W_Q; W_K; W_V] stacked, `(3C, C)`, and W_K's and W_V's are `None`: the three are views
-/// of it ([`BlockOp::push_grads`]).
-type Gradients = Vec<Option<Vec<f32>>>;
+/// The parameters' gradients from one part's backward pass.
+type Gradients = BlockParams<Vec<f32>>;
 
 /// Which of the optional activations a forward pass keeps ([`KEEP_BYTES`]).
 #[derive(Clone, Copy)]
@@ -374,24 +429,27 @@ fn run_part<R>(part: &Dims, whole: &Dims, f: impl FnOnce() -> R) -> R {
 }
 
 /// The parts' weight gradients summed in part order (the tensors side by side).
-fn merge(results: Vec<Gradients>) -> Gradients {
+fn merge(results: Vec<Gradients>) -> Result<Gradients> {
     let mut parts = results.into_iter();
-    let mut grads = parts.next().unwrap_or_default();
+    let Some(mut sum) = parts.next() else {
+        bail!("block: a backward pass over no part of the batch")
+    };
     for part in parts {
-        grads.par_iter_mut().zip(part).for_each(|(sum, g)| {
-            if let (Some(sum), Some(g)) = (sum.as_mut(), g) {
-                sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
-            }
-        });
+        let sums = sum.as_mut().named();
+        sums.into_par_iter()
+            .zip(part.named())
+            .for_each(|((_, s), (_, g))| {
+                s.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
+            });
     }
-    grads
+    Ok(sum)
 }
 
 /// The most rows (B·T) a block op splits into halves ([`parts`]). Where ops are short the
 /// halves pay: the small config (768 rows) steps 3% faster. Where they are long they do not:
 /// the 10M config (16,384 rows) stepped 2–4% slower split, and its peak memory rose from 1.78
 /// to 2.1–2.2 GB (each thread's allocator arena keeps the buffers it freed).
-pub const SPLIT_ROWS: usize = 4096;
+pub(crate) const SPLIT_ROWS: usize = 4096;
 
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
@@ -464,7 +522,7 @@ impl BlockOp {
         let fits = |floats: usize| keep && floats * 4 <= self.keep_bytes;
         let n = dims.b * dims.t;
         Keep {
-            g: fits(n * self.weights.fc.weight.dims()[0]),
+            g: fits(n * self.params.fc.weight.dims()[0]),
             x1: fits(n * dims.c),
             probs: fits(dims.b * dims.n_head * dims.t * dims.t),
             ln: fits(n * dims.c),
@@ -474,24 +532,27 @@ impl BlockOp {
     /// The forward pass on `x` `(B, T, C)`, one part of the batch: the output, written into
     /// `y` (as long as `x`), and what backward needs (the optional parts as `keep` says).
     fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: Keep, y: &mut [f32]) -> Activations {
-        let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
+        let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
-        let a = layer_norm_new(x, w.ln1.0, w.ln1.1, eps);
+        let a = layer_norm_new(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
         let qkv = affine(&a, c, &w.wqkv, None);
         let (att, probs) =
             attention::forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
         let x1 = self.attention_residual(w, x, &att, first);
         let (b, ln1) = match keep.ln {
-            true => (layer_norm_new(&x1, w.ln2.0, w.ln2.1, eps), Some(a)),
+            true => (
+                layer_norm_new(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps),
+                Some(a),
+            ),
             false => {
                 let mut b = a; // LN₁'s output is not needed any more
-                layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+                layer_norm_forward(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
                 (b, None)
             }
         };
-        let h = affine(&b, c, w.fc.0, w.fc.1);
+        let h = affine(&b, c, w.p.fc.weight, w.p.fc.bias);
         let g = gelu_new(&h);
-        affine_into(&g, h.len() / n, w.mlp.0, w.mlp.1, y);
+        affine_into(&g, h.len() / n, w.p.mlp_proj.weight, w.p.mlp_proj.bias, y);
         add_dropped(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
         let x1 = keep.x1.then_some(x1);
@@ -511,8 +572,8 @@ impl BlockOp {
     /// x₁ = x + drop₂(att·W_Oᵀ (+ b)): computed in forward, and again in backward when it is
     /// not kept ([`KEEP_BYTES`]). `first`: the number of x's first element in the whole batch (for the dropout mask).
     fn attention_residual(&self, w: &W, x: &[f32], att: &[f32], first: usize) -> Vec<f32> {
-        let c = w.ln1.0.len();
-        let mut x1 = affine(att, c, w.proj.0, w.proj.1);
+        let c = w.p.ln_1.weight.len();
+        let mut x1 = affine(att, c, w.p.attn_proj.weight, w.p.attn_proj.bias);
         add_dropped(&mut x1, x, self.dropout.map(|d| (d.attn_proj, d.p, first)));
         x1
     }
@@ -529,7 +590,7 @@ impl BlockOp {
         act: Activations,
         dx: &mut [f32],
     ) -> Gradients {
-        let (n, c, eps) = (dims.b * dims.t, dims.c, self.weights.eps);
+        let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
         let first = dims.b0 * dims.t * c;
         let hid = act.h.len() / n;
         let Activations {
@@ -553,28 +614,28 @@ impl BlockOp {
         // The MLP branch.
         let dm_own = dropped(dy, self.dropout.map(|d| d.mlp_proj));
         let dm = dm_own.as_deref().unwrap_or(dy);
-        let d_mlp_b = w.mlp.1.map(|_| column_sums(dm, c));
-        let (d_mlp_w, g) = mlp_backward(h, g, dm, w.mlp.0, c, hid, self.mlp_rows); // g: dL/dh
+        let d_mlp_b = w.p.mlp_proj.bias.map(|_| column_sums(dm, c));
+        let (d_mlp_w, g) = mlp_backward(h, g, dm, w.p.mlp_proj.weight, c, hid, self.mlp_rows); // g: dL/dh
         drop(dm_own);
-        let d_fc_b = w.fc.1.map(|_| column_sums(&g, hid));
+        let d_fc_b = w.p.fc.bias.map(|_| column_sums(&g, hid));
         let mut b = ln2.unwrap_or_else(|| {
             let mut b = vec![0.0f32; n * c];
-            layer_norm_forward(&x1, w.ln2.0, w.ln2.1, eps, &mut b);
+            layer_norm_forward(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
             b
         });
         let d_fc_w = weight_grad(&g, hid, &b, c);
-        input_grad_into(&g, hid, w.fc.0, c, &mut b); // b now holds dL/dLN₂(x₁)
+        input_grad_into(&g, hid, w.p.fc.weight, c, &mut b); // b now holds dL/dLN₂(x₁)
         drop(g);
-        let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.ln2.0, &b, eps);
+        let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.p.ln_2.weight, &b, eps);
         drop(x1);
         add_dropped(&mut dx1, dy, None);
         // The attention branch.
         let dp_own = dropped(&dx1, self.dropout.map(|d| d.attn_proj));
         let dp = dp_own.as_deref().unwrap_or(&dx1);
-        let d_proj_b = w.proj.1.map(|_| column_sums(dp, c));
+        let d_proj_b = w.p.attn_proj.bias.map(|_| column_sums(dp, c));
         let d_proj_w = weight_grad(dp, c, &att, c);
         let mut datt = att; // att is not needed after dW_O
-        input_grad_into(dp, c, w.proj.0, c, &mut datt);
+        input_grad_into(dp, c, w.p.attn_proj.weight, c, &mut datt);
         drop(dp_own);
         let dropout = self.attention_dropout();
         let dqkv = attention::backward_slices(dims, &qkv, &datt, dropout, probs.as_deref());
@@ -583,55 +644,60 @@ impl BlockOp {
         let d_qkv_w = match &ln1 {
             Some(ln1) => weight_grad(&dqkv, 3 * c, ln1, c),
             None => {
-                layer_norm_forward(x, w.ln1.0, w.ln1.1, eps, &mut a);
+                layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps, &mut a);
                 weight_grad(&dqkv, 3 * c, &a, c)
             }
         };
         drop(ln1);
         input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
-        let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.ln1.0, &a, eps, dx);
+        let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.p.ln_1.weight, &a, eps, dx);
         add_dropped(dx, &dx1, None);
-        vec![
-            Some(d_ln1_w),
-            w.ln1.1.map(|_| d_ln1_b),
-            Some(d_qkv_w),
-            None,
-            None,
-            Some(d_proj_w),
-            d_proj_b,
-            Some(d_ln2_w),
-            w.ln2.1.map(|_| d_ln2_b),
-            Some(d_fc_w),
-            d_fc_b,
-            Some(d_mlp_w),
-            d_mlp_b,
-        ]
+        // dW_QKV's rows are dW_Q's, then dW_K's, then dW_V's.
+        let mut d_w_q = d_qkv_w;
+        let mut d_w_k = d_w_q.split_off(c * c);
+        let d_w_v = d_w_k.split_off(c * c);
+        BlockParams {
+            ln_1: Affine {
+                weight: d_ln1_w,
+                bias: w.p.ln_1.bias.map(|_| d_ln1_b),
+            },
+            w_q: d_w_q,
+            w_k: d_w_k,
+            w_v: d_w_v,
+            attn_proj: Affine {
+                weight: d_proj_w,
+                bias: d_proj_b,
+            },
+            ln_2: Affine {
+                weight: d_ln2_w,
+                bias: w.p.ln_2.bias.map(|_| d_ln2_b),
+            },
+            fc: Affine {
+                weight: d_fc_w,
+                bias: d_fc_b,
+            },
+            mlp_proj: Affine {
+                weight: d_mlp_w,
+                bias: d_mlp_b,
+            },
+        }
     }
 
-    /// Hands the weights' gradients to the [`WeightGrads`] store, W_Q's, W_K's and W_V's as
-    /// views of their stacked gradient (no copies).
-    fn push_grads(&self, grads: Gradients) -> Result<()> {
-        let w = &self.weights;
-        for (i, (t, g)) in w.tensors().into_iter().zip(grads).enumerate() {
-            let (Some(t), Some(g)) = (t, g) else { continue };
-            if i != 2 {
-                self.grads
-                    .push(t.id(), Tensor::from_vec(g, t.shape(), t.device())?);
-                continue;
-            }
-            let c = t.dim(1)?;
-            let stacked = Tensor::from_vec(g, (3 * c, c), t.device())?;
-            for (k, wt) in [&w.w_q, &w.w_k, &w.w_v].into_iter().enumerate() {
-                self.grads.push(wt.id(), stacked.narrow(0, k * c, c)?);
-            }
-        }
-        Ok(())
+    /// The gradients as tensors shaped as the parameters they belong to.
+    fn to_tensors(&self, grads: Gradients) -> Result<BlockGrads> {
+        let mut shapes = self.params.as_ref().named().into_iter();
+        grads.try_map(|g| {
+            let Some((_, t)) = shapes.next() else {
+                bail!("block: more gradients than parameters")
+            };
+            Tensor::from_vec(g, t.shape(), t.device())
+        })
     }
 
     fn dims(&self, shape: &Shape) -> Result<Dims> {
         let (b, t, c) = shape.dims3()?;
-        let cw = self.weights.ln_1.weight.dims1()?;
-        let n_head = self.weights.n_head;
+        let cw = self.params.ln_1.weight.dims1()?;
+        let n_head = self.n_head;
         if c != cw || n_head == 0 || c % n_head != 0 {
             bail!("block: input width {c} does not fit a block of width {cw} and {n_head} heads")
         }
@@ -647,8 +713,8 @@ impl CustomOp1 for BlockOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l.shape())?;
         let x = f32_slice(s, l, "block")?;
-        let r = reader(&self.weights)?;
-        let w = W::new(&r, None)?;
+        let locks = lock(&self.params)?;
+        let w = W::new(&locks, None)?;
         let keep = self.keeps(&dims, self.keep_activations);
         let row = dims.t * dims.c;
         let parts = parts(&dims);
@@ -678,8 +744,8 @@ impl CustomOp1 for BlockOp {
         };
         let (dx, grads) = with_f32(x, "block backward", |x| {
             with_f32(dy, "block backward", |dy| -> Result<_> {
-                let r = reader(&self.weights)?;
-                let w = W::new(&r, stacked)?;
+                let locks = lock(&self.params)?;
+                let w = W::new(&locks, stacked)?;
                 let row = dims.t * dims.c;
                 let parts = parts(&dims);
                 let acts: Vec<Option<Activations>> = match saved {
@@ -703,10 +769,10 @@ impl CustomOp1 for BlockOp {
                         })
                     })
                     .collect();
-                Ok((dx, merge(results)))
+                Ok((dx, merge(results)?))
             })
         })???;
-        self.push_grads(grads)?;
+        self.grads.put(self.to_tensors(grads)?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -126,3 +126,22 @@ pub fn configure_threads(kernels: Kernels) {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Runs `f`, the forward and backward passes of a batch of `rows` rows (B·T), where the kernels
+/// run best: on one of rayon's worker threads when the batch is small enough for its blocks to
+/// run as halves ([`block::SPLIT_ROWS`]), else on the calling thread.
+///
+/// A pass is some hundred parallel kernels with short serial stretches between them; started
+/// from a thread outside the pool, each kernel hands its work to the pool and puts the caller
+/// to sleep until it is done (two context switches and a wake-up per kernel). Started from a
+/// worker, the kernels split their work with the other workers directly. Large batches stay on
+/// the calling thread: their kernels are long, so hand-offs cost little, and their largest
+/// buffers would be allocated on a worker thread, from a glibc arena that serves anything over
+/// 64 MiB with fresh pages every time.
+pub fn in_pool<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
+    if rows <= block::SPLIT_ROWS {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}

@@ -16,14 +16,11 @@
 //! in evaluation, sampling and inspection, the two are the same function call).
 
 use candle_core::{Device, Tensor, D};
-use rand::Rng as _;
+use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::layers::{dropout, Linear};
 use super::params::Params;
 use crate::error::Result;
-use crate::kernels::attention::{causal_attention, AttentionDropout};
-use crate::kernels::linear::linear;
-use crate::kernels::Kernels;
 use crate::rng::Rng;
 
 /// The additive causal mask M for `t_q` queries at positions `offset..offset + t_q` over `t_k`
@@ -45,7 +42,8 @@ pub fn causal_mask(t_q: usize, t_k: usize, offset: usize, device: &Device) -> Re
 
 /// Softmax over the last dimension, computed as exp(x − max) / Σ exp(x − max) so that scores
 /// of ±1000 neither overflow nor underflow to NaN. The max is a constant shift (softmax does not
-/// change under it), so it is detached from the gradient.
+/// change under it), so it is detached from the gradient (candle-nn's `softmax` does not detach
+/// it, which changes the gradient's rounding; its `softmax_last_dim` has no CPU backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -81,7 +79,7 @@ pub(crate) fn attend(
         None => scores,
     };
     let weights = softmax_last_dim(&scores)?;
-    let dropped = dropout(&weights, p, rng, Kernels::Reference)?;
+    let dropped = dropout(&weights, p, rng)?;
     let out = dropped.matmul(v)?;
     Ok((out, weights))
 }
@@ -95,46 +93,13 @@ pub fn simple_self_attention(inputs: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((context, weights))
 }
 
-/// Keys and values of one attention layer for the tokens seen so far (KV cache): `(…, T, d)`.
-pub type LayerKv = Option<(Tensor, Tensor)>;
-
-/// Appends `k`, `v` to the cache along the time dimension and returns the full keys and values.
-fn extend_cache(cache: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    let Some(slot) = cache else {
-        return Ok((k, v));
-    };
-    let (k, v) = match slot.take() {
-        Some((pk, pv)) => {
-            let dim = k.rank() - 2;
-            (Tensor::cat(&[&pk, &k], dim)?, Tensor::cat(&[&pv, &v], dim)?)
-        }
+/// The keys and values `(…, T_k, d)` to attend over: with a cache, `k` and `v` appended to the
+/// cached ones (candle-nn's KV cache); without, `k` and `v` themselves.
+fn with_cache(cache: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    Ok(match cache {
+        Some(c) => c.append(&k, &v)?,
         None => (k, v),
-    };
-    *slot = Some((k.clone(), v.clone()));
-    Ok((k, v))
-}
-
-/// The fused path shared by [`Head`] and [`MultiHeadAttention`]: one product with W_Q, W_K,
-/// W_V stacked `(3C', C)` gives Q | K | V side by side, and one kernel does every head's
-/// masked softmax and weighted sum ([`crate::kernels::attention`]). `(B, T, C)` → `(B, T, C')`.
-fn fused_attention(
-    w_q: &Linear,
-    w_k: &Linear,
-    w_v: &Linear,
-    x: &Tensor,
-    n_head: usize,
-    p: f64,
-    rng: Option<&mut Rng>,
-) -> Result<Tensor> {
-    let w = Tensor::cat(&[&w_q.weight, &w_k.weight, &w_v.weight], 0)?; // (3C', C)
-    let qkv = linear(x, &w)?; // (B, T, 3C')
-                              // No draw when p = 0: the run's random stream (and so its batches) stays the same as on
-                              // the reference kernels.
-    let drop = rng.filter(|_| p > 0.0).map(|r| AttentionDropout {
-        p,
-        seed: r.random(),
-    });
-    Ok(causal_attention(&qkv, n_head, drop)?)
+    })
 }
 
 /// One masked head of self-attention with its own W_Q, W_K, W_V (no bias), each `(hs, C)`.
@@ -144,8 +109,6 @@ pub struct Head {
     pub w_k: Linear,
     pub w_v: Linear,
     pub dropout: f64,
-    /// Which implementation [`Head::forward_fast`] uses.
-    pub kernels: Kernels,
 }
 
 impl Head {
@@ -157,32 +120,14 @@ impl Head {
         head_size: usize,
         dropout: f64,
     ) -> Result<Head> {
-        let r = Kernels::Reference;
+        let mut w =
+            |n: &str| Linear::new(p, &format!("{name}.{n}"), n_embd, head_size, false, 0.02);
         Ok(Head {
-            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, head_size, false, 0.02, r)?,
-            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, head_size, false, 0.02, r)?,
-            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, head_size, false, 0.02, r)?,
+            w_q: w("w_q")?,
+            w_k: w("w_k")?,
+            w_v: w("w_v")?,
             dropout,
-            kernels: r,
         })
-    }
-
-    /// The same head running on `kernels`.
-    pub fn with_kernels(mut self, kernels: Kernels) -> Head {
-        for l in [&mut self.w_q, &mut self.w_k, &mut self.w_v] {
-            l.kernels = kernels;
-        }
-        self.kernels = kernels;
-        self
-    }
-
-    /// `x` `(B, T, C)` → `(B, T, hs)` without the weights: the training path, fused when
-    /// `kernels` is.
-    pub fn forward_fast(&self, x: &Tensor, mask: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
-            return fused_attention(&self.w_q, &self.w_k, &self.w_v, x, 1, self.dropout, rng);
-        }
-        Ok(self.forward(x, mask, rng, None)?.0)
     }
 
     /// `x` `(B, T, C)` → `(out (B, T, hs), weights (B, T, T_k))`. `mask` is `(T, T_k)`; with a
@@ -194,10 +139,10 @@ impl Head {
         rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor)> {
-        let q = self.w_q.forward(x)?; // (B, T, hs)
-        let k = self.w_k.forward(x)?;
-        let v = self.w_v.forward(x)?;
-        let (k, v) = extend_cache(cache, k, v)?; // (B, T_k, hs)
+        let q = x.apply(&self.w_q)?; // (B, T, hs)
+        let k = x.apply(&self.w_k)?;
+        let v = x.apply(&self.w_v)?;
+        let (k, v) = with_cache(cache, k, v)?; // (B, T_k, hs)
         attend(&q, &k, &v, Some(mask), self.dropout, rng)
     }
 }
@@ -212,8 +157,6 @@ pub struct MultiHeadAttention {
     pub c_proj: Linear,
     pub n_head: usize,
     pub dropout: f64,
-    /// Which implementation [`MultiHeadAttention::forward_fast`] uses.
-    pub kernels: Kernels,
 }
 
 impl MultiHeadAttention {
@@ -226,61 +169,17 @@ impl MultiHeadAttention {
         bias: bool,
         proj_std: f64,
     ) -> Result<Self> {
-        let r = Kernels::Reference;
+        let mut w = |n: &str| Linear::new(p, &format!("{name}.{n}"), n_embd, n_embd, false, 0.02);
+        let (w_q, w_k, w_v) = (w("w_q")?, w("w_k")?, w("w_v")?);
+        let c_proj = Linear::new(p, &format!("{name}.c_proj"), n_embd, n_embd, bias, proj_std)?;
         Ok(MultiHeadAttention {
-            w_q: Linear::new(p, &format!("{name}.w_q"), n_embd, n_embd, false, 0.02, r)?,
-            w_k: Linear::new(p, &format!("{name}.w_k"), n_embd, n_embd, false, 0.02, r)?,
-            w_v: Linear::new(p, &format!("{name}.w_v"), n_embd, n_embd, false, 0.02, r)?,
-            c_proj: Linear::new(
-                p,
-                &format!("{name}.c_proj"),
-                n_embd,
-                n_embd,
-                bias,
-                proj_std,
-                r,
-            )?,
+            w_q,
+            w_k,
+            w_v,
+            c_proj,
             n_head,
             dropout,
-            kernels: r,
         })
-    }
-
-    /// The same layer running on `kernels`.
-    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
-        for l in [
-            &mut self.w_q,
-            &mut self.w_k,
-            &mut self.w_v,
-            &mut self.c_proj,
-        ] {
-            l.kernels = kernels;
-        }
-        self.kernels = kernels;
-        self
-    }
-
-    /// `x` `(B, T, C)` → `(B, T, C)` without the weights: the training path, fused when
-    /// `kernels` is.
-    pub fn forward_fast(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        mut rng: Option<&mut Rng>,
-    ) -> Result<Tensor> {
-        if self.kernels != Kernels::Fused {
-            return Ok(self.forward(x, mask, rng, None)?.0);
-        }
-        let y = fused_attention(
-            &self.w_q,
-            &self.w_k,
-            &self.w_v,
-            x,
-            self.n_head,
-            self.dropout,
-            rng.as_deref_mut(),
-        )?;
-        dropout(&self.c_proj.forward(&y)?, self.dropout, rng, self.kernels)
     }
 
     /// `x` `(B, T, C)` → `(out (B, T, C), weights (B, n_head, T, T_k))`.
@@ -293,19 +192,19 @@ impl MultiHeadAttention {
     ) -> Result<(Tensor, Tensor)> {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
-        let split = |y: Tensor| -> Result<Tensor> {
-            // (B, T, C) → (B, T, nh, hs) → (B, nh, T, hs)
-            Ok(y.reshape((b, t, self.n_head, hs))?
+        // (B, T, C) → (B, T, nh, hs) → (B, nh, T, hs)
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.n_head, hs))?
                 .transpose(1, 2)?
-                .contiguous()?)
+                .contiguous()
         };
-        let q = split(self.w_q.forward(x)?)?;
-        let k = split(self.w_k.forward(x)?)?;
-        let v = split(self.w_v.forward(x)?)?;
-        let (k, v) = extend_cache(cache, k, v)?; // (B, nh, T_k, hs)
+        let q = split(x.apply(&self.w_q)?)?;
+        let k = split(x.apply(&self.w_k)?)?;
+        let v = split(x.apply(&self.w_v)?)?;
+        let (k, v) = with_cache(cache, k, v)?; // (B, nh, T_k, hs)
         let (y, weights) = attend(&q, &k, &v, Some(mask), self.dropout, rng.as_deref_mut())?;
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): heads side by side
-        let y = dropout(&self.c_proj.forward(&y)?, self.dropout, rng, self.kernels)?;
+        let y = dropout(&y.apply(&self.c_proj)?, self.dropout, rng)?;
         Ok((y, weights))
     }
 }

@@ -1,20 +1,23 @@
 //! The KV cache for incremental decoding: each layer's keys and values of the tokens seen so
 //! far, so that a new token costs one row of attention instead of a whole forward pass.
 
-use super::attention::LayerKv;
+use super::config::ModelConfig;
 
-/// Keys and values per layer, `(B, n_head, T, hs)` each, plus how many positions they cover.
+/// One candle-nn KV cache per layer, `(B, n_head, T, hs)` (a lone head: `(B, T, hs)`), plus
+/// how many positions they cover.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub(crate) layers: Vec<LayerKv>,
+    pub(crate) layers: Vec<candle_nn::kv_cache::KvCache>,
     pub(crate) len: usize,
 }
 
 impl KvCache {
-    /// An empty cache for a model of `n_layer` blocks.
-    pub fn new(n_layer: usize) -> KvCache {
+    /// An empty cache for a model of shape `cfg`.
+    pub fn new(cfg: &ModelConfig) -> KvCache {
+        let time_dim = if cfg.n_head == 1 { 1 } else { 2 };
+        let layer = candle_nn::kv_cache::KvCache::new(time_dim, cfg.block_size);
         KvCache {
-            layers: vec![None; n_layer],
+            layers: vec![layer; cfg.n_layer],
             len: 0,
         }
     }
@@ -31,7 +34,7 @@ impl KvCache {
 
     /// Forgets everything (e.g. when the context window slides).
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers.iter_mut().for_each(|l| l.reset());
         self.len = 0;
     }
 }

@@ -1,22 +1,22 @@
-//! The small layers the blocks are made of: Linear, LayerNorm and dropout. Each has two
-//! implementations, chosen by `model.kernels`: candle's composed (differentiable) ops, written
-//! to be read, and tinygpt's fused CPU kernels ([`crate::kernels`]), written to be fast.
+//! The small layers the blocks are made of: Linear, LayerNorm and dropout, on candle's
+//! composed (differentiable) ops. Linear and LayerNorm are candle-nn [`Module`]s, so a forward
+//! reads `x.apply(&self.ln_1)?`. Ours rather than candle-nn's: its `Linear` runs a batched
+//! matmul (other rounding than one 2-D product), its fast `LayerNorm` has no backward, and its
+//! dropout draws from candle's RNG, which cannot be seeded.
 
 use candle_core::{DType, Tensor, D};
-use rand::Rng as _;
+use candle_nn::Module;
 
 use super::params::{Init, Params};
 use crate::error::Result;
-use crate::kernels;
-use crate::kernels::Kernels;
 use crate::rng::Rng;
+use rand::Rng as _;
 
 /// y = x·Wᵀ + b over the last dimension; W is `(out, in)` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub kernels: Kernels,
 }
 
 impl Linear {
@@ -28,42 +28,31 @@ impl Linear {
         d_out: usize,
         bias: bool,
         std: f64,
-        kernels: Kernels,
     ) -> Result<Linear> {
         let weight = p.get(&format!("{name}.weight"), &[d_out, d_in], Init::Normal(std))?;
-        let bias = if bias {
-            Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?)
-        } else {
-            None
+        let bias = match bias {
+            true => Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?),
+            false => None,
         };
-        Ok(Linear {
-            weight,
-            bias,
-            kernels,
-        })
+        Ok(Linear { weight, bias })
     }
+}
 
-    /// `(…, in)` → `(…, out)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
-            let y = kernels::linear::linear(x, &self.weight)?;
-            return Ok(match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
-        }
-        let dims = x.dims().to_vec();
+impl Module for Linear {
+    /// `(…, in)` → `(…, out)`, as one 2-D product over all rows.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
-        let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = x
+            .reshape((x.elem_count() / d_in, d_in))?
+            .matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out)?)
+        let last = dims.len() - 1;
+        dims[last] = self.weight.dim(0)?;
+        y.reshape(dims)
     }
 }
 
@@ -73,68 +62,45 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub eps: f64,
-    pub kernels: Kernels,
 }
 
 impl LayerNorm {
-    pub fn new(
-        p: &mut Params,
-        name: &str,
-        dim: usize,
-        bias: bool,
-        kernels: Kernels,
-    ) -> Result<LayerNorm> {
+    pub fn new(p: &mut Params, name: &str, dim: usize, bias: bool) -> Result<LayerNorm> {
         let weight = p.get(&format!("{name}.weight"), &[dim], Init::Ones)?;
-        let bias = if bias {
-            Some(p.get(&format!("{name}.bias"), &[dim], Init::Zeros)?)
-        } else {
-            None
+        let bias = match bias {
+            true => Some(p.get(&format!("{name}.bias"), &[dim], Init::Zeros)?),
+            false => None,
         };
         Ok(LayerNorm {
             weight,
             bias,
             eps: 1e-5,
-            kernels,
         })
     }
+}
 
+impl Module for LayerNorm {
     /// `(B, T, C)` → `(B, T, C)`: (x − mean) / √(var + ε) · w + b.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.kernels == Kernels::Fused {
-            let b = self.bias.as_ref();
-            return Ok(kernels::layer_norm::layer_norm(
-                x,
-                &self.weight,
-                b,
-                self.eps,
-            )?);
-        }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xhat = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = xhat.broadcast_mul(&self.weight)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 
 /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1−p).
-/// Masks are drawn from the run's RNG so training stays reproducible (the fused version draws
-/// one seed for a counter-based mask). Without an RNG (eval, sampling) or with p = 0 it is the
-/// identity.
-pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>, kernels: Kernels) -> Result<Tensor> {
-    let Some(rng) = rng else {
+/// Masks are drawn from the run's RNG so training stays reproducible. Without an RNG (eval,
+/// sampling) or with p = 0 it is the identity.
+pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
+    let Some(rng) = rng.filter(|_| p > 0.0) else {
         return Ok(x.clone());
     };
-    if p == 0.0 {
-        return Ok(x.clone());
-    }
-    if kernels == Kernels::Fused {
-        return Ok(kernels::dropout::dropout(x, p, rng.random())?);
-    }
     let scale = (1.0 / (1.0 - p)) as f32;
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })

@@ -15,11 +15,11 @@ use rayon::prelude::*;
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
-use crate::config::{Config, Kernels};
+use crate::config::Config;
 use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::adamw::sum_of_squares;
-use crate::kernels::block::SPLIT_ROWS;
 use crate::kernels::with_f32;
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
@@ -61,7 +61,10 @@ pub struct RunSummary {
 pub struct Trainer {
     pub config: Config,
     pub tokenizer: Tokenizer,
+    /// The reference model, whose weights are the run's parameters.
     pub model: Gpt,
+    /// What runs `model` for training and evaluation, chosen once from `model.kernels`.
+    pub engine: Engine,
     pub params: Params,
     pub optimizer: AdamW,
     pub state: TrainState,
@@ -145,9 +148,8 @@ impl Trainer {
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
         let mut params = Params::fresh(rng.clone(), device);
-        let mut model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
-        model.recompute = config.training.recompute_activations;
-        model.block_ops = config.model.kernels == Kernels::Fused;
+        let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
+        let engine = engine_for(&model, &config);
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
@@ -164,6 +166,7 @@ impl Trainer {
             config,
             tokenizer,
             model,
+            engine,
             params,
             optimizer,
             state,
@@ -205,13 +208,13 @@ impl Trainer {
         let mut optimizer = AdamW::new(ck.params.vars(), &config.training);
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
         optimizer.load_state(&opt_state)?;
-        let mut model = ck.model;
-        model.recompute = config.training.recompute_activations;
-        model.block_ops = config.model.kernels == Kernels::Fused;
+        let model = ck.model;
+        let engine = engine_for(&model, &config);
         Ok(Trainer {
             config,
             tokenizer: ck.tokenizer,
             model,
+            engine,
             params: ck.params,
             optimizer,
             state,
@@ -223,12 +226,7 @@ impl Trainer {
     /// Mean loss over `eval_iters` batches of each split (dropout off). The batches come from
     /// a stream of their own, fixed by seed and step, so evaluating (or not) never changes
     /// the training stream: a run stopped early and resumed matches one run straight through.
-    pub fn evaluate(&mut self) -> Result<(f64, f64)> {
-        let rows = self.batch_rows();
-        on_workers(rows, || self.evaluate_here())
-    }
-
-    fn evaluate_here(&self) -> Result<(f64, f64)> {
+    pub fn evaluate(&self) -> Result<(f64, f64)> {
         let t = &self.config.training;
         let mut rng = seeded(t.seed);
         rng.set_stream(2 + self.state.step as u64);
@@ -243,8 +241,7 @@ impl Trainer {
                     &mut rng,
                     &self.device,
                 )?;
-                let loss = self.model.loss(&x, &y, None)?;
-                sum += loss.to_scalar::<f32>()? as f64;
+                sum += self.engine.loss(&x, &y)?;
             }
             out[i] = sum / t.eval_iters as f64;
         }
@@ -252,19 +249,7 @@ impl Trainer {
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss.
-    ///
-    /// A small step runs on one of rayon's worker threads ([`on_workers`]).
     pub fn train_step(&mut self) -> Result<f64> {
-        let rows = self.batch_rows();
-        on_workers(rows, || self.step_here())
-    }
-
-    /// Rows (sequences × positions) of one micro-batch.
-    fn batch_rows(&self) -> usize {
-        self.config.training.batch_size * self.config.model.block_size
-    }
-
-    fn step_here(&mut self) -> Result<f64> {
         let t = self.config.training.clone();
         let block = self.config.model.block_size;
         let names: Vec<String> = self.optimizer.names().map(str::to_string).collect();
@@ -279,24 +264,15 @@ impl Trainer {
                 &mut self.state.rng,
                 &self.device,
             )?;
-            let loss = self.model.loss(&x, &y, Some(&mut self.state.rng))?;
-            let l = loss.to_scalar::<f32>()? as f64;
+            let (l, store) =
+                self.engine
+                    .loss_and_grads(&x, &y, &mut self.state.rng, t.grad_accum_steps)?;
             if !l.is_finite() {
                 return Err(non_finite(self.state.step + 1, "loss", t.learning_rate));
             }
             loss_sum += l;
-            let scaled = if t.grad_accum_steps > 1 {
-                (loss / t.grad_accum_steps as f64)?
-            } else {
-                loss
-            };
-            let store = scaled.backward()?;
-            let recomputed = self.model.weight_grads.take();
             for (acc, name) in grads.iter_mut().zip(&names) {
-                let id = vars[name].as_tensor().id();
-                let direct = store.get(vars[name].as_tensor());
-                let inner = recomputed.iter().filter(|(i, _)| *i == id).map(|(_, g)| g);
-                for g in direct.into_iter().chain(inner) {
+                if let Some(g) = store.get(vars[name].as_tensor()) {
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
                         None => g.clone(),
@@ -482,24 +458,10 @@ impl Trainer {
     }
 }
 
-/// Runs `f` on one of rayon's worker threads and waits for it. A step is some hundred
-/// parallel kernels with short serial stretches between them; started from a thread outside
-/// the pool, each kernel hands its work to the pool and puts the caller to sleep until it is
-/// done (two context switches, and a wake-up, per kernel). Started from a worker, the kernels
-/// split their work with the other workers directly. (Small config: context switches per
-/// step 130 → 30–45, 2–4% faster.)
-///
-/// Only for batches of at most [`SPLIT_ROWS`] rows (those whose blocks run as halves): large
-/// ones run on the calling thread. Their kernels are long, so hand-offs cost little, and their
-/// largest buffers (96 MiB on the 10M config) would be allocated on a worker thread, from a
-/// glibc arena that serves anything over 64 MiB with fresh pages every time (10M config:
-/// 8.1 → 9.5 s/iter, peak 1.71 → 1.99 GB).
-fn on_workers<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
-    if rows <= SPLIT_ROWS {
-        rayon::scope(|_| f())
-    } else {
-        f()
-    }
+/// The engine a run of `config` trains `model` with.
+fn engine_for(model: &Gpt, config: &Config) -> Engine {
+    let recompute = config.training.recompute_activations;
+    Engine::new(model, config.model.kernels, recompute)
 }
 
 fn non_finite(step: usize, what: &str, lr: f64) -> Error {

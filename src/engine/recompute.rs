@@ -1,4 +1,4 @@
-//! Activation recomputation ("gradient checkpointing") for whole blocks.
+//! Activation recomputation ("gradient checkpointing") for whole blocks of the reference model.
 //!
 //! candle's autograd keeps every intermediate tensor of the forward pass alive until the
 //! backward pass has used it: for the 10M-parameter config that is about 21 tensors of
@@ -9,32 +9,33 @@
 //! second forward pass through every block.
 //!
 //! The op's backward can return the gradient of its input only, so the gradients of the
-//! block's own weights go to a [`WeightGrads`] store that the trainer adds to the rest.
-//! Dropout draws from an RNG seeded once per block and pass, so the recomputation drops the
-//! same units as the first run.
+//! block's own weights go to a [`GradSlot`] that the engine adds to the rest. Dropout draws
+//! from an RNG seeded once per block and pass, so the recomputation drops the same units as
+//! the first run.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 
-use super::block::Block;
-use crate::kernels::block::WeightGrads;
+use crate::kernels::block::{BlockGrads, GradSlot};
 use crate::kernels::f32_slice;
+use crate::model::block::Block;
 use crate::rng::seeded;
 
 /// One block run as a single op whose intermediates are recomputed in backward.
 pub struct RecomputedBlock {
     pub block: Block,
+    /// The causal mask `(T, T)`.
     pub mask: Tensor,
     /// Seeds the block's dropout; `None` when the block runs without dropout.
     pub dropout_seed: Option<u64>,
-    pub weights: Vec<Tensor>,
-    pub grads: WeightGrads,
+    /// Where backward leaves the gradients of the block's parameters.
+    pub grads: GradSlot<BlockGrads>,
 }
 
 impl RecomputedBlock {
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut rng = self.dropout_seed.map(seeded);
         self.block
-            .forward(x, &self.mask, rng.as_mut(), None, false)
+            .forward(x, &self.mask, rng.as_mut(), None)
             .map(|(y, _)| y)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
@@ -60,11 +61,14 @@ impl CustomOp1 for RecomputedBlock {
         let x = Var::from_tensor(&x.detach())?;
         let y = self.run(x.as_tensor())?;
         let grads = (y * dy.detach())?.sum_all()?.backward()?;
-        for w in &self.weights {
-            if let Some(g) = grads.get(w) {
-                self.grads.push(w.id(), g.clone());
-            }
-        }
+        let weights = self.block.params().try_map(|w| match grads.get(&w) {
+            Some(g) => Ok(g.clone()),
+            None => bail!(
+                "recomputed block: no gradient for a weight of shape {:?}",
+                w.dims()
+            ),
+        })?;
+        self.grads.put(weights);
         Ok(grads.get(x.as_tensor()).cloned())
     }
 }

@@ -4,7 +4,7 @@
 //! to dispatch than to compute, and the composed KV cache concatenates its tensors at every
 //! step. The decoder copies the weights out once (W_Q, W_K, W_V stacked as one `(3C, C)`
 //! matrix), keeps each layer's keys and values in preallocated `(block_size, C)` buffers, and
-//! runs a token through the same math as [`super::Gpt::forward_cached`]:
+//! runs a token through the same math as the model's `forward_cached`:
 //!
 //! ```text
 //! x = wte[token] + wpe[pos]
@@ -20,14 +20,14 @@ use candle_core::Tensor;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::attention::MultiHeadAttention;
-use super::block::SelfAttention;
-use super::gpt::Gpt;
-use super::layers::{LayerNorm, Linear};
+use super::fused::FusedGpt;
+use super::Decode;
 use crate::error::{Error, Result};
+use crate::kernels::block::Affine;
 use crate::kernels::gelu::forward_chunk as gelu;
 use crate::kernels::layer_norm::forward_rows;
 use crate::kernels::math;
+use crate::model::gpt::check_positions;
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -40,11 +40,11 @@ struct Norm {
 }
 
 impl Norm {
-    fn new(ln: &LayerNorm) -> Result<Norm> {
+    fn new(ln: &Affine<Tensor>, eps: f64) -> Result<Norm> {
         Ok(Norm {
             w: data(&ln.weight)?,
             b: ln.bias.as_ref().map(data).transpose()?,
-            eps: ln.eps as f32,
+            eps: eps as f32,
         })
     }
 
@@ -74,7 +74,7 @@ impl Dense {
         Dense { wt, b, d_out }
     }
 
-    fn from_linear(l: &Linear) -> Result<Dense> {
+    fn from_affine(l: &Affine<Tensor>) -> Result<Dense> {
         Ok(Dense::new(
             &data(&l.weight)?,
             l.bias.as_ref().map(data).transpose()?,
@@ -176,101 +176,39 @@ pub struct Decoder {
     len: usize,
 }
 
-fn stacked_qkv(w_q: &Linear, w_k: &Linear, w_v: &Linear) -> Result<Dense> {
-    let w = Tensor::cat(&[&w_q.weight, &w_k.weight, &w_v.weight], 0)?;
-    Ok(Dense::new(&data(&w)?, None, w.dim(1)?))
-}
-
 impl Decoder {
     /// Copies `model`'s weights into a decoder with an empty cache.
-    pub fn new(model: &Gpt) -> Result<Decoder> {
-        let cfg = &model.cfg;
-        let c = cfg.n_embd;
+    pub fn new(model: &FusedGpt) -> Result<Decoder> {
+        let c = model.wte.dim(1)?;
         let layers = model
             .blocks
             .iter()
-            .map(|b| {
-                let (qkv, proj) = match &b.attn {
-                    SelfAttention::Single { head, c_proj } => (
-                        stacked_qkv(&head.w_q, &head.w_k, &head.w_v)?,
-                        Dense::from_linear(c_proj)?,
-                    ),
-                    SelfAttention::Multi(MultiHeadAttention {
-                        w_q,
-                        w_k,
-                        w_v,
-                        c_proj,
-                        ..
-                    }) => (stacked_qkv(w_q, w_k, w_v)?, Dense::from_linear(c_proj)?),
-                };
+            .map(|p| {
+                let qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0)?; // (3C, C)
                 Ok(Layer {
-                    ln_1: Norm::new(&b.ln_1)?,
-                    qkv,
-                    proj,
-                    ln_2: Norm::new(&b.ln_2)?,
-                    fc: Dense::from_linear(&b.mlp.c_fc)?,
-                    fc_proj: Dense::from_linear(&b.mlp.c_proj)?,
-                    keys: vec![0.0; cfg.block_size * c],
-                    values: vec![0.0; cfg.block_size * c],
+                    ln_1: Norm::new(&p.ln_1, model.eps)?,
+                    qkv: Dense::new(&data(&qkv)?, None, c),
+                    proj: Dense::from_affine(&p.attn_proj)?,
+                    ln_2: Norm::new(&p.ln_2, model.eps)?,
+                    fc: Dense::from_affine(&p.fc)?,
+                    fc_proj: Dense::from_affine(&p.mlp_proj)?,
+                    keys: vec![0.0; model.block_size * c],
+                    values: vec![0.0; model.block_size * c],
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Decoder {
             c,
-            n_head: cfg.n_head,
-            block_size: cfg.block_size,
-            vocab: model.vocab_size,
+            n_head: model.n_head,
+            block_size: model.block_size,
+            vocab: model.wte.dim(0)?,
             wte: data(&model.wte)?,
             wpe: data(&model.wpe)?,
             head: Dense::new(&data(&model.wte)?, None, c),
             layers,
-            ln_f: Norm::new(&model.ln_f)?,
+            ln_f: Norm::new(&model.ln_f, model.eps)?,
             len: 0,
         })
-    }
-
-    /// Positions cached so far: the next token's position.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first token.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets the sequence (e.g. when the context window slides).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Feeds `tokens` at the next positions and returns the logits `(V)` after the last one.
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::Usage("cannot run the model on zero tokens".into()));
-        }
-        if self.len + tokens.len() > self.block_size {
-            return Err(Error::Usage(format!(
-                "{} positions exceed the model's block_size of {}",
-                self.len + tokens.len(),
-                self.block_size
-            )));
-        }
-        let mut x = vec![0.0f32; self.c];
-        for &tok in tokens {
-            if tok as usize >= self.vocab {
-                return Err(Error::Usage(format!(
-                    "token id {tok} is outside the vocabulary of {}",
-                    self.vocab
-                )));
-            }
-            self.one(tok as usize, &mut x);
-        }
-        let mut h = vec![0.0f32; self.c];
-        self.ln_f.apply(&x, &mut h);
-        let mut logits = vec![0.0f32; self.vocab];
-        self.head.apply(&h, &mut logits);
-        Ok(logits)
     }
 
     /// Runs one token through every block; leaves the residual stream in `x`.
@@ -319,5 +257,34 @@ impl Decoder {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }
         self.len += 1;
+    }
+}
+
+impl Decode for Decoder {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        check_positions(self.len, tokens.len(), self.block_size)?;
+        let mut x = vec![0.0f32; self.c];
+        for &tok in tokens {
+            if tok as usize >= self.vocab {
+                return Err(Error::Usage(format!(
+                    "token id {tok} is outside the vocabulary of {}",
+                    self.vocab
+                )));
+            }
+            self.one(tok as usize, &mut x);
+        }
+        let mut h = vec![0.0f32; self.c];
+        self.ln_f.apply(&x, &mut h);
+        let mut logits = vec![0.0f32; self.vocab];
+        self.head.apply(&h, &mut logits);
+        Ok(logits)
     }
 }
