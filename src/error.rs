@@ -28,6 +28,21 @@ pub enum Error {
     /// A bad argument to a command (sampling settings, layer indices, …).
     #[error("{0}")]
     Usage(String),
+    /// Training produced a loss or gradient norm that is not finite.
+    #[error("training diverged at step {step}: the {what} is not finite (NaN or infinity). The learning rate ({learning_rate:e}) is likely too high; lower training.learning_rate or set training.grad_clip. The last checkpoint was kept.")]
+    Diverged {
+        step: usize,
+        /// What went non-finite: "loss" or "gradient norm".
+        what: &'static str,
+        learning_rate: f64,
+    },
+    /// Writing a checkpoint failed; the previous checkpoint in that directory is intact.
+    #[error("saving the checkpoint {} at step {step} failed: {source}. The previous checkpoint there is intact; free disk space (or pass another --out) and resume", dir.display())]
+    Save {
+        dir: PathBuf,
+        step: usize,
+        source: Box<Error>,
+    },
     /// Training stopped on a signal after saving its state.
     #[error("interrupted by {} at step {step}; saved {}. Resume with: tinygpt train --resume {}", signal_name(*signal), saved.display(), run_dir.display())]
     Interrupted {

@@ -24,8 +24,8 @@ use super::fused::FusedGpt;
 use super::Decode;
 use crate::error::{Error, Result};
 use crate::kernels::block::Affine;
-use crate::kernels::gelu::forward_chunk as gelu;
-use crate::kernels::layer_norm::forward_rows;
+use crate::kernels::gelu::gelu_forward_serial_into as gelu;
+use crate::kernels::layer_norm::layer_norm_forward_serial_into;
 use crate::kernels::math;
 use crate::model::gpt::check_positions;
 
@@ -49,7 +49,7 @@ impl Norm {
     }
 
     fn apply(&self, x: &[f32], y: &mut [f32]) {
-        forward_rows(x, &self.w, self.b.as_deref(), self.eps, y);
+        layer_norm_forward_serial_into(x, &self.w, self.b.as_deref(), self.eps, y);
     }
 }
 

@@ -16,8 +16,8 @@ use candle_core::Tensor;
 use rand::Rng as _;
 
 pub use decoder::Decoder;
-pub use fused::FusedGpt;
 use fused::BlockRun;
+pub use fused::FusedGpt;
 
 use crate::error::Result;
 use crate::kernels::block::GradSlot;

@@ -9,12 +9,11 @@
 //! One rayon task per (batch, head). The products run on `gemm` with strides that read the
 //! heads in place (no split, transpose or `contiguous()` copies). All six products (S, P̃·V
 //! and the four of the backward pass) run in row blocks whose sums stop at the diagonal, or
-//! start from it, so the masked triangle is mostly never computed (at T = 256 they do 62.5% of
-//! a full product's multiply-adds, and attention's forward and backward ran 15% faster for
-//! it), and the mask never exists as a tensor. As an op, P is not stored: the backward pass
+//! start from it, so the masked triangle is mostly never computed, and the mask never exists
+//! as a tensor. As an op, P is not stored: the backward pass
 //! recomputes it from Q and K (the memory of a `(B, n_head, T, T)` tensor per layer is worth
 //! more than one more Q·Kᵀ on large models). The block op keeps it when it is small
-//! ([`forward_keeping`]). Dropout on P uses the counter-based mask of [`super::dropout`],
+//! ([`attention_forward_keeping`]). Dropout on P uses the counter-based mask of [`super::dropout`],
 //! regenerated in backward.
 //!
 //! Backward, with P̃ = dropout(P) and dY the output gradient:
@@ -33,9 +32,8 @@ use super::{f32_slice, math, with_f32, written_buffer};
 
 /// The row blocks [r0, r1) of the triangular products (S, dP, and those by P̃, dS and their
 /// transposes), whose sums stop at (or start from) the block's diagonal. Smaller blocks skip
-/// more of the masked triangle but give `gemm` thinner shapes: over 4 layers' forward and
-/// backward (medians of interleaved runs), 32 rows are the fastest at T = 64 (3.5 against
-/// 3.7 ms with 64) and 64 at T = 256 (68 against 73 ms with 32, batch 8; 16 is slower at both).
+/// more of the masked triangle but give `gemm` thinner shapes; 32 rows up to T = 64 and 64
+/// beyond were the fastest (src/kernels/PERFORMANCE.md).
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     let rows = if t <= 64 { 32 } else { 64 };
     (0..t).step_by(rows).map(move |r0| (r0, (r0 + rows).min(t)))
@@ -254,7 +252,7 @@ impl CustomOp1 for AttentionOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l.shape(), self.n_head)?;
         let qkv = f32_slice(s, l, "causal_attention")?;
-        let y = forward_slices(&d, qkv, self.dropout);
+        let y = attention_forward(&d, qkv, self.dropout);
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.c))))
     }
 
@@ -262,7 +260,7 @@ impl CustomOp1 for AttentionOp {
         let d = Dims::new(qkv.shape(), self.n_head)?;
         let dqkv = with_f32(qkv, "causal_attention backward", |qkv| {
             with_f32(dy, "causal_attention backward", |dy| {
-                backward_slices(&d, qkv, dy, self.dropout, None)
+                attention_backward(&d, qkv, dy, self.dropout, None)
             })
         })??;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
@@ -270,13 +268,17 @@ impl CustomOp1 for AttentionOp {
 }
 
 /// The forward pass on slices: `qkv` `(B, T, 3C)` → `(B, T, C)`.
-pub(crate) fn forward_slices(d: &Dims, qkv: &[f32], dropout: Option<AttentionDropout>) -> Vec<f32> {
-    forward_keeping(d, qkv, dropout, false).0
+pub(crate) fn attention_forward(
+    d: &Dims,
+    qkv: &[f32],
+    dropout: Option<AttentionDropout>,
+) -> Vec<f32> {
+    attention_forward_keeping(d, qkv, dropout, false).0
 }
 
-/// [`forward_slices`], and with `keep`, the attention weights P `(B, n_head, T, T)` (before
-/// dropout) for [`backward_slices`], which then need not recompute them.
-pub(crate) fn forward_keeping(
+/// [`attention_forward`], and with `keep`, the attention weights P `(B, n_head, T, T)` (before
+/// dropout) for [`attention_backward`], which then need not recompute them.
+pub(crate) fn attention_forward_keeping(
     d: &Dims,
     qkv: &[f32],
     dropout: Option<AttentionDropout>,
@@ -330,8 +332,8 @@ pub(crate) fn forward_keeping(
 }
 
 /// The backward pass on slices: `qkv` `(B, T, 3C)` and `dy` `(B, T, C)` → `dqkv` `(B, T, 3C)`.
-/// `probs`: the attention weights kept by [`forward_keeping`]; recomputed when `None`.
-pub(crate) fn backward_slices(
+/// `probs`: the attention weights kept by [`attention_forward_keeping`]; recomputed when `None`.
+pub(crate) fn attention_backward(
     d: &Dims,
     qkv: &[f32],
     dy: &[f32],

@@ -14,8 +14,7 @@
 //! gradients are column sums.)
 //!
 //! Why one op: run op by op under candle's autograd, a block is about a dozen graph nodes, and
-//! every gradient candle passes between them is a fresh zeroed tensor plus an addition (zeroing
-//! and adding were 6% of a training step on the small config). Here the backward pass is
+//! every gradient candle passes between them is a fresh zeroed tensor plus an addition. Here the backward pass is
 //! written out: each product writes its result where the next step reads it, the GELU gradient
 //! is computed over the buffer it came in, and the 4C-wide activations exist once.
 //!
@@ -36,13 +35,16 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, T
 use rayon::prelude::*;
 
 use super::attention::{self, AttentionDropout, Dims};
-use super::dropout::{add_dropped, dropout_into};
-use super::gelu::{gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_new};
+use super::dropout::{dropout_add_into, dropout_forward_into};
+use super::gelu::{
+    gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_forward_into,
+};
 use super::layer_norm::{
-    layer_norm_backward, layer_norm_backward_into, layer_norm_forward, layer_norm_new,
+    layer_norm_backward, layer_norm_backward_into, layer_norm_forward, layer_norm_forward_into,
 };
 use super::linear::{
-    input_grad, input_grad_into, linear_forward, linear_forward_into, weight_grad,
+    linear_backward_input, linear_backward_input_into, linear_backward_weight, linear_forward,
+    linear_forward_into,
 };
 use super::matmul::{matmul, serially, MatMut, MatRef};
 use super::{f32_slice, rows_per_task, with_f32};
@@ -398,9 +400,8 @@ struct Keep {
 ///
 /// Why: op by op, both cores wait for each other at the end of every product and kernel (a
 /// few dozen times per block), and the small steps between them run on one core. Two
-/// halves, each taken through the whole block by one core, meet twice per block. (Measured:
-/// two single-threaded processes training on 6 sequences each step in 30.3 ms, one
-/// two-threaded process on 12 in 32.6.) Kernels inside a half still split their work, so a
+/// halves, each taken through the whole block by one core, meet twice per block. Kernels
+/// inside a half still split their work, so a
 /// core that finishes its half first takes over pieces of the other's. The split depends on
 /// the sizes only, not on the number of threads, so the results do not either.
 fn parts(dims: &Dims) -> Vec<Dims> {
@@ -446,19 +447,16 @@ fn merge(results: Vec<Gradients>) -> Result<Gradients> {
 }
 
 /// The most rows (B·T) a block op splits into halves ([`parts`]). Where ops are short the
-/// halves pay: the small config (768 rows) steps 3% faster. Where they are long they do not:
-/// the 10M config (16,384 rows) stepped 2–4% slower split, and its peak memory rose from 1.78
-/// to 2.1–2.2 GB (each thread's allocator arena keeps the buffers it freed).
+/// halves pay; where they are long they do not, and each thread's allocator arena would keep
+/// the large buffers it freed.
 pub(crate) const SPLIT_ROWS: usize = 4096;
 
 /// Rows of the 4C-wide MLP activations handled at a time in backward.
 const MLP_ROWS: usize = 1024;
 
 /// GELU(h), x₁, the attention weights and the LN outputs are each kept from the forward pass
-/// when they take at most this many bytes per block: recomputing them is 5% (GELU), 3% (x₁,
-/// one (C, C) product), 2% (weights) and 1% (both LNs) of a step on the small config, where
-/// they are 1.5, 0.4, 0.8 and 2 × 0.4 MiB a block, while on the 10M config they are 96, 24, 96
-/// and 2 × 24 MiB a block, worth more than the time.
+/// when they take at most this many bytes per block: on small models recomputing them costs
+/// more time than they take memory, on large ones (tens of MiB each a block) the other way.
 const KEEP_BYTES: usize = 16 << 20;
 
 /// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
@@ -475,8 +473,8 @@ fn mlp_backward(
     block_rows: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     if let Some(g) = g {
-        let dw = weight_grad(dm, c, &g, hid);
-        let dg = input_grad(dm, c, w4, hid);
+        let dw = linear_backward_weight(dm, c, &g, hid);
+        let dg = linear_backward_input(dm, c, w4, hid);
         gelu_backward_from_output(&mut h, &g, &dg);
         return (dw, h);
     }
@@ -488,7 +486,7 @@ fn mlp_backward(
         let hc = &mut h[r0 * hid..(r0 + rows) * hid];
         let dmc = &dm[r0 * c..(r0 + rows) * c];
         let gc = &mut buf[..rows * hid];
-        gelu_forward(hc, gc);
+        gelu_forward_into(hc, gc);
         // SAFETY: dmc is (rows, c), gc is (rows, hid), dw is (c, hid).
         unsafe {
             matmul(
@@ -502,7 +500,7 @@ fn mlp_backward(
                 1.0,
             )
         };
-        input_grad_into(dmc, c, w4, hid, gc);
+        linear_backward_input_into(dmc, c, w4, hid, gc);
         gelu_backward_over_input(hc, gc);
     }
     (dw, h)
@@ -534,26 +532,26 @@ impl BlockOp {
     fn forward(&self, w: &W, x: &[f32], dims: &Dims, keep: Keep, y: &mut [f32]) -> Activations {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
-        let a = layer_norm_new(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
+        let a = layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
         let qkv = affine(&a, c, &w.wqkv, None);
         let (att, probs) =
-            attention::forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
+            attention::attention_forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
         let x1 = self.attention_residual(w, x, &att, first);
         let (b, ln1) = match keep.ln {
             true => (
-                layer_norm_new(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps),
+                layer_norm_forward(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps),
                 Some(a),
             ),
             false => {
                 let mut b = a; // LN₁'s output is not needed any more
-                layer_norm_forward(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
+                layer_norm_forward_into(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
                 (b, None)
             }
         };
         let h = affine(&b, c, w.p.fc.weight, w.p.fc.bias);
-        let g = gelu_new(&h);
+        let g = gelu_forward(&h);
         affine_into(&g, h.len() / n, w.p.mlp_proj.weight, w.p.mlp_proj.bias, y);
-        add_dropped(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
+        dropout_add_into(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
         let x1 = keep.x1.then_some(x1);
         let ln2 = keep.ln.then_some(b);
@@ -574,7 +572,7 @@ impl BlockOp {
     fn attention_residual(&self, w: &W, x: &[f32], att: &[f32], first: usize) -> Vec<f32> {
         let c = w.p.ln_1.weight.len();
         let mut x1 = affine(att, c, w.p.attn_proj.weight, w.p.attn_proj.bias);
-        add_dropped(&mut x1, x, self.dropout.map(|d| (d.attn_proj, d.p, first)));
+        dropout_add_into(&mut x1, x, self.dropout.map(|d| (d.attn_proj, d.p, first)));
         x1
     }
 
@@ -608,7 +606,7 @@ impl BlockOp {
         let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
             let seed = seed?;
             let mut out = vec![0.0f32; d.len()];
-            dropout_into(d, &mut out, seed, p, first);
+            dropout_forward_into(d, &mut out, seed, p, first);
             Some(out)
         };
         // The MLP branch.
@@ -620,38 +618,38 @@ impl BlockOp {
         let d_fc_b = w.p.fc.bias.map(|_| column_sums(&g, hid));
         let mut b = ln2.unwrap_or_else(|| {
             let mut b = vec![0.0f32; n * c];
-            layer_norm_forward(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
+            layer_norm_forward_into(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
             b
         });
-        let d_fc_w = weight_grad(&g, hid, &b, c);
-        input_grad_into(&g, hid, w.p.fc.weight, c, &mut b); // b now holds dL/dLN₂(x₁)
+        let d_fc_w = linear_backward_weight(&g, hid, &b, c);
+        linear_backward_input_into(&g, hid, w.p.fc.weight, c, &mut b); // b now holds dL/dLN₂(x₁)
         drop(g);
         let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.p.ln_2.weight, &b, eps);
         drop(x1);
-        add_dropped(&mut dx1, dy, None);
+        dropout_add_into(&mut dx1, dy, None);
         // The attention branch.
         let dp_own = dropped(&dx1, self.dropout.map(|d| d.attn_proj));
         let dp = dp_own.as_deref().unwrap_or(&dx1);
         let d_proj_b = w.p.attn_proj.bias.map(|_| column_sums(dp, c));
-        let d_proj_w = weight_grad(dp, c, &att, c);
+        let d_proj_w = linear_backward_weight(dp, c, &att, c);
         let mut datt = att; // att is not needed after dW_O
-        input_grad_into(dp, c, w.p.attn_proj.weight, c, &mut datt);
+        linear_backward_input_into(dp, c, w.p.attn_proj.weight, c, &mut datt);
         drop(dp_own);
         let dropout = self.attention_dropout();
-        let dqkv = attention::backward_slices(dims, &qkv, &datt, dropout, probs.as_deref());
+        let dqkv = attention::attention_backward(dims, &qkv, &datt, dropout, probs.as_deref());
         drop((qkv, probs));
         let mut a = datt; // datt is not needed any more
         let d_qkv_w = match &ln1 {
-            Some(ln1) => weight_grad(&dqkv, 3 * c, ln1, c),
+            Some(ln1) => linear_backward_weight(&dqkv, 3 * c, ln1, c),
             None => {
-                layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps, &mut a);
-                weight_grad(&dqkv, 3 * c, &a, c)
+                layer_norm_forward_into(x, w.p.ln_1.weight, w.p.ln_1.bias, eps, &mut a);
+                linear_backward_weight(&dqkv, 3 * c, &a, c)
             }
         };
         drop(ln1);
-        input_grad_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
+        linear_backward_input_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
         let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.p.ln_1.weight, &a, eps, dx);
-        add_dropped(dx, &dx1, None);
+        dropout_add_into(dx, &dx1, None);
         // dW_QKV's rows are dW_Q's, then dW_K's, then dW_V's.
         let mut d_w_q = d_qkv_w;
         let mut d_w_k = d_w_q.split_off(c * c);

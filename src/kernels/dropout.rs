@@ -42,7 +42,7 @@ fn apply_chunk(x: &[f32], y: &mut [f32], seed: u64, first: u32, threshold: u32, 
 
 /// y = dropout(x) with `p` and mask `seed` (the mask of [`dropout`]), into `y`. `first` is the
 /// number of x's first element: a slice of a larger tensor keeps the mask of its place in it.
-pub fn dropout_into(x: &[f32], y: &mut [f32], seed: u64, p: f64, first: usize) {
+pub fn dropout_forward_into(x: &[f32], y: &mut [f32], seed: u64, p: f64, first: usize) {
     let (t, scale) = (threshold(p), (1.0 / (1.0 - p)) as f32);
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
@@ -70,9 +70,9 @@ fn residual_chunk(out: &mut [f32], x: &[f32], mask: Option<(u64, u32, u32, f32)>
 }
 
 /// out ← x + dropout(out): a residual connection around a dropped-out branch, in one pass.
-/// `mask` is (seed, p, number of out's first element, as in [`dropout_into`]); element i keeps
+/// `mask` is (seed, p, number of out's first element, as in [`dropout_forward_into`]); element i keeps
 /// or drops exactly as in [`dropout`] with that seed.
-pub fn add_dropped(out: &mut [f32], x: &[f32], mask: Option<(u64, f64, usize)>) {
+pub fn dropout_add_into(out: &mut [f32], x: &[f32], mask: Option<(u64, f64, usize)>) {
     let mask = mask.map(|(seed, p, first)| (seed, threshold(p), (1.0 / (1.0 - p)) as f32, first));
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
@@ -101,7 +101,7 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "dropout")?;
         let mut y = vec![0.0f32; x.len()];
-        dropout_into(x, &mut y, self.seed, self.p, 0);
+        dropout_forward_into(x, &mut y, self.seed, self.p, 0);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -109,7 +109,7 @@ impl CustomOp1 for DropoutOp {
         let mut dx = vec![0.0f32; x.elem_count()];
         // The same mask scales the gradient: dx = dy · mask / (1 − p).
         with_f32(dy, "dropout backward", |dy| {
-            dropout_into(dy, &mut dx, self.seed, self.p, 0)
+            dropout_forward_into(dy, &mut dx, self.seed, self.p, 0)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

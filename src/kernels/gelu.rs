@@ -8,15 +8,15 @@ use rayon::prelude::*;
 
 use super::{as_uninit, f32_slice, mapped_in_chunks, math, with_f32, ELEMS_PER_TASK};
 
-/// y = GELU(x) on the calling thread ([`forward_chunk_into`]).
-pub(crate) fn forward_chunk(x: &[f32], y: &mut [f32]) {
-    // SAFETY: `forward_chunk_into` only ever writes initialised values.
-    forward_chunk_into(x, unsafe { as_uninit(y) });
+/// y = GELU(x) on the calling thread ([`forward_chunk`]).
+pub(crate) fn gelu_forward_serial_into(x: &[f32], y: &mut [f32]) {
+    // SAFETY: `forward_chunk` only ever writes initialised values.
+    forward_chunk(x, unsafe { as_uninit(y) });
 }
 
 /// y = GELU(x) on the calling thread, into memory that need not be initialised.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn forward_chunk_into(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+fn forward_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (y, &x) in y.iter_mut().zip(x) {
         y.write(math::gelu(x));
     }
@@ -65,21 +65,21 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// y = GELU(x) over slices of equal length.
-pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
+pub fn gelu_forward_into(x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
-        .for_each(|(y, x)| forward_chunk(x, y));
+        .for_each(|(y, x)| gelu_forward_serial_into(x, y));
 }
 
 /// GELU(x) in a new buffer, written once (not zeroed first: for the MLP's 4C-wide
 /// activations, zeroing was most of the memory traffic of the GELU).
-pub fn gelu_new(x: &[f32]) -> Vec<f32> {
-    // SAFETY: `forward_chunk_into` writes every element of its output.
-    unsafe { mapped_in_chunks(x, ELEMS_PER_TASK, forward_chunk_into) }
+pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    // SAFETY: `forward_chunk` writes every element of its output.
+    unsafe { mapped_in_chunks(x, ELEMS_PER_TASK, forward_chunk) }
 }
 
 /// dx = dy · GELU′(x) over slices of equal length.
-pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+pub fn gelu_backward_into(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .zip(dy.par_chunks(ELEMS_PER_TASK))
@@ -95,13 +95,13 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        Ok((CpuStorage::F32(gelu_new(x)), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_forward(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let mut dx = vec![0.0f32; x.elem_count()];
         with_f32(x, "gelu backward", |x| {
-            with_f32(dy, "gelu backward", |dy| gelu_backward(x, dy, &mut dx))
+            with_f32(dy, "gelu backward", |dy| gelu_backward_into(x, dy, &mut dx))
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -119,7 +119,7 @@ mod tests {
             .chain([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0])
             .collect();
         let mut y = vec![f32::NAN; x.len()];
-        forward_chunk(&x, &mut y);
+        gelu_forward_serial_into(&x, &mut y);
         for (&x, &y) in x.iter().zip(&y) {
             assert_eq!(y.to_bits(), math::gelu(x).to_bits(), "GELU({x})");
         }
@@ -127,7 +127,7 @@ mod tests {
         let x: Vec<f32> = (0..2 * ELEMS_PER_TASK + 37)
             .map(|i| ((i * 7919 % 10007) as f32 / 10007.0 - 0.5) * 16.0)
             .collect();
-        let y = gelu_new(&x);
+        let y = gelu_forward(&x);
         assert_eq!(y.len(), x.len());
         for (&x, &y) in x.iter().zip(&y) {
             assert_eq!(y.to_bits(), math::gelu(x).to_bits(), "GELU({x})");

@@ -24,20 +24,20 @@ fn stats(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// The forward pass over whole rows of `x`, on the calling thread.
-pub(crate) fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
-    // SAFETY: `forward_rows_into` only ever writes initialised values.
-    forward_rows_into(x, w, b, eps, unsafe { as_uninit(y) });
-}
-
-/// [`forward_rows`] into memory that need not be initialised.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn forward_rows_into(
+pub(crate) fn layer_norm_forward_serial_into(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     eps: f32,
-    y: &mut [MaybeUninit<f32>],
+    y: &mut [f32],
 ) {
+    // SAFETY: `forward_rows` only ever writes initialised values.
+    forward_rows(x, w, b, eps, unsafe { as_uninit(y) });
+}
+
+/// [`layer_norm_forward_serial_into`] into memory that need not be initialised.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [MaybeUninit<f32>]) {
     let c = w.len();
     for (x, y) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
         let (mean, rstd) = stats(x, eps);
@@ -90,25 +90,21 @@ fn backward_rows(
 }
 
 /// `(…, C)` → `(…, C)`: the forward pass over whole slices.
-pub fn layer_norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
+pub fn layer_norm_forward_into(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, y: &mut [f32]) {
     let c = w.len();
     let chunk = rows_per_task(c) * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(y, x)| forward_rows(x, w, b, eps, y));
+        .for_each(|(y, x)| layer_norm_forward_serial_into(x, w, b, eps, y));
 }
 
 /// The forward pass into a new buffer, written once (not zeroed first).
-pub fn layer_norm_new(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec<f32> {
+pub fn layer_norm_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> Vec<f32> {
     let c = w.len();
     let rows = x.len() / c.max(1);
     let chunk = rows_per_task(c) * c;
-    // SAFETY: chunks are whole rows, and `forward_rows_into` writes every element of them.
-    unsafe {
-        mapped_in_chunks(&x[..rows * c], chunk, |x, y| {
-            forward_rows_into(x, w, b, eps, y)
-        })
-    }
+    // SAFETY: chunks are whole rows, and `forward_rows` writes every element of them.
+    unsafe { mapped_in_chunks(&x[..rows * c], chunk, |x, y| forward_rows(x, w, b, eps, y)) }
 }
 
 /// The backward pass: `(dx, dw, db)`. dw and db are summed per chunk of rows, then the chunks
@@ -177,7 +173,7 @@ impl LayerNormOp {
                 l.shape()
             )
         }
-        Ok(CpuStorage::F32(layer_norm_new(x, w, b, self.eps)))
+        Ok(CpuStorage::F32(layer_norm_forward(x, w, b, self.eps)))
     }
 
     fn bwd_tensors(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<[Tensor; 3]> {

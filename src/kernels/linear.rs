@@ -13,7 +13,7 @@ struct LinearOp;
 ///
 /// # Safety
 /// `y` must address `rows · out` writable floats (they may be uninitialised).
-unsafe fn linear_forward_raw(x: &[f32], d_in: usize, w: &[f32], y: *mut f32) {
+unsafe fn linear_forward_ptr(x: &[f32], d_in: usize, w: &[f32], y: *mut f32) {
     let (rows, out) = (x.len() / d_in, w.len() / d_in);
     matmul(
         rows,
@@ -36,19 +36,19 @@ pub(crate) fn linear_forward_into(x: &[f32], d_in: usize, w: &[f32], y: &mut [f3
         "linear_forward_into: output of the wrong size"
     );
     // SAFETY: y holds rows·out floats.
-    unsafe { linear_forward_raw(x, d_in, w, y.as_mut_ptr()) }
+    unsafe { linear_forward_ptr(x, d_in, w, y.as_mut_ptr()) }
 }
 
 /// y `(rows, out)` = x `(rows, in)` · Wᵀ for W `(out, in)` (PyTorch's layout).
 pub(crate) fn linear_forward(x: &[f32], d_in: usize, w: &[f32]) -> Vec<f32> {
     let (rows, out) = (x.len() / d_in, w.len() / d_in);
     // SAFETY: the buffer has rows·out elements, all written by the product.
-    written_buffer(rows * out, |y| unsafe { linear_forward_raw(x, d_in, w, y) })
+    written_buffer(rows * out, |y| unsafe { linear_forward_ptr(x, d_in, w, y) })
 }
 
 /// `(m, n)` = aᵀ · b for a `(rows, m)` and b `(rows, n)`, both row-major: a weight's
 /// gradient from its output's gradient and its input.
-pub(crate) fn weight_grad(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn linear_backward_weight(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> {
     let rows = a.len() / m;
     // SAFETY: the sizes match the slices; the product writes all m·n elements.
     written_buffer(m * n, |dst| unsafe {
@@ -69,7 +69,7 @@ pub(crate) fn weight_grad(a: &[f32], m: usize, b: &[f32], n: usize) -> Vec<f32> 
 ///
 /// # Safety
 /// `dst` must address `rows · n` writable floats (they may be uninitialised).
-unsafe fn input_grad_raw(a: &[f32], k: usize, w: &[f32], n: usize, dst: *mut f32) {
+unsafe fn linear_backward_input_ptr(a: &[f32], k: usize, w: &[f32], n: usize, dst: *mut f32) {
     matmul(
         a.len() / k,
         n,
@@ -83,22 +83,28 @@ unsafe fn input_grad_raw(a: &[f32], k: usize, w: &[f32], n: usize, dst: *mut f32
 }
 
 /// `(rows, n)` = a `(rows, k)` · w `(k, n)`: an input's gradient through a weight.
-pub(crate) fn input_grad(a: &[f32], k: usize, w: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn linear_backward_input(a: &[f32], k: usize, w: &[f32], n: usize) -> Vec<f32> {
     // SAFETY: the buffer has rows · n elements, all written by the product.
     written_buffer(a.len() / k * n, |dst| unsafe {
-        input_grad_raw(a, k, w, n, dst)
+        linear_backward_input_ptr(a, k, w, n, dst)
     })
 }
 
-/// [`input_grad`] written over `dst`, a buffer that is no longer needed.
-pub(crate) fn input_grad_into(a: &[f32], k: usize, w: &[f32], n: usize, dst: &mut [f32]) {
+/// [`linear_backward_input`] written over `dst`, a buffer that is no longer needed.
+pub(crate) fn linear_backward_input_into(
+    a: &[f32],
+    k: usize,
+    w: &[f32],
+    n: usize,
+    dst: &mut [f32],
+) {
     assert_eq!(
         dst.len(),
         a.len() / k * n,
-        "input_grad_into: destination of the wrong size"
+        "linear_backward_input_into: destination of the wrong size"
     );
     // SAFETY: dst has exactly rows · n elements (checked above).
-    unsafe { input_grad_raw(a, k, w, n, dst.as_mut_ptr()) }
+    unsafe { linear_backward_input_ptr(a, k, w, n, dst.as_mut_ptr()) }
 }
 
 /// `x` `(…, in)` · `w`ᵀ with `w` `(out, in)` → `(…, out)`. No bias: the caller adds it.
@@ -150,9 +156,9 @@ impl CustomOp2 for LinearOp {
             with_f32(w, "linear backward", |w| {
                 with_f32(x, "linear backward", |x| {
                     // dx (rows, in) = dy (rows, out) · W (out, in)
-                    let dx = input_grad(dy, out, w, d_in);
+                    let dx = linear_backward_input(dy, out, w, d_in);
                     // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
-                    (dx, weight_grad(dy, out, x, d_in))
+                    (dx, linear_backward_weight(dy, out, x, d_in))
                 })
             })
         })???;

@@ -50,13 +50,12 @@ pub fn exp(x: f32) -> f32 {
 /// erf(z) ≈ z·P(z²)/Q(z²) on |z| < 4, a rational fit of degree 5 over 5 in z² that we made
 /// for this (near-minimax, weighted least squares against f64 erf), and ±1 beyond, where
 /// 1 − erf(4) = 1.5·10⁻⁸ is below f32's resolution at 1. Eleven fused multiply-adds and a
-/// division: GELU forward 1.04 → 0.55 ns an element (one core, 384×512) against the `erfc`
-/// polynomial and `exp` it replaced.
+/// division, and no `exp`, so it vectorises cheaply.
 /// Like the usual vectorised erfs (Abramowitz and Stegun's 1 − poly·exp, 1.5·10⁻⁷ absolute),
 /// it trades the tails' relative precision for an absolute bound: GELU(x) for x ≪ 0 is within
 /// ~2·10⁻⁷·|x| of its tiny value, not within a few ulp of it. Training does not see it: from
 /// the same weights and batches, tinygpt and PyTorch agree on every loss of a 2000-step run
-/// to 3·10⁻⁶ (README, "Checked against PyTorch").
+/// to 3·10⁻⁶ (src/kernels/PERFORMANCE.md, "Checked against PyTorch").
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // the fitted coefficients, as printed by the fit
 pub fn erf(z: f32) -> f32 {

@@ -1,5 +1,6 @@
 //! tinygpt's own CPU kernels for the training hot path, each a candle custom op with its
 //! backward pass, so a model built from them trains with candle's autograd like any other.
+//! [`crate::engine`] runs the model on them; they know nothing of models, configs or the CLI.
 //!
 //! Why by hand: candle's CPU elementwise and reduction ops run one scalar at a time, and its
 //! fused `softmax_last_dim` / `layer_norm` have no backward. Each kernel here is
@@ -11,9 +12,24 @@
 //! - **parallel**: rows (or (batch, head) pairs) are split over rayon's threads in fixed chunks,
 //!   and partial sums are added in chunk order, so results do not depend on thread timing.
 //!
-//! The composed candle path ([`Kernels::Reference`]) stays the readable
-//! version and the oracle: `tests/kernels.rs` checks every op here, forward and backward,
-//! against it.
+//! The reference model ([`crate::model`], candle's composed ops) is the readable version and
+//! the oracle: `tests/kernels.rs` checks every op here, forward and backward, against it.
+//! Measurements, history and what was tried: `src/kernels/PERFORMANCE.md`.
+//!
+//! ## Naming
+//!
+//! Every module names its functions for an op `op` (`gelu`, `layer_norm`, `linear`, …) alike:
+//!
+//! | name | takes and gives |
+//! |---|---|
+//! | `op(x: &Tensor, …) -> Result<Tensor>` | the candle custom op, forward and backward |
+//! | `op_forward(x: &[f32], …) -> Vec<f32>` | the forward pass on slices into a new buffer, parallel |
+//! | `op_forward_into(…, y: &mut [f32])` | the same into the caller's buffer |
+//! | `op_forward_serial_into(…)` | the same on the calling thread (the decoder's single rows) |
+//! | `op_backward…` | the backward pass, with the same suffixes; `_over_input` overwrites the input |
+//! | `op_…_ptr(…, y: *mut f32)` | unsafe: through a raw pointer, for `gemm`, which never reads it |
+//!
+//! Private per-chunk loops (the [`multiversion`] bodies) end in `_chunk` or `_rows`.
 
 pub mod adamw;
 pub mod attention;
@@ -68,7 +84,7 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> 
 
 /// A buffer of `n` floats filled by `write`, which must store every element through the
 /// pointer it gets (a matmul that does not read its destination): it skips zeroing memory
-/// that is overwritten at once (zeroing was 5% of a training step).
+/// that is overwritten at once.
 pub(crate) fn written_buffer(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
     write(v.as_mut_ptr());
@@ -117,8 +133,7 @@ pub(crate) const ELEMS_PER_TASK: usize = 16 * 1024;
 /// Picks candle's thread count for the kernels the model runs on. candle runs its own
 /// elementwise ops on a thread pool of its own whose idle workers spin; rayon's workers (the
 /// fused kernels and every matmul) spin too, and on a 2-core machine the two pools take cores
-/// from each other (measured on the small config: 9,600 tokens/s with both pools, 17,700 with
-/// candle's ops on the calling thread). With fused kernels the few elementwise ops left to
+/// from each other, halving throughput. With fused kernels the few elementwise ops left to
 /// candle are small, so they run on the calling thread. Call it before the first tensor op
 /// (candle's pool starts on first use); a `CANDLE_NUM_THREADS` set by the user wins.
 pub fn configure_threads(kernels: Kernels) {

@@ -309,12 +309,10 @@ impl Trainer {
     /// Saves the run's state to `dir` atomically; on failure the previous checkpoint in `dir`
     /// is left as it was.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        self.save_inner(dir).map_err(|e| {
-            Error::Usage(format!(
-                "saving the checkpoint {} at step {} failed: {e}. The previous checkpoint there is intact; free disk space (or pass another --out) and resume",
-                dir.display(),
-                self.state.step
-            ))
+        self.save_inner(dir).map_err(|e| Error::Save {
+            dir: dir.to_path_buf(),
+            step: self.state.step,
+            source: Box::new(e),
         })
     }
 
@@ -464,10 +462,12 @@ fn engine_for(model: &Gpt, config: &Config) -> Engine {
     Engine::new(model, config.model.kernels, recompute)
 }
 
-fn non_finite(step: usize, what: &str, lr: f64) -> Error {
-    Error::Usage(format!(
-        "training diverged at step {step}: the {what} is not finite (NaN or infinity). The learning rate ({lr:e}) is likely too high; lower training.learning_rate or set training.grad_clip. The last checkpoint was kept."
-    ))
+fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
+    Error::Diverged {
+        step,
+        what,
+        learning_rate,
+    }
 }
 
 fn make_dataset(
