@@ -303,8 +303,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         }
     }
     let mut params = Params::loaded(tensors, device);
-    let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)
-        .and_then(|m| params.finish().map(|_| m))
+    let vocab = tokenizer.vocab_size();
+    let model = params
+        .build(|vb| Gpt::new(&config.model, vocab, vb))
         .map_err(|e| {
             Error::checkpoint(
                 &dir,

@@ -24,7 +24,9 @@ fn model_cfg(n_head: usize) -> ModelConfig {
 
 fn model(n_head: usize, vocab: usize, seed: u64) -> (Gpt, Params) {
     let mut p = Params::fresh(seeded(seed), &Device::Cpu);
-    let m = Gpt::new(&model_cfg(n_head), vocab, &mut p).unwrap();
+    let m = p
+        .build(|vb| Gpt::new(&model_cfg(n_head), vocab, vb))
+        .unwrap();
     (m, p)
 }
 
@@ -74,7 +76,7 @@ fn future_tokens_never_change_past_logits() {
 fn head_equals_one_head_multi_head_attention() {
     let c = 8;
     let mut p = Params::fresh(seeded(5), &Device::Cpu);
-    let head = Head::new(&mut p, "attn", c, c, 0.0).unwrap();
+    let head = p.build(|vb| Head::new(vb.pp("attn"), c, c, 0.0)).unwrap();
     // The same W_Q, W_K, W_V, and an identity output projection.
     let mut tensors: HashMap<String, Tensor> = p
         .vars()
@@ -86,8 +88,10 @@ fn head_equals_one_head_multi_head_attention() {
         Tensor::eye(c, candle_core::DType::F32, &Device::Cpu).unwrap(),
     );
     let mut p2 = Params::loaded(tensors, &Device::Cpu);
-    let mha = MultiHeadAttention::new(&mut p2, "attn", c, 1, 0.0, false, 0.02).unwrap();
-    p2.finish().unwrap();
+    // Every loaded tensor is taken (`build` rejects leftovers).
+    let mha = p2
+        .build(|vb| MultiHeadAttention::new(vb.pp("attn"), c, 1, 0.0, false, 0.02))
+        .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 5, c), &Device::Cpu).unwrap();
     let mask = causal_mask(5, 5, 0, &Device::Cpu).unwrap();
     let (yh, wh) = head.forward(&x, &mask, None, None).unwrap();
@@ -200,7 +204,7 @@ fn config_files_in_the_repo_parse() {
     .unwrap();
     // nanoGPT's 10.7M config: the parameter count (without position embeddings) is ~10.65M.
     let mut p = Params::fresh(seeded(0), &Device::Cpu);
-    Gpt::new(&c.model, 65, &mut p).unwrap();
+    p.build(|vb| Gpt::new(&c.model, 65, vb)).unwrap();
     let n = p.count() - 256 * 384;
     assert!((10_600_000..10_700_000).contains(&n), "{n}");
 }

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor, D};
 use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::layers::{dropout, Linear};
-use super::params::Params;
+use super::params::VarBuilder;
 use crate::error::Result;
 use crate::rng::Rng;
 
@@ -112,16 +112,9 @@ pub struct Head {
 }
 
 impl Head {
-    /// A head named `name` (weights `name.w_q.weight`, …) projecting C = `n_embd` to `head_size`.
-    pub fn new(
-        p: &mut Params,
-        name: &str,
-        n_embd: usize,
-        head_size: usize,
-        dropout: f64,
-    ) -> Result<Head> {
-        let mut w =
-            |n: &str| Linear::new(p, &format!("{name}.{n}"), n_embd, head_size, false, 0.02);
+    /// A head with `vb`'s weights (`w_q.weight`, …) projecting C = `n_embd` to `head_size`.
+    pub fn new(vb: VarBuilder, n_embd: usize, head_size: usize, dropout: f64) -> Result<Head> {
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, head_size, false, 0.02);
         Ok(Head {
             w_q: w("w_q")?,
             w_k: w("w_k")?,
@@ -160,18 +153,19 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
+    /// `n_head` heads with `vb`'s weights (`w_q.weight`, …, `c_proj.weight`); `proj_std`:
+    /// the output projection's initial scale.
     pub fn new(
-        p: &mut Params,
-        name: &str,
+        vb: VarBuilder,
         n_embd: usize,
         n_head: usize,
         dropout: f64,
         bias: bool,
         proj_std: f64,
     ) -> Result<Self> {
-        let mut w = |n: &str| Linear::new(p, &format!("{name}.{n}"), n_embd, n_embd, false, 0.02);
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, n_embd, false, 0.02);
         let (w_q, w_k, w_v) = (w("w_q")?, w("w_k")?, w("w_v")?);
-        let c_proj = Linear::new(p, &format!("{name}.c_proj"), n_embd, n_embd, bias, proj_std)?;
+        let c_proj = Linear::new(vb.pp("c_proj"), n_embd, n_embd, bias, proj_std)?;
         Ok(MultiHeadAttention {
             w_q,
             w_k,

@@ -6,7 +6,7 @@ use candle_nn::kv_cache::KvCache as LayerKv;
 use super::attention::{Head, MultiHeadAttention};
 use super::config::ModelConfig;
 use super::layers::{dropout, LayerNorm, Linear};
-use super::params::Params;
+use super::params::VarBuilder;
 use crate::error::Result;
 use crate::kernels::block::{Affine, BlockParams};
 use crate::rng::Rng;
@@ -20,10 +20,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
         let c = cfg.n_embd;
-        let c_fc = Linear::new(p, &format!("{name}.c_fc"), c, 4 * c, cfg.bias, 0.02)?;
-        let c_proj = Linear::new(p, &format!("{name}.c_proj"), 4 * c, c, cfg.bias, proj_std)?;
+        let c_fc = Linear::new(vb.pp("c_fc"), c, 4 * c, cfg.bias, 0.02)?;
+        let c_proj = Linear::new(vb.pp("c_proj"), 4 * c, c, cfg.bias, proj_std)?;
         Ok(Mlp {
             c_fc,
             c_proj,
@@ -47,15 +47,14 @@ pub enum SelfAttention {
 }
 
 impl SelfAttention {
-    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
-        let c = cfg.n_embd;
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
+        let (c, p) = (cfg.n_embd, cfg.dropout);
         if cfg.n_head > 1 {
-            let mha =
-                MultiHeadAttention::new(p, name, c, cfg.n_head, cfg.dropout, cfg.bias, proj_std);
-            return Ok(SelfAttention::Multi(mha?));
+            let mha = MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, proj_std)?;
+            return Ok(SelfAttention::Multi(mha));
         }
-        let head = Head::new(p, name, c, c, cfg.dropout)?;
-        let c_proj = Linear::new(p, &format!("{name}.c_proj"), c, c, cfg.bias, proj_std)?;
+        let head = Head::new(vb.clone(), c, c, p)?;
+        let c_proj = Linear::new(vb.pp("c_proj"), c, c, cfg.bias, proj_std)?;
         Ok(SelfAttention::Single { head, c_proj })
     }
 
@@ -88,16 +87,16 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(p: &mut Params, name: &str, cfg: &ModelConfig) -> Result<Block> {
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Block> {
         // GPT-2: residual projections start smaller, so the residual stream's variance does not
         // grow with depth.
         let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
         let (c, bias) = (cfg.n_embd, cfg.bias);
         Ok(Block {
-            ln_1: LayerNorm::new(p, &format!("{name}.ln_1"), c, bias)?,
-            attn: SelfAttention::new(p, &format!("{name}.attn"), cfg, proj_std)?,
-            ln_2: LayerNorm::new(p, &format!("{name}.ln_2"), c, bias)?,
-            mlp: Mlp::new(p, &format!("{name}.mlp"), cfg, proj_std)?,
+            ln_1: LayerNorm::new(vb.pp("ln_1"), c, bias)?,
+            attn: SelfAttention::new(vb.pp("attn"), cfg, proj_std)?,
+            ln_2: LayerNorm::new(vb.pp("ln_2"), c, bias)?,
+            mlp: Mlp::new(vb.pp("mlp"), cfg, proj_std)?,
         })
     }
 

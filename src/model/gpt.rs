@@ -8,7 +8,7 @@ use super::block::Block;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
-use super::params::{Init, Params};
+use super::params::{Init, VarBuilder};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -26,15 +26,24 @@ pub struct Gpt {
 }
 
 impl Gpt {
-    /// Builds the model, taking (or initialising) every weight from `p`.
-    pub fn new(cfg: &ModelConfig, vocab_size: usize, p: &mut Params) -> Result<Gpt> {
+    /// Builds the model, taking (or initialising) every weight from `vb`
+    /// ([`super::Params::build`]).
+    pub fn new(cfg: &ModelConfig, vocab_size: usize, vb: VarBuilder) -> Result<Gpt> {
         let c = cfg.n_embd;
-        let wte = p.get("wte.weight", &[vocab_size, c], Init::Normal(0.02))?;
-        let wpe = p.get("wpe.weight", &[cfg.block_size, c], Init::Normal(0.02))?;
+        let normal = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let wte = vb
+            .pp("wte")
+            .get_with_hints((vocab_size, c), "weight", normal)?;
+        let wpe = vb
+            .pp("wpe")
+            .get_with_hints((cfg.block_size, c), "weight", normal)?;
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(p, &format!("h.{i}"), cfg))
+            .map(|i| Block::new(vb.pp("h").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(p, "ln_f", c, cfg.bias)?;
+        let ln_f = LayerNorm::new(vb.pp("ln_f"), c, cfg.bias)?;
         Ok(Gpt {
             cfg: cfg.clone(),
             vocab_size,

@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::Module;
 
-use super::params::{Init, Params};
+use super::params::{Init, VarBuilder};
 use crate::error::Result;
 use crate::rng::Rng;
 use rand::Rng as _;
@@ -20,18 +20,15 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A Linear layer named `name` with weights Normal(0, `std`) and optional zero bias.
-    pub fn new(
-        p: &mut Params,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        std: f64,
-    ) -> Result<Linear> {
-        let weight = p.get(&format!("{name}.weight"), &[d_out, d_in], Init::Normal(std))?;
+    /// `vb`'s `weight` `(d_out, d_in)` (fresh: Normal(0, `std`)) and optional `bias` (zeros).
+    pub fn new(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Linear> {
+        let normal = Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        let weight = vb.get_with_hints((d_out, d_in), "weight", normal)?;
         let bias = match bias {
-            true => Some(p.get(&format!("{name}.bias"), &[d_out], Init::Zeros)?),
+            true => Some(vb.get_with_hints(d_out, "bias", Init::Const(0.0))?),
             false => None,
         };
         Ok(Linear { weight, bias })
@@ -65,10 +62,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(p: &mut Params, name: &str, dim: usize, bias: bool) -> Result<LayerNorm> {
-        let weight = p.get(&format!("{name}.weight"), &[dim], Init::Ones)?;
+    /// `vb`'s gain `weight` `(dim)` (fresh: ones) and optional `bias` (zeros).
+    pub fn new(vb: VarBuilder, dim: usize, bias: bool) -> Result<LayerNorm> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = match bias {
-            true => Some(p.get(&format!("{name}.bias"), &[dim], Init::Zeros)?),
+            true => Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?),
             false => None,
         };
         Ok(LayerNorm {

@@ -15,4 +15,4 @@ pub use config::ModelConfig;
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
 pub use layers::{LayerNorm, Linear};
-pub use params::{Init, Params};
+pub use params::{Init, Params, VarBuilder};

@@ -148,7 +148,8 @@ impl Trainer {
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
         let mut params = Params::fresh(rng.clone(), device);
-        let model = Gpt::new(&config.model, tokenizer.vocab_size(), &mut params)?;
+        let vocab = tokenizer.vocab_size();
+        let model = params.build(|vb| Gpt::new(&config.model, vocab, vb))?;
         let engine = engine_for(&model, &config);
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
