@@ -12,7 +12,7 @@ use tinygpt::attention::{causal_mask, scaled_dot_product_attention};
 use tinygpt::config::{Config, Kernels};
 use tinygpt::data::Split;
 use tinygpt::engine::Engine;
-use tinygpt::kernels::block::{Affine, BlockParams, GradSlot};
+use tinygpt::kernels::block::GradSlot;
 use tinygpt::kernels::{self, attention::AttentionDropout};
 use tinygpt::model::{LayerNorm, Linear};
 use tinygpt::train::{ProgressMode, Trainer};
@@ -500,114 +500,4 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
         block.params().named().len(),
         "every weight got its gradient"
     );
-}
-
-/// One block as the fused layers compute it one op at a time (the block op's dropout masks
-/// drawn from the same seeds): x₁ = x + drop(att(LN₁(x))·W_Oᵀ), y = x₁ + drop(GELU(LN₂(x₁)·W₃ᵀ)·W₄ᵀ).
-fn layer_by_layer(
-    p: &BlockParams<Tensor>,
-    n_head: usize,
-    x: &Tensor,
-    drop: Option<tinygpt::kernels::block::BlockDropout>,
-) -> Tensor {
-    let ln = |x: &Tensor, a: &Affine<Tensor>| {
-        kernels::layer_norm::layer_norm(x, &a.weight, a.bias.as_ref(), 1e-5).unwrap()
-    };
-    let lin = |x: &Tensor, a: &Affine<Tensor>| {
-        let y = kernels::linear::linear(x, &a.weight).unwrap();
-        a.bias
-            .as_ref()
-            .map_or(y.clone(), |b| y.broadcast_add(b).unwrap())
-    };
-    let dropped = |y: Tensor, seed: fn(&tinygpt::kernels::block::BlockDropout) -> u64| match drop {
-        Some(d) => kernels::dropout::dropout(&y, d.p, seed(&d)).unwrap(),
-        None => y,
-    };
-    let w_qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0).unwrap();
-    let qkv = kernels::linear::linear(&ln(x, &p.ln_1), &w_qkv).unwrap();
-    let att_drop = drop.map(|d| AttentionDropout {
-        p: d.p,
-        seed: d.attention,
-    });
-    let att = kernels::attention::causal_attention(&qkv, n_head, att_drop).unwrap();
-    let x1 = (x + dropped(lin(&att, &p.attn_proj), |d| d.attn_proj)).unwrap();
-    let h = kernels::gelu::gelu(&lin(&ln(&x1, &p.ln_2), &p.fc)).unwrap();
-    (&x1 + dropped(lin(&h, &p.mlp_proj), |d| d.mlp_proj)).unwrap()
-}
-
-#[test]
-fn block_op_matches_the_layer_by_layer_block() {
-    use tinygpt::kernels::block::{BlockDropout, BlockOp};
-    let ws = Workspace::new(4000);
-    // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows)
-    let cases = [
-        (1, 32, 0.0, true, false),
-        (2, 32, 0.0, false, true),
-        (3, 24, 0.3, true, true),
-        (1, 32, 0.3, false, false),
-    ];
-    for (n_head, c, p, keep, streamed) in cases {
-        let sets = [
-            format!("model.n_head={n_head}"),
-            format!("model.n_embd={c}"),
-            format!("model.dropout={p}"),
-            "model.bias=true".to_string(),
-        ];
-        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-        let t = trainer(&ws, Kernels::Fused, &sets);
-        let block = t.model.blocks[1].clone();
-        for tt in [1, 13, 32] {
-            let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}/{streamed}, T {tt}");
-            let mask = causal_mask(tt, tt, 0, &Device::Cpu).unwrap();
-            let x = random(&[3, tt, c], 1.0, 5);
-            let r = random(&[3, tt, c], 1.0, 6);
-            // The seeds of the block's three dropout masks.
-            let mut rng = tinygpt::rng::seeded(77);
-            let dropout = (p > 0.0).then(|| BlockDropout {
-                p,
-                attention: rng.random(),
-                attn_proj: rng.random(),
-                mlp_proj: rng.random(),
-            });
-            // Layer by layer, each op under candle's autograd: the fused kernels' ops with the
-            // same masks, and without dropout the reference block too.
-            let x1 = Var::from_tensor(&x).unwrap();
-            let y1 = layer_by_layer(&block.params(), n_head, x1.as_tensor(), dropout);
-            if p == 0.0 {
-                let (y0, _) = block.forward(&x, &mask, None, None).unwrap();
-                assert_close(
-                    &format!("{what}: fused layers against the reference"),
-                    &y1,
-                    &y0,
-                );
-            }
-            let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            // The whole block as one op, with the same seeds.
-            let x2 = Var::from_tensor(&x).unwrap();
-            let sink = GradSlot::default();
-            let mut op = BlockOp::new(block.params(), n_head, 1e-5, dropout, keep, sink.clone());
-            if streamed {
-                op = op.with_streamed_mlp(16);
-            }
-            let y2 = op.apply(x2.as_tensor()).unwrap();
-            let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            assert_close(&format!("{what}: output"), &y2, &y1);
-            assert_close(
-                &format!("{what}: input gradient"),
-                g2.get(x2.as_tensor()).unwrap(),
-                g1.get(x1.as_tensor()).unwrap(),
-            );
-            let got = sink.take().expect("backward left the weights' gradients");
-            let weights = block.params().named();
-            let got = got.named();
-            assert_eq!(got.len(), weights.len(), "{what}: every weight's gradient");
-            for ((name, w), (_, g)) in weights.iter().zip(&got) {
-                assert_close(
-                    &format!("{what}: gradient of {name} {:?}", w.dims()),
-                    g,
-                    g1.get(w).unwrap(),
-                );
-            }
-        }
-    }
 }

@@ -263,7 +263,8 @@ impl BlockOp {
 
     /// Never keeps GELU(h), x₁, the attention weights or the LN outputs, and runs the MLP
     /// backward `rows` rows at a time: the path large models take, for tests on small ones.
-    pub fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
+    #[cfg(test)]
+    fn with_streamed_mlp(mut self, rows: usize) -> BlockOp {
         self.keep_bytes = 0;
         self.mlp_rows = rows.max(1);
         self
@@ -772,5 +773,161 @@ impl CustomOp1 for BlockOp {
         })???;
         self.grads.put(self.to_tensors(grads)?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use rand::{Rng as _, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::kernels::{self, attention::AttentionDropout};
+
+    fn random(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// max |got − want| ≤ 1e-4 · max |want|.
+    fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (g, w) = (values(got), values(want));
+        let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let err = g
+            .iter()
+            .zip(&w)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-4 * scale,
+            "{what}: max error {err:e} vs scale {scale:e}"
+        );
+    }
+
+    /// A block's parameters at random, with biases, for width `c`.
+    fn params(c: usize, seed: u64) -> BlockParams<Tensor> {
+        let mut seed = seed;
+        let mut t = |shape: &[usize], around: f32| {
+            seed += 1;
+            let t = (random(shape, 0.2, seed) + around as f64).unwrap();
+            Var::from_tensor(&t).unwrap().as_tensor().clone() // tracked by autograd
+        };
+        let mut affine = |shape: &[usize], around: f32| Affine {
+            weight: t(shape, around),
+            bias: Some(t(&shape[..1], 0.0)),
+        };
+        let (ln_1, attn_proj) = (affine(&[c], 1.0), affine(&[c, c], 0.0));
+        let (ln_2, fc, mlp_proj) = (
+            affine(&[c], 1.0),
+            affine(&[4 * c, c], 0.0),
+            affine(&[c, 4 * c], 0.0),
+        );
+        let (w_q, w_k, w_v) = (t(&[c, c], 0.0), t(&[c, c], 0.0), t(&[c, c], 0.0));
+        BlockParams {
+            ln_1,
+            w_q,
+            w_k,
+            w_v,
+            attn_proj,
+            ln_2,
+            fc,
+            mlp_proj,
+        }
+    }
+
+    /// One block as the fused layers compute it one op at a time, each under candle's autograd,
+    /// with the block op's dropout masks:
+    /// x₁ = x + drop(att(LN₁(x))·W_Oᵀ), y = x₁ + drop(GELU(LN₂(x₁)·W₃ᵀ)·W₄ᵀ).
+    fn layer_by_layer(
+        p: &BlockParams<Tensor>,
+        n_head: usize,
+        x: &Tensor,
+        drop: Option<BlockDropout>,
+    ) -> Tensor {
+        let ln = |x: &Tensor, a: &Affine<Tensor>| {
+            kernels::layer_norm::layer_norm(x, &a.weight, a.bias.as_ref(), 1e-5).unwrap()
+        };
+        let lin = |x: &Tensor, a: &Affine<Tensor>| {
+            let y = kernels::linear::linear(x, &a.weight).unwrap();
+            a.bias
+                .as_ref()
+                .map_or(y.clone(), |b| y.broadcast_add(b).unwrap())
+        };
+        let dropped = |y: Tensor, seed: fn(&BlockDropout) -> u64| match drop {
+            Some(d) => kernels::dropout::dropout(&y, d.p, seed(&d)).unwrap(),
+            None => y,
+        };
+        let w_qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0).unwrap();
+        let qkv = kernels::linear::linear(&ln(x, &p.ln_1), &w_qkv).unwrap();
+        let att_drop = drop.map(|d| AttentionDropout {
+            p: d.p,
+            seed: d.attention,
+        });
+        let att = kernels::attention::causal_attention(&qkv, n_head, att_drop).unwrap();
+        let x1 = (x + dropped(lin(&att, &p.attn_proj), |d| d.attn_proj)).unwrap();
+        let h = kernels::gelu::gelu(&lin(&ln(&x1, &p.ln_2), &p.fc)).unwrap();
+        (&x1 + dropped(lin(&h, &p.mlp_proj), |d| d.mlp_proj)).unwrap()
+    }
+
+    #[test]
+    fn block_op_matches_the_layer_by_layer_block() {
+        // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows)
+        let cases = [
+            (1, 32, 0.0, true, false),
+            (2, 32, 0.0, false, true),
+            (3, 24, 0.3, true, true),
+            (1, 32, 0.3, false, false),
+        ];
+        for (n_head, c, p, keep, streamed) in cases {
+            let block = params(c, 100);
+            for tt in [1, 13, 32] {
+                let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}/{streamed}, T {tt}");
+                let x = random(&[3, tt, c], 1.0, 5);
+                let r = random(&[3, tt, c], 1.0, 6);
+                let mut rng = crate::rng::seeded(77);
+                let dropout = (p > 0.0).then(|| BlockDropout {
+                    p,
+                    attention: rng.random(),
+                    attn_proj: rng.random(),
+                    mlp_proj: rng.random(),
+                });
+                // Layer by layer.
+                let x1 = Var::from_tensor(&x).unwrap();
+                let y1 = layer_by_layer(&block, n_head, x1.as_tensor(), dropout);
+                let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                // The whole block as one op, with the same seeds.
+                let x2 = Var::from_tensor(&x).unwrap();
+                let sink = GradSlot::default();
+                let mut op = BlockOp::new(block.clone(), n_head, 1e-5, dropout, keep, sink.clone());
+                if streamed {
+                    op = op.with_streamed_mlp(16);
+                }
+                let y2 = op.apply(x2.as_tensor()).unwrap();
+                let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert_close(&format!("{what}: output"), &y2, &y1);
+                assert_close(
+                    &format!("{what}: input gradient"),
+                    g2.get(x2.as_tensor()).unwrap(),
+                    g1.get(x1.as_tensor()).unwrap(),
+                );
+                let got = sink
+                    .take()
+                    .expect("backward left the weights' gradients")
+                    .named();
+                let weights = block.clone().named();
+                assert_eq!(got.len(), weights.len(), "{what}: every weight's gradient");
+                assert_eq!(got.len(), 13, "{what}: 9 weights and 4 biases");
+                for ((name, w), (_, g)) in weights.iter().zip(&got) {
+                    let what = format!("{what}: gradient of {name} {:?}", w.dims());
+                    assert_close(&what, g, g1.get(w).unwrap());
+                }
+            }
+        }
     }
 }
