@@ -20,6 +20,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `vb`'s `c_fc` and `c_proj`; `proj_std`: the output projection's initial scale.
     pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
         let c = cfg.n_embd;
         let c_fc = Linear::new(vb.pp("c_fc"), c, 4 * c, cfg.bias, 0.02)?;
@@ -47,6 +48,7 @@ pub enum SelfAttention {
 }
 
 impl SelfAttention {
+    /// `vb`'s attention weights, one [`Head`] or [`MultiHeadAttention`] as `cfg.n_head` says.
     pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
         let (c, p) = (cfg.n_embd, cfg.dropout);
         if cfg.n_head > 1 {
@@ -87,6 +89,7 @@ pub struct Block {
 }
 
 impl Block {
+    /// A block with `vb`'s weights (`ln_1`, `attn`, `ln_2`, `mlp`).
     pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Block> {
         // GPT-2: residual projections start smaller, so the residual stream's variance does not
         // grow with depth.

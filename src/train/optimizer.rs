@@ -16,8 +16,19 @@ use rayon::prelude::*;
 use crate::checkpoint::OptimizerState;
 use crate::config::TrainingConfig;
 use crate::error::Result;
-use crate::kernels::adamw::{adamw_update_tensor, AdamWStep};
+use crate::kernels::adamw::{adamw_update_tensor, sum_of_squares, AdamWStep};
 use crate::kernels::with_f32;
+
+/// The global L2 norm of `grads` (`None` counts as zero), for gradient clipping. Each
+/// gradient's Σg² side by side (most are too small to split), added in order.
+pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let sums = grads
+        .par_iter()
+        .flatten()
+        .map(|g| with_f32(g, "gradient norm", sum_of_squares))
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    Ok(sums.iter().sum::<f64>().sqrt())
+}
 
 /// One parameter's optimizer slot.
 struct Slot {

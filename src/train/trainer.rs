@@ -10,17 +10,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
-use super::optimizer::AdamW;
+use super::optimizer::{global_norm, AdamW};
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
 use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::kernels::adamw::sum_of_squares;
-use crate::kernels::with_f32;
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
@@ -281,14 +278,7 @@ impl Trainer {
                 }
             }
         }
-        // Each gradient's Σg² side by side (most are too small to split), added in order.
-        let sums = grads
-            .par_iter()
-            .flatten()
-            .map(|g| with_f32(g, "gradient norm", sum_of_squares))
-            .collect::<candle_core::Result<Vec<f64>>>()?;
-        let sum_sq: f64 = sums.iter().sum();
-        let norm = sum_sq.sqrt();
+        let norm = global_norm(&grads)?;
         if !norm.is_finite() {
             return Err(non_finite(
                 self.state.step + 1,
