@@ -150,7 +150,9 @@ impl Engine {
             };
             let mut grads = loss.backward()?;
             for (params, slot) in runs {
-                let Some(g) = slot.take() else { continue };
+                let g = slot.take().ok_or_else(|| {
+                    candle_core::Error::Msg("a block's backward pass left no gradients".into())
+                })?;
                 for ((_, w), (_, g)) in params.named().into_iter().zip(g.named()) {
                     let g = match grads.remove(&w) {
                         Some(direct) => (direct + g)?,

@@ -578,7 +578,7 @@ impl BlockOp {
     }
 
     /// The backward pass: dx written into `dx` (as long as `x`), and the weights' gradients
-    /// returned in [`BlockWeights::tensors`] order.
+    /// returned by name.
     #[allow(clippy::too_many_arguments)] // the part's inputs, its saved activations, its dx
     fn backward(
         &self,

@@ -43,7 +43,7 @@ pub fn causal_mask(t_q: usize, t_k: usize, offset: usize, device: &Device) -> Re
 /// Softmax over the last dimension, computed as exp(x − max) / Σ exp(x − max) so that scores
 /// of ±1000 neither overflow nor underflow to NaN. The max is a constant shift (softmax does not
 /// change under it), so it is detached from the gradient (candle-nn's `softmax` does not detach
-/// it, which changes the gradient's rounding; its `softmax_last_dim` has no CPU backward).
+/// it, which changes the gradient's rounding; its `softmax_last_dim` has no backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
