@@ -191,6 +191,16 @@ impl Dataset {
         }
     }
 
+    /// Appends tokens `range` of `split` (positions within the split) to `out`.
+    pub fn tokens(&self, split: Split, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
+        let lo = match split {
+            Split::Train => 0,
+            Split::Val => self.split_at,
+        };
+        self.tokens
+            .extend_into(lo + range.start..lo + range.end, out);
+    }
+
     /// A batch of `batch_size` random windows: inputs `x` and next-token targets `y`, both
     /// `(B, T)` u32 with T = `block_size`.
     pub fn batch(

@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod inspect;
 pub mod kernels;
 pub mod model;

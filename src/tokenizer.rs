@@ -343,6 +343,17 @@ impl Tokenizer {
         }
     }
 
+    /// How many bytes of UTF-8 text token `id` stands for: a char token's character, a
+    /// byte-level BPE token's bytes; 0 for a special token. Bits per byte divide by their sum.
+    pub fn token_bytes(&self, id: u32) -> usize {
+        let tok = self.inner.id_to_token(id).unwrap_or_default();
+        match self.kind {
+            TokenizerKind::Char => tok.len(),
+            TokenizerKind::Bpe if SPECIAL_TOKENS.contains(&tok.as_str()) => 0,
+            TokenizerKind::Bpe => byte_level_bytes(&tok).len(),
+        }
+    }
+
     /// The id of the BPE end-of-text token (none for `char`).
     pub fn eot_id(&self) -> Option<u32> {
         self.inner.token_to_id(SPECIAL_TOKENS[0])
@@ -545,5 +556,18 @@ mod tests {
         assert_eq!(out, s);
         let b = tk.encode("日").unwrap();
         assert!(tk.token_text(b[0]).starts_with("<0x"));
+    }
+
+    #[test]
+    fn token_bytes_add_up_to_the_text() {
+        let text = "naïve café — ünïcödé text, twice: naïve café — ünïcödé text\n";
+        for tk in [
+            Tokenizer::train(TokenizerKind::Char, text, 0).unwrap(),
+            Tokenizer::train(TokenizerKind::Bpe, text, 300).unwrap(),
+        ] {
+            let ids = tk.encode(text).unwrap();
+            let bytes: usize = ids.iter().map(|&i| tk.token_bytes(i)).sum();
+            assert_eq!(bytes, text.len(), "{:?}", tk.kind());
+        }
     }
 }

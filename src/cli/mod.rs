@@ -2,6 +2,7 @@
 
 mod attention;
 mod bench;
+mod eval;
 mod generate;
 mod inspect;
 pub mod plot;
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Train a model on a text corpus (or resume a run).
     Train(train::TrainArgs),
+    /// Loss, perplexity and bits per byte of a checkpoint on every token of a split.
+    Eval(eval::EvalArgs),
     /// Generate text from a checkpoint.
     Generate(generate::GenerateArgs),
     /// Show a checkpoint's config, sizes, losses and weights.
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
