@@ -94,14 +94,34 @@ impl Dense {
 /// Matrices at least this large (multiply-adds) split their outputs over threads.
 const PARALLEL_MIN: usize = 1 << 18;
 
-/// y[cols] = Σᵢ x[i] · Wᵀ[i, cols] for the output columns `first..first + y.len()`.
+/// Output columns summed in registers at a time by [`matvec_t_cols`].
+const COLS: usize = 64;
+
+/// y[cols] = Σᵢ x[i] · Wᵀ[i, cols] for the output columns `first..first + y.len()`. Each group
+/// of [`COLS`] outputs is summed in registers over the whole input, so W is streamed once and
+/// y is written once (summing into y in memory loads and stores it for every input element).
+/// Every output is summed in input order, as a plain loop would.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn matvec_t_cols(wt: &[f32], d_out: usize, first: usize, x: &[f32], y: &mut [f32]) {
-    y.fill(0.0);
-    let n = y.len();
+    let mut groups = y.chunks_exact_mut(COLS);
+    let mut c0 = first;
+    for out in &mut groups {
+        let mut acc = [0.0f32; COLS];
+        for (i, &xi) in x.iter().enumerate() {
+            let row: &[f32; COLS] = wt[i * d_out + c0..][..COLS].try_into().unwrap();
+            for (a, &w) in acc.iter_mut().zip(row) {
+                *a += xi * w;
+            }
+        }
+        out.copy_from_slice(&acc);
+        c0 += COLS;
+    }
+    let rest = groups.into_remainder();
+    rest.fill(0.0);
+    let n = rest.len();
     for (i, &xi) in x.iter().enumerate() {
-        let row = &wt[i * d_out + first..i * d_out + first + n];
-        for (y, &w) in y.iter_mut().zip(row) {
+        let row = &wt[i * d_out + c0..i * d_out + c0 + n];
+        for (y, &w) in rest.iter_mut().zip(row) {
             *y += xi * w;
         }
     }
