@@ -69,6 +69,54 @@ pub struct TrainingConfig {
     /// a third more compute.
     #[serde(default)]
     pub recompute_activations: bool,
+    /// What updates the blocks' 2-D weights: `adamw`, or `muon` (AdamW keeps the embeddings,
+    /// the tied LM head, gains and biases).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Muon's peak learning rate; its schedule has the shape of `learning_rate`'s.
+    #[serde(default = "default_muon_learning_rate")]
+    pub muon_learning_rate: f64,
+    /// Muon's momentum β.
+    #[serde(default = "default_muon_momentum")]
+    pub muon_momentum: f64,
+    /// `cosine` (warm-up, then cosine decay to `min_lr` at `lr_decay_iters`) or `wsd`
+    /// (warm-up, stable at the peak, then linear decay over the last `cooldown_iters` steps
+    /// before `lr_decay_iters`).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// `wsd`: steps of the final linear decay.
+    #[serde(default)]
+    pub cooldown_iters: usize,
+}
+
+/// What updates the blocks' 2-D weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// AdamW for every parameter (nanoGPT's recipe).
+    #[default]
+    Adamw,
+    /// Muon for the blocks' 2-D weights, AdamW for the rest.
+    Muon,
+}
+
+/// The learning rate's shape over a run ([`crate::train::schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Linear warm-up, cosine decay (nanoGPT's).
+    #[default]
+    Cosine,
+    /// Warm-up, stable, decay: linear warm-up, the peak, a linear cooldown.
+    Wsd,
+}
+
+fn default_muon_learning_rate() -> f64 {
+    0.02
+}
+
+fn default_muon_momentum() -> f64 {
+    0.95
 }
 
 fn one() -> usize {
@@ -196,6 +244,21 @@ impl Config {
             return Err(Error::Config(format!(
                 "training.grad_clip = {} must be ≥ 0 (0 turns clipping off)",
                 t.grad_clip
+            )));
+        }
+        positive_f("training.muon_learning_rate", t.muon_learning_rate)?;
+        if !(0.0..1.0).contains(&t.muon_momentum) {
+            return Err(Error::Config(format!(
+                "training.muon_momentum = {} must be in [0, 1)",
+                t.muon_momentum
+            )));
+        }
+        if t.lr_schedule == LrSchedule::Wsd && t.cooldown_iters > t.lr_decay_iters - t.warmup_iters
+        {
+            return Err(Error::Config(format!(
+                "training.cooldown_iters = {} must be at most lr_decay_iters − warmup_iters = {}",
+                t.cooldown_iters,
+                t.lr_decay_iters - t.warmup_iters
             )));
         }
         if !(t.val_fraction > 0.0 && t.val_fraction < 1.0) {

@@ -96,11 +96,18 @@ fn resume_continues_exactly() {
     // On the fused kernels, training runs each block as one op (its own backward, weight
     // gradients through a side store): resume must be exact there too.
     for kernels in ["reference", "fused"] {
-        resume_continues_exactly_on(kernels);
+        resume_continues_exactly_on(kernels, &[]);
     }
+    // Muon keeps its momentum in the checkpoint; the WSD schedule is a function of the step.
+    let muon = [
+        "training.optimizer=\"muon\"",
+        "training.lr_schedule=\"wsd\"",
+        "training.cooldown_iters=8",
+    ];
+    resume_continues_exactly_on("fused", &muon);
 }
 
-fn resume_continues_exactly_on(kernels: &str) {
+fn resume_continues_exactly_on(kernels: &str, extra: &[&str]) {
     let ws = Workspace::new(5000);
     let over = |n: usize| {
         vec![
@@ -112,6 +119,9 @@ fn resume_continues_exactly_on(kernels: &str) {
             "training.grad_accum_steps=2".into(),
             format!("model.kernels=\"{kernels}\""),
         ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect::<Vec<_>>()
     };
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
     let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();

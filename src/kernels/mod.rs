@@ -41,6 +41,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod math;
 pub mod matmul;
+pub mod muon;
 pub mod positions;
 
 use std::mem::MaybeUninit;

@@ -1,5 +1,6 @@
-//! AdamW with decoupled weight decay, written out so its moments can be checkpointed
-//! (candle_nn::AdamW keeps them private).
+//! The optimizer: AdamW with decoupled weight decay, written out so its moments can be
+//! checkpointed (candle_nn::AdamW keeps them private), and optionally Muon for the blocks'
+//! 2-D weights ([`crate::kernels::muon`]).
 //!
 //! For each parameter p with gradient g, at step t (PyTorch's AdamW):
 //! ```text
@@ -7,6 +8,10 @@
 //! m ← β₁·m + (1 − β₁)·g      v ← β₂·v + (1 − β₂)·g²
 //! p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
+//! A Muon parameter keeps its momentum buffer where AdamW keeps m (v stays zero), so
+//! checkpoints have the same layout either way; its learning rate is `muon_learning_rate`
+//! scaled by the schedule as AdamW's is; its weight decay is AdamW's, p ← p·(1 − lr·λ), so that
+//! `weight_decay` means the same with either optimizer.
 
 use std::collections::HashMap;
 
@@ -14,9 +19,10 @@ use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::checkpoint::OptimizerState;
-use crate::config::TrainingConfig;
+use crate::config::{OptimizerKind, TrainingConfig};
 use crate::error::Result;
 use crate::kernels::adamw::{adamw_update_tensor, sum_of_squares, AdamWStep};
+use crate::kernels::muon::{muon_update_tensor, MuonStep};
 use crate::kernels::with_f32;
 
 /// The global L2 norm of `grads` (`None` counts as zero), for gradient clipping. Each
@@ -35,6 +41,8 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// Updated by Muon (m is its momentum buffer) instead of AdamW.
+    muon: bool,
     m: Vec<f32>,
     v: Vec<f32>,
 }
@@ -47,17 +55,24 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    /// The schedule's peak, to scale Muon's rate by the same factor.
+    peak_lr: f64,
+    muon_lr: f64,
+    muon_momentum: f64,
 }
 
 impl AdamW {
-    /// Zero moments for `vars` (name order fixes the update order).
+    /// Zero moments for `vars` (name order fixes the update order). With `cfg.optimizer` =
+    /// `muon`, the blocks' 2-D weights (`h.*`) go to Muon.
     pub fn new(vars: &std::collections::BTreeMap<String, Var>, cfg: &TrainingConfig) -> AdamW {
+        let muon = cfg.optimizer == OptimizerKind::Muon;
         let slots = vars
             .iter()
             .map(|(name, var)| Slot {
                 name: name.clone(),
                 var: var.clone(),
                 decay: var.rank() >= 2,
+                muon: muon && var.rank() == 2 && name.starts_with("h."),
                 m: vec![0.0; var.elem_count()],
                 v: vec![0.0; var.elem_count()],
             })
@@ -69,6 +84,9 @@ impl AdamW {
             beta2: cfg.beta2,
             eps: 1e-8,
             weight_decay: cfg.weight_decay,
+            peak_lr: cfg.learning_rate,
+            muon_lr: cfg.muon_learning_rate,
+            muon_momentum: cfg.muon_momentum,
         }
     }
 
@@ -92,6 +110,13 @@ impl AdamW {
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         let (beta1, beta2, eps, weight_decay) =
             (self.beta1, self.beta2, self.eps, self.weight_decay);
+        let muon_lr = self.muon_lr * lr / self.peak_lr;
+        let muon = MuonStep {
+            lr: muon_lr as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            momentum: self.muon_momentum as f32,
+            grad_scale,
+        };
         // The parameters side by side: most are too small to split (a LayerNorm's 128 floats,
         // a 128×128 weight is one task), so one at a time they would run on one core.
         self.slots
@@ -112,14 +137,21 @@ impl AdamW {
                     grad_scale,
                 };
                 let param = slot.var.as_tensor();
+                let zeros = || vec![0.0f32; slot.m.len()];
+                if slot.muon {
+                    match g {
+                        Some(g) => with_f32(g, "muon", |g| {
+                            muon_update_tensor(param, g, &mut slot.m, &muon)
+                        })??,
+                        None => muon_update_tensor(param, &zeros(), &mut slot.m, &muon)?,
+                    }
+                    return Ok(());
+                }
                 match g {
                     Some(g) => with_f32(g, "adamw", |g| {
                         adamw_update_tensor(param, g, &mut slot.m, &mut slot.v, &step)
                     })??,
-                    None => {
-                        let zeros = vec![0.0f32; slot.m.len()];
-                        adamw_update_tensor(param, &zeros, &mut slot.m, &mut slot.v, &step)?
-                    }
+                    None => adamw_update_tensor(param, &zeros(), &mut slot.m, &mut slot.v, &step)?,
                 }
                 Ok(())
             })
@@ -188,6 +220,11 @@ mod tests {
             seed: 0,
             checkpoint_interval: 1,
             recompute_activations: false,
+            optimizer: OptimizerKind::Adamw,
+            muon_learning_rate: 0.02,
+            muon_momentum: 0.95,
+            lr_schedule: Default::default(),
+            cooldown_iters: 0,
         };
         let mut opt = AdamW::new(&vars, &cfg);
         let grads = [
@@ -224,5 +261,57 @@ mod tests {
         opt2.load_state(&st).unwrap();
         assert_eq!(opt2.steps(), 1);
         assert_eq!(opt2.slots[1].v, opt.slots[1].v);
+    }
+
+    #[test]
+    fn muon_takes_the_blocks_matrices_and_adamw_the_rest() {
+        let dev = Device::Cpu;
+        let var = |v: Vec<f32>, shape: (usize, usize)| Var::from_vec(v, shape, &dev).unwrap();
+        let h = var((0..12).map(|i| (i as f32 * 0.4).sin()).collect(), (4, 3));
+        let wte = var((0..12).map(|i| (i as f32 * 0.9).cos()).collect(), (4, 3));
+        let vars = BTreeMap::from([
+            ("h.0.mlp.c_fc.weight".to_string(), h.clone()),
+            ("wte.weight".to_string(), wte.clone()),
+        ]);
+        let mut cfg = crate::config::Config::parse(
+            include_str!("../../configs/shakespeare-char.toml"),
+            &[
+                "training.optimizer=\"muon\"".into(),
+                "training.weight_decay=0".into(),
+            ],
+        )
+        .unwrap()
+        .training;
+        cfg.muon_momentum = 0.5;
+        let mut opt = AdamW::new(&vars, &cfg);
+        let g: Vec<f32> = (0..12).map(|i| (i as f32 * 0.3).cos()).collect();
+        let gt = Tensor::from_vec(g.clone(), (4, 3), &dev).unwrap();
+        let (h0, w0) = (values(&h), values(&wte));
+        // At half the peak learning rate, Muon's rate is halved too.
+        opt.step(&[Some(gt.clone()), Some(gt)], 1.0, cfg.learning_rate / 2.0)
+            .unwrap();
+        let u: Vec<f32> = g.iter().map(|&g| 0.5 * g + 0.5 * (0.5 * g)).collect();
+        let o = crate::kernels::muon::orthogonalize(&u, 4, 3);
+        let step = 0.01f32 * (4.0f32 / 3.0).sqrt();
+        for ((&a, &b), &o) in values(&h).iter().zip(&h0).zip(&o) {
+            assert!(
+                (a - (b - step * o)).abs() < 1e-6,
+                "muon: {a} vs {}",
+                b - step * o
+            );
+        }
+        // AdamW's first step is ±lr for the embedding.
+        for ((&a, &b), &g) in values(&wte).iter().zip(&w0).zip(&g) {
+            let want = b - (cfg.learning_rate / 2.0) as f32 * g.signum();
+            assert!((a - want).abs() < 1e-6, "adamw: {a} vs {want}");
+        }
+    }
+
+    fn values(v: &Var) -> Vec<f32> {
+        v.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 }
