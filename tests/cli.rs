@@ -532,6 +532,22 @@ fn every_config_error_is_named_through_the_binary() {
             "training.eval_iters=0",
             "training.eval_iters = 0 must be at least 1",
         ),
+        (
+            "training.optimizer=\"sgd\"",
+            "unknown variant `sgd`, expected `adamw` or `muon`",
+        ),
+        (
+            "training.muon_learning_rate=0",
+            "training.muon_learning_rate = 0 must be a number > 0",
+        ),
+        (
+            "training.muon_momentum=1",
+            "training.muon_momentum = 1 must be in [0, 1)",
+        ),
+        (
+            "training.lr_schedule=\"linear\"",
+            "unknown variant `linear`, expected `cosine` or `wsd`",
+        ),
         ("data.path=3", "expected path string in `data.path`"),
         ("training", "not of the form section.key=value"),
     ];
