@@ -83,7 +83,7 @@ impl FusedGpt {
         let keep = rng.is_some() && !self.recompute;
         let mut runs = Vec::with_capacity(self.blocks.len());
         for params in &self.blocks {
-            // Seeds drawn in the order the reference layers draw their masks' first numbers.
+            // One mask seed per dropout site, in the order the block reaches them.
             let dropout = rng
                 .as_deref_mut()
                 .filter(|_| p > 0.0)
