@@ -322,10 +322,11 @@ fn trainer(ws: &Workspace, kernels: Kernels, extra: &[&str]) -> Trainer {
 #[test]
 fn whole_model_loss_and_gradients_match() {
     let ws = Workspace::new(4000);
-    for n_head in ["1", "2"] {
+    for (n_head, act) in [("1", "gelu"), ("2", "gelu"), ("2", "relu2")] {
         let set = format!("model.n_head={n_head}");
-        let mut r = trainer(&ws, Kernels::Reference, &[&set, "model.bias=true"]);
-        let f = trainer(&ws, Kernels::Fused, &[&set, "model.bias=true"]);
+        let act = format!("model.activation=\"{act}\"");
+        let mut r = trainer(&ws, Kernels::Reference, &[&set, &act, "model.bias=true"]);
+        let f = trainer(&ws, Kernels::Fused, &[&set, &act, "model.bias=true"]);
         let block = r.config.model.block_size;
         let (x, y) = r
             .dataset
@@ -346,7 +347,7 @@ fn whole_model_loss_and_gradients_match() {
             let w = f.params.vars()[name].as_tensor();
             let a = gf.get(w).unwrap();
             let b = gr.get(var.as_tensor()).unwrap();
-            assert_close(&format!("heads={n_head} gradient of {name}"), a, b);
+            assert_close(&format!("heads={n_head} {act} gradient of {name}"), a, b);
         }
         // logits with and without the fused attention path agree with the captured weights'
         let (logits, att) = f.model.forward_with_attention(&x).unwrap();
@@ -395,13 +396,14 @@ fn one_training_step_matches_the_reference_step() {
 #[test]
 fn fused_decoder_matches_the_full_forward_pass() {
     let ws = Workspace::new(4000);
-    for (n_head, bias) in [("1", "true"), ("2", "false")] {
+    for (n_head, bias, act) in [("1", "true", "gelu"), ("2", "false", "relu2")] {
         let t = trainer(
             &ws,
             Kernels::Fused,
             &[
                 &format!("model.n_head={n_head}"),
                 &format!("model.bias={bias}"),
+                &format!("model.activation=\"{act}\""),
             ],
         );
         let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();

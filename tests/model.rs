@@ -19,6 +19,7 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         dropout: 0.0,
         bias: true,
         kernels: Default::default(),
+        activation: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@
 //! ```text
 //! x = wte[token] + wpe[pos]
 //! per block:  q|k|v = W_qkv·LN₁(x);  cache k, v at pos;  per head: p = softmax(q·Kᵀ/√hs), y = p·V
-//!             x += W_proj·y (+b);  x += W_fc2·GELU(W_fc·LN₂(x) (+b)) (+b)
+//!             x += W_proj·y (+b);  x += W_fc2·act(W_fc·LN₂(x) (+b)) (+b)
 //! logits = wte · LN_f(x)
 //! ```
 //!
@@ -23,8 +23,8 @@ use rayon::prelude::*;
 use super::fused::FusedGpt;
 use super::Decode;
 use crate::error::{Error, Result};
+use crate::kernels::activation::Activation;
 use crate::kernels::block::Affine;
-use crate::kernels::gelu::gelu_forward_serial_into as gelu;
 use crate::kernels::layer_norm::layer_norm_forward_serial_into;
 use crate::kernels::math;
 use crate::model::gpt::check_positions;
@@ -184,6 +184,7 @@ struct Layer {
 /// The fused incremental decoder of one sequence (see the module docs).
 pub struct Decoder {
     c: usize,
+    activation: Activation,
     n_head: usize,
     block_size: usize,
     vocab: usize,
@@ -219,6 +220,7 @@ impl Decoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Decoder {
             c,
+            activation: model.activation,
             n_head: model.n_head,
             block_size: model.block_size,
             vocab: model.wte.dim(0)?,
@@ -272,7 +274,7 @@ impl Decoder {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             l.ln_2.apply(x, &mut h);
             l.fc.apply(&h, &mut f);
-            gelu(&f, &mut g);
+            self.activation.forward_serial_into(&f, &mut g);
             l.fc_proj.apply(&g, &mut a);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }

@@ -14,6 +14,7 @@ use rand::Rng as _;
 
 use crate::error::Result;
 use crate::kernels;
+use crate::kernels::activation::Activation;
 use crate::kernels::block::{Affine, BlockDropout, BlockGrads, BlockOp, BlockParams, GradSlot};
 use crate::model::gpt::check_positions;
 use crate::model::Gpt;
@@ -29,6 +30,8 @@ pub struct FusedGpt {
     pub(super) blocks: Vec<BlockParams<Tensor>>,
     pub(super) ln_f: Affine<Tensor>,
     pub(super) n_head: usize,
+    /// The MLP's nonlinearity.
+    pub(super) activation: Activation,
     /// The LayerNorms' ε.
     pub(super) eps: f64,
     pub(super) dropout: f64,
@@ -52,6 +55,7 @@ impl FusedGpt {
                 bias: model.ln_f.bias.clone(),
             },
             n_head: model.cfg.n_head,
+            activation: model.cfg.activation,
             eps: model.ln_f.eps,
             dropout: model.cfg.dropout,
             block_size: model.cfg.block_size,
@@ -99,6 +103,7 @@ impl FusedGpt {
                 params.clone(),
                 self.n_head,
                 eps,
+                self.activation,
                 dropout,
                 keep,
                 slot.clone(),

@@ -34,11 +34,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::activation::Activation;
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{dropout_add_into, dropout_forward_into};
-use super::gelu::{
-    gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_forward_into,
-};
 use super::layer_norm::{
     layer_norm_backward, layer_norm_backward_into, layer_norm_forward, layer_norm_forward_into,
 };
@@ -224,6 +222,8 @@ pub struct BlockOp {
     n_head: usize,
     /// The LayerNorms' ε.
     eps: f32,
+    /// The MLP's nonlinearity.
+    activation: Activation,
     dropout: Option<BlockDropout>,
     keep_activations: bool,
     grads: GradSlot<BlockGrads>,
@@ -237,13 +237,15 @@ pub struct BlockOp {
 }
 
 impl BlockOp {
-    /// The block of `params` with `n_head` heads and LayerNorm ε `eps`. `keep_activations`:
+    /// The block of `params` with `n_head` heads, LayerNorm ε `eps` and the MLP's
+    /// `activation`. `keep_activations`:
     /// keep what backward needs (fast), or recompute it there (small). Backward leaves the
     /// parameters' gradients in `grads`.
     pub fn new(
         params: BlockParams<Tensor>,
         n_head: usize,
         eps: f32,
+        activation: Activation,
         dropout: Option<BlockDropout>,
         keep_activations: bool,
         grads: GradSlot<BlockGrads>,
@@ -252,6 +254,7 @@ impl BlockOp {
             params,
             n_head,
             eps,
+            activation,
             dropout: dropout.filter(|d| d.p > 0.0),
             keep_activations,
             grads,
@@ -460,11 +463,13 @@ const MLP_ROWS: usize = 1024;
 /// more time than they take memory, on large ones (tens of MiB each a block) the other way.
 const KEEP_BYTES: usize = 16 << 20;
 
-/// Through W₄ and the GELU: dW₄ = dmᵀ·GELU(h) and dh = (dm·W₄) ∘ GELU′(h), written over `h`.
-/// With `g` = GELU(h) kept from the forward pass, in one go, GELU′ taking Φ(h) = g / h instead
-/// of recomputing it; without, a block of rows at a time, so that GELU(h) and dm·W₄ never
-/// exist as whole `(N, 4C)` tensors (for the 10M config that is 96 MiB less at the peak).
+/// Through W₄ and the activation: dW₄ = dmᵀ·act(h) and dh = (dm·W₄) ∘ act′(h), written over
+/// `h`. With `g` = act(h) kept from the forward pass, in one go (GELU′ taking Φ(h) = g / h
+/// instead of recomputing it); without, a block of rows at a time, so that act(h) and dm·W₄
+/// never exist as whole `(N, 4C)` tensors (for the 10M config that is 96 MiB less at the peak).
+#[allow(clippy::too_many_arguments)] // the MLP's activations, weights, sizes and row blocks
 fn mlp_backward(
+    act: Activation,
     mut h: Vec<f32>,
     g: Option<Vec<f32>>,
     dm: &[f32],
@@ -476,7 +481,7 @@ fn mlp_backward(
     if let Some(g) = g {
         let dw = linear_backward_weight(dm, c, &g, hid);
         let dg = linear_backward_input(dm, c, w4, hid);
-        gelu_backward_from_output(&mut h, &g, &dg);
+        act.backward_from_output(&mut h, &g, &dg);
         return (dw, h);
     }
     let n = h.len() / hid;
@@ -487,7 +492,7 @@ fn mlp_backward(
         let hc = &mut h[r0 * hid..(r0 + rows) * hid];
         let dmc = &dm[r0 * c..(r0 + rows) * c];
         let gc = &mut buf[..rows * hid];
-        gelu_forward_into(hc, gc);
+        act.forward_into(hc, gc);
         // SAFETY: dmc is (rows, c), gc is (rows, hid), dw is (c, hid).
         unsafe {
             matmul(
@@ -502,7 +507,7 @@ fn mlp_backward(
             )
         };
         linear_backward_input_into(dmc, c, w4, hid, gc);
-        gelu_backward_over_input(hc, gc);
+        act.backward_over_input(hc, gc);
     }
     (dw, h)
 }
@@ -550,7 +555,7 @@ impl BlockOp {
             }
         };
         let h = affine(&b, c, w.p.fc.weight, w.p.fc.bias);
-        let g = gelu_forward(&h);
+        let g = self.activation.forward(&h);
         affine_into(&g, h.len() / n, w.p.mlp_proj.weight, w.p.mlp_proj.bias, y);
         dropout_add_into(y, &x1, self.dropout.map(|d| (d.mlp_proj, d.p, first)));
         let g = keep.g.then_some(g);
@@ -614,7 +619,16 @@ impl BlockOp {
         let dm_own = dropped(dy, self.dropout.map(|d| d.mlp_proj));
         let dm = dm_own.as_deref().unwrap_or(dy);
         let d_mlp_b = w.p.mlp_proj.bias.map(|_| column_sums(dm, c));
-        let (d_mlp_w, g) = mlp_backward(h, g, dm, w.p.mlp_proj.weight, c, hid, self.mlp_rows); // g: dL/dh
+        let (d_mlp_w, g) = mlp_backward(
+            self.activation,
+            h,
+            g,
+            dm,
+            w.p.mlp_proj.weight,
+            c,
+            hid,
+            self.mlp_rows,
+        ); // g: dL/dh
         drop(dm_own);
         let d_fc_b = w.p.fc.bias.map(|_| column_sums(&g, hid));
         let mut b = ln2.unwrap_or_else(|| {
@@ -847,6 +861,7 @@ mod tests {
     fn layer_by_layer(
         p: &BlockParams<Tensor>,
         n_head: usize,
+        act: Activation,
         x: &Tensor,
         drop: Option<BlockDropout>,
     ) -> Tensor {
@@ -871,23 +886,32 @@ mod tests {
         });
         let att = kernels::attention::causal_attention(&qkv, n_head, att_drop).unwrap();
         let x1 = (x + dropped(lin(&att, &p.attn_proj), |d| d.attn_proj)).unwrap();
-        let h = kernels::gelu::gelu(&lin(&ln(&x1, &p.ln_2), &p.fc)).unwrap();
+        let h = lin(&ln(&x1, &p.ln_2), &p.fc);
+        let h = match act {
+            Activation::Gelu => kernels::gelu::gelu(&h).unwrap(),
+            Activation::Relu2 => h.relu().unwrap().sqr().unwrap(),
+        };
         (&x1 + dropped(lin(&h, &p.mlp_proj), |d| d.mlp_proj)).unwrap()
     }
 
     #[test]
     fn block_op_matches_the_layer_by_layer_block() {
-        // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows)
+        // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows,
+        // activation)
+        let (gelu, relu2) = (Activation::Gelu, Activation::Relu2);
         let cases = [
-            (1, 32, 0.0, true, false),
-            (2, 32, 0.0, false, true),
-            (3, 24, 0.3, true, true),
-            (1, 32, 0.3, false, false),
+            (1, 32, 0.0, true, false, gelu),
+            (2, 32, 0.0, false, true, gelu),
+            (3, 24, 0.3, true, true, gelu),
+            (1, 32, 0.3, false, false, gelu),
+            (2, 32, 0.0, true, false, relu2),
+            (2, 24, 0.3, false, true, relu2),
         ];
-        for (n_head, c, p, keep, streamed) in cases {
+        for (n_head, c, p, keep, streamed, act) in cases {
             let block = params(c, 100);
             for tt in [1, 13, 32] {
-                let what = format!("heads {n_head}, C {c}, p {p}, keep {keep}/{streamed}, T {tt}");
+                let what =
+                    format!("{act:?} heads {n_head} C {c} p {p} keep {keep}/{streamed} T {tt}");
                 let x = random(&[3, tt, c], 1.0, 5);
                 let r = random(&[3, tt, c], 1.0, 6);
                 let mut rng = crate::rng::seeded(77);
@@ -899,12 +923,13 @@ mod tests {
                 });
                 // Layer by layer.
                 let x1 = Var::from_tensor(&x).unwrap();
-                let y1 = layer_by_layer(&block, n_head, x1.as_tensor(), dropout);
+                let y1 = layer_by_layer(&block, n_head, act, x1.as_tensor(), dropout);
                 let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 // The whole block as one op, with the same seeds.
                 let x2 = Var::from_tensor(&x).unwrap();
                 let sink = GradSlot::default();
-                let mut op = BlockOp::new(block.clone(), n_head, 1e-5, dropout, keep, sink.clone());
+                let (params, slot) = (block.clone(), sink.clone());
+                let mut op = BlockOp::new(params, n_head, 1e-5, act, dropout, keep, slot);
                 if streamed {
                     op = op.with_streamed_mlp(16);
                 }

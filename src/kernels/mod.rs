@@ -31,6 +31,7 @@
 //!
 //! Private per-chunk loops (the [`multiversion`] bodies) end in `_chunk` or `_rows`.
 
+pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod block;

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::attention::{Head, MultiHeadAttention};
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig};
 use super::layers::{dropout, LayerNorm, Linear};
 use super::params::VarBuilder;
 use crate::error::Result;
@@ -16,6 +16,7 @@ use crate::rng::Rng;
 pub struct Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
+    pub activation: Activation,
     pub dropout: f64,
 }
 
@@ -28,13 +29,18 @@ impl Mlp {
         Ok(Mlp {
             c_fc,
             c_proj,
+            activation: cfg.activation,
             dropout: cfg.dropout,
         })
     }
 
     /// `(B, T, C)` → `(B, T, C)`.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let h = x.apply(&self.c_fc)?.gelu_erf()?; // (B, T, 4C)
+        let h = x.apply(&self.c_fc)?; // (B, T, 4C)
+        let h = match self.activation {
+            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu2 => h.relu()?.sqr()?,
+        };
         dropout(&h.apply(&self.c_proj)?, self.dropout, rng)
     }
 }

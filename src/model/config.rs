@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::kernels::activation::Activation;
 use crate::kernels::Kernels;
 
 /// Shape of the network (nanoGPT's `GPTConfig`).
@@ -22,6 +23,9 @@ pub struct ModelConfig {
     /// Biases in the linear layers (except W_Q, W_K, W_V) and LayerNorms.
     #[serde(default)]
     pub bias: bool,
+    /// The MLP's nonlinearity: `gelu` (exact, GPT-2's; the default) or `relu2` (max(x, 0)²).
+    #[serde(default)]
+    pub activation: Activation,
     /// Which engine runs the model: `reference` (this module's composed candle ops) or `fused`
     /// (tinygpt's CPU kernels). Read where the engine is built, never by the model itself.
     #[serde(default)]
