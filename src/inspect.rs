@@ -117,8 +117,14 @@ impl Report {
         let _ = writeln!(s, "checkpoint   {}", self.checkpoint);
         let _ = writeln!(
             s,
-            "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, kernels {:?}",
-            m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.kernels
+            "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, activation {:?}, kernels {:?}",
+            m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.activation, m.kernels
+        );
+        let t = &self.config.training;
+        let _ = writeln!(
+            s,
+            "training     optimizer {:?}, schedule {:?}",
+            t.optimizer, t.lr_schedule
         );
         let _ = writeln!(
             s,
