@@ -87,13 +87,7 @@ impl InplaceOp1 for InPlace<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("adamw: parameters must be f32")
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            bail!("adamw: parameters must be contiguous")
-        };
-        let p = &mut data[a..b];
+        let p = super::f32_slice_mut(storage, layout, "adamw")?;
         let mut moments = self.moments.borrow_mut();
         let (m, v) = &mut *moments;
         if p.len() != self.g.len() || m.len() != p.len() || v.len() != p.len() {

@@ -74,6 +74,22 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
     Ok(&v[a..b])
 }
 
+/// The f32 elements of a contiguous CPU storage viewed through `layout`, for an in-place op
+/// (a parameter's update).
+pub(crate) fn f32_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: parameters must be f32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: parameters must be contiguous")
+    };
+    Ok(&mut v[a..b])
+}
+
 /// Runs `f` on the elements of `t` (made contiguous first if it is not).
 pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;

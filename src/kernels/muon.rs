@@ -137,17 +137,12 @@ impl InplaceOp1 for InPlace {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("muon: parameters must be f32")
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            bail!("muon: parameters must be contiguous")
-        };
+        let p = super::f32_slice_mut(storage, layout, "muon")?;
         let o = self.o.borrow();
-        if b - a != o.len() {
-            bail!("muon: {} parameters, {} updates", b - a, o.len())
+        if p.len() != o.len() {
+            bail!("muon: {} parameters, {} updates", p.len(), o.len())
         }
-        for (p, &o) in data[a..b].iter_mut().zip(o.iter()) {
+        for (p, &o) in p.iter_mut().zip(o.iter()) {
             *p = *p * self.decay - self.step * o;
         }
         Ok(())
