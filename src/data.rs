@@ -183,6 +183,21 @@ impl Dataset {
         Ok(Dataset { tokens, split_at })
     }
 
+    /// `text` (the corpus read from `path`) tokenized by `tokenizer` and split: a corpus the
+    /// tokenizer cannot encode, or one too short to split, is named by its path.
+    pub fn from_text(
+        tokenizer: &Tokenizer,
+        text: &str,
+        path: &Path,
+        val_fraction: f64,
+        block_size: usize,
+        progress: ProgressMode,
+    ) -> Result<Dataset> {
+        let tokens = tokenize_corpus(tokenizer, text, progress)
+            .map_err(|e| Error::data(path, e.to_string()))?;
+        Dataset::new(tokens, val_fraction, block_size, path)
+    }
+
     /// Tokens in a split.
     pub fn len(&self, split: Split) -> usize {
         match split {

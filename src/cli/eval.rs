@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
+use crate::data::{read_corpus, Dataset, Split};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::evaluate;
@@ -41,11 +41,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let path = args.data.clone().unwrap_or_else(|| cfg.data.path.clone());
     let progress = ProgressMode::detect(args.quiet || args.json);
     let text = read_corpus(&path)?;
-    let tokens = tokenize_corpus(&ck.tokenizer, &text, progress)
-        .map_err(|e| Error::data(&path, e.to_string()))?;
-    drop(text);
     let block = cfg.model.block_size;
-    let data = Dataset::new(tokens, cfg.training.val_fraction, block, &path)?;
+    let val_fraction = cfg.training.val_fraction;
+    let data = Dataset::from_text(&ck.tokenizer, &text, &path, val_fraction, block, progress)?;
+    drop(text);
     let split = match args.split {
         SplitArg::Train => Split::Train,
         SplitArg::Val => Split::Val,

@@ -48,7 +48,8 @@ pub enum Command {
 /// Keeps freed memory in the process instead of handing it back to the OS after every step.
 /// Training allocates and frees the same activation-sized buffers each step; glibc serves
 /// those above its (adaptive) mmap threshold with fresh pages, and every page costs a fault
-/// and a zeroing, a tenth of a small step's time. A fixed threshold of 1 GiB and no trimming make the heap reuse them.
+/// and a zeroing, a tenth of a small step's time. A fixed threshold of 1 GiB and no trimming
+/// make the heap reuse them.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.

@@ -14,9 +14,10 @@
 //! gradients are column sums.)
 //!
 //! Why one op: run op by op under candle's autograd, a block is about a dozen graph nodes, and
-//! every gradient candle passes between them is a fresh zeroed tensor plus an addition. Here the backward pass is
-//! written out: each product writes its result where the next step reads it, the GELU gradient
-//! is computed over the buffer it came in, and the 4C-wide activations exist once.
+//! every gradient candle passes between them is a fresh zeroed tensor plus an addition. Here the
+//! backward pass is written out: each product writes its result where the next step reads it,
+//! the activation's gradient is computed over the buffer it came in, and the 4C-wide
+//! activations exist once.
 //!
 //! What is kept for backward: `qkv`, `att` and `h`, 8C floats a row (the input x is kept by
 //! candle anyway), and GELU(h), x₁, the attention weights and the two LN outputs when they are

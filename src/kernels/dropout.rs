@@ -70,8 +70,8 @@ fn residual_chunk(out: &mut [f32], x: &[f32], mask: Option<(u64, u32, u32, f32)>
 }
 
 /// out ← x + dropout(out): a residual connection around a dropped-out branch, in one pass.
-/// `mask` is (seed, p, number of out's first element, as in [`dropout_forward_into`]); element i keeps
-/// or drops exactly as in [`dropout`] with that seed.
+/// `mask` is (seed, p, number of out's first element, as in [`dropout_forward_into`]); element
+/// i keeps or drops exactly as in [`dropout`] with that seed.
 pub fn dropout_add_into(out: &mut [f32], x: &[f32], mask: Option<(u64, f64, usize)>) {
     let mask = mask.map(|(seed, p, first)| (seed, threshold(p), (1.0 / (1.0 - p)) as f32, first));
     out.par_chunks_mut(ELEMS_PER_TASK)

@@ -23,10 +23,10 @@
 //! | name | takes and gives |
 //! |---|---|
 //! | `op(x: &Tensor, …) -> Result<Tensor>` | the candle custom op, forward and backward |
-//! | `op_forward(x: &[f32], …) -> Vec<f32>` | the forward pass on slices into a new buffer, parallel |
+//! | `op_forward(x: &[f32], …) -> Vec<f32>` | the forward pass on slices, into a new buffer |
 //! | `op_forward_into(…, y: &mut [f32])` | the same into the caller's buffer |
 //! | `op_forward_serial_into(…)` | the same on the calling thread (the decoder's single rows) |
-//! | `op_backward…` | the backward pass, with the same suffixes; `_over_input` overwrites the input |
+//! | `op_backward…` | the backward pass, same suffixes; `_over_input` overwrites the input |
 //! | `op_…_ptr(…, y: *mut f32)` | unsafe: through a raw pointer, for `gemm`, which never reads it |
 //!
 //! Private per-chunk loops (the [`multiversion`] bodies) end in `_chunk` or `_rows`.

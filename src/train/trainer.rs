@@ -15,7 +15,7 @@ use super::optimizer::{global_norm, AdamW};
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
-use crate::data::{read_corpus, tokenize_corpus, Dataset, Split};
+use crate::data::{read_corpus, Dataset, Split};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
@@ -467,13 +467,14 @@ fn make_dataset(
     text: &str,
     progress: ProgressMode,
 ) -> Result<Dataset> {
-    let tokens = tokenize_corpus(tokenizer, text, progress)
-        .map_err(|e| Error::data(&config.data.path, e.to_string()))?;
-    Dataset::new(
-        tokens,
-        config.training.val_fraction,
-        config.model.block_size,
+    let (t, m) = (&config.training, &config.model);
+    Dataset::from_text(
+        tokenizer,
+        text,
         &config.data.path,
+        t.val_fraction,
+        m.block_size,
+        progress,
     )
 }
 
