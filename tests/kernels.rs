@@ -396,7 +396,13 @@ fn one_training_step_matches_the_reference_step() {
 #[test]
 fn fused_decoder_matches_the_full_forward_pass() {
     let ws = Workspace::new(4000);
-    for (n_head, bias, act) in [("1", "true", "gelu"), ("2", "false", "relu2")] {
+    // A width of 80 leaves partial groups of output columns (240, 320 and 20 outputs); at 256
+    // the MLP's matrices are large enough to split a row's columns over threads.
+    for (n_head, bias, act, width) in [
+        ("1", "true", "gelu", 32),
+        ("2", "false", "relu2", 80),
+        ("4", "true", "gelu", 256),
+    ] {
         let t = trainer(
             &ws,
             Kernels::Fused,
@@ -404,6 +410,7 @@ fn fused_decoder_matches_the_full_forward_pass() {
                 &format!("model.n_head={n_head}"),
                 &format!("model.bias={bias}"),
                 &format!("model.activation=\"{act}\""),
+                &format!("model.n_embd={width}"),
             ],
         );
         let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();
@@ -420,6 +427,14 @@ fn fused_decoder_matches_the_full_forward_pass() {
             rows.push(dec.feed(&[id]).unwrap());
         }
         assert_eq!(dec.len(), 16);
+        // Rows fed together sum in the same order as rows fed alone: the same bits.
+        let mut one_by_one = t.engine.decoder().unwrap();
+        let alone: Vec<f32> = ids[..5]
+            .iter()
+            .map(|&id| one_by_one.feed(&[id]).unwrap())
+            .last()
+            .unwrap();
+        assert_eq!(alone, rows[0], "heads={n_head}: a prompt fed at once");
         for (k, row) in rows.iter().enumerate() {
             let pos = if k == 0 { 4 } else { 4 + k };
             let want = full.get(pos).unwrap();

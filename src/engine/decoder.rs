@@ -13,8 +13,13 @@
 //! logits = wte · LN_f(x)
 //! ```
 //!
-//! Matrix-vector products run their rows over rayon's threads once a matrix is large enough
-//! to pay for it (the 10M-parameter config); the small one stays on the calling thread.
+//! A feed of several tokens (a prompt, or the window after the cache restarts) runs them as
+//! rows of one pass, each layer's matrices read once for all of them. Decoding one token is
+//! bound by reading the weights, so each matrix is packed in groups of output columns that
+//! stream through memory contiguously and sum in registers ([`Dense`]). Every output is summed
+//! in the same order either way, so a prompt fed at once or token by token gives the same bits.
+//! A single row through a large matrix (the 10M-parameter config) splits its column groups
+//! over rayon's threads; the small model stays on the calling thread.
 
 use candle_core::Tensor;
 use multiversion::multiversion;
@@ -53,25 +58,44 @@ impl Norm {
     }
 }
 
-/// A weight matrix, stored transposed `(in, out)` so that W·x is a sum of rows of Wᵀ scaled
-/// by the entries of x (vectorised along the output, no horizontal sums), and optional bias.
+/// A weight matrix `(out, in)` packed for [`Dense::apply`], and its optional bias. The outputs
+/// are cut into groups of `cols` (the last one padded with zero weights), and each group's
+/// slab of Wᵀ, `(in, cols)`, is stored contiguously, so a group streams through memory in one
+/// run and y = W·x is a sum of slab rows scaled by the entries of x (vectorised along the
+/// output, no horizontal sums).
 struct Dense {
-    wt: Vec<f32>,
+    packed: Vec<f32>,
     b: Option<Vec<f32>>,
+    d_in: usize,
     d_out: usize,
+    /// Outputs summed in registers at a time: 128 with 512-bit vectors, 64 with 256-bit ones.
+    cols: usize,
 }
+
+/// Matrix-vector products at least this large (multiply-adds) split their output groups over
+/// threads; a smaller one is over before a thread could be woken.
+const PARALLEL_MIN: usize = 1 << 18;
 
 impl Dense {
     /// From `w` `(out, in)` row-major.
     fn new(w: &[f32], b: Option<Vec<f32>>, d_in: usize) -> Dense {
         let d_out = w.len() / d_in.max(1);
-        let mut wt = vec![0.0f32; w.len()];
+        let cols = if wide_vectors() { 128 } else { 64 };
+        let groups = d_out.div_ceil(cols);
+        let mut packed = vec![0.0f32; groups * d_in * cols];
         for (o, row) in w.chunks_exact(d_in).enumerate() {
+            let slab = &mut packed[(o / cols) * d_in * cols..];
             for (i, &v) in row.iter().enumerate() {
-                wt[i * d_out + o] = v;
+                slab[i * cols + o % cols] = v;
             }
         }
-        Dense { wt, b, d_out }
+        Dense {
+            packed,
+            b,
+            d_in,
+            d_out,
+            cols,
+        }
     }
 
     fn from_affine(l: &Affine<Tensor>) -> Result<Dense> {
@@ -82,59 +106,129 @@ impl Dense {
         ))
     }
 
-    /// y = W·x (+ b).
+    /// y = x·Wᵀ (+ b) for every row of `x` `(R, in)`: `y` `(R, out)`. Every output is summed in
+    /// input order, as a plain loop would, so a row gives the same bits alone or among others.
     fn apply(&self, x: &[f32], y: &mut [f32]) {
-        matvec_t(&self.wt, self.d_out, x, y);
+        let (slab, cols) = (self.d_in * self.cols, self.cols);
+        let run = |w: &[f32], out: Out| match cols {
+            128 => slab_128(w, x, out),
+            _ => slab_64(w, x, out),
+        };
+        if x.len() == self.d_in && self.packed.len() >= PARALLEL_MIN {
+            // One row through a large matrix: its groups over threads, each writing its own
+            // columns.
+            y.par_chunks_mut(cols)
+                .zip(self.packed.par_chunks(slab))
+                .for_each(|(y, w)| {
+                    let n = y.len();
+                    run(
+                        w,
+                        Out {
+                            y,
+                            stride: n,
+                            first: 0,
+                            n,
+                        },
+                    )
+                });
+        } else {
+            for (g, w) in self.packed.chunks_exact(slab).enumerate() {
+                let first = g * cols;
+                let n = cols.min(self.d_out - first);
+                let stride = self.d_out;
+                run(
+                    w,
+                    Out {
+                        y: &mut *y,
+                        stride,
+                        first,
+                        n,
+                    },
+                );
+            }
+        }
         if let Some(b) = &self.b {
-            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            for y in y.chunks_exact_mut(self.d_out) {
+                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
         }
     }
 }
 
-/// Matrices at least this large (multiply-adds) split their outputs over threads.
-const PARALLEL_MIN: usize = 1 << 18;
+/// Whether this CPU has 512-bit vectors (32 of them: room for 128 accumulated outputs).
+fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
-/// Output columns summed in registers at a time by [`matvec_t_cols`].
-const COLS: usize = 64;
+/// Where a group's outputs go: columns `first..first + n` of each `stride`-long row of `y`.
+struct Out<'a> {
+    y: &'a mut [f32],
+    stride: usize,
+    first: usize,
+    n: usize,
+}
 
-/// y[cols] = Σᵢ x[i] · Wᵀ[i, cols] for the output columns `first..first + y.len()`. Each group
-/// of [`COLS`] outputs is summed in registers over the whole input, so W is streamed once and
-/// y is written once (summing into y in memory loads and stores it for every input element).
-/// Every output is summed in input order, as a plain loop would.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn matvec_t_cols(wt: &[f32], d_out: usize, first: usize, x: &[f32], y: &mut [f32]) {
-    let mut groups = y.chunks_exact_mut(COLS);
-    let mut c0 = first;
-    for out in &mut groups {
-        let mut acc = [0.0f32; COLS];
-        for (i, &xi) in x.iter().enumerate() {
-            let row: &[f32; COLS] = wt[i * d_out + c0..][..COLS].try_into().unwrap();
+impl Out<'_> {
+    /// Row `r`'s outputs, the first `n` of `acc`.
+    #[inline(always)]
+    fn write(&mut self, r: usize, acc: &[f32]) {
+        let at = r * self.stride + self.first;
+        self.y[at..at + self.n].copy_from_slice(&acc[..self.n]);
+    }
+}
+
+/// One group of `N` outputs for every row of `x`: `w` is the group's slab `(in, N)`. The `N`
+/// sums of a row live in registers over the whole input and are written once; rows go in
+/// pairs, so each slab row loaded feeds two rows' sums, and the slab is read from memory once
+/// and from cache for the other rows.
+#[inline(always)]
+fn slab<const N: usize>(w: &[f32], x: &[f32], mut out: Out) {
+    let d_in = w.len() / N;
+    let mut pairs = x.chunks_exact(2 * d_in);
+    let mut r = 0;
+    for x in &mut pairs {
+        let (x0, x1) = x.split_at(d_in);
+        let mut acc0 = [0.0f32; N];
+        let mut acc1 = [0.0f32; N];
+        for ((&a, &b), row) in x0.iter().zip(x1).zip(w.chunks_exact(N)) {
+            let row: &[f32; N] = row.try_into().unwrap();
+            for ((s0, s1), &w) in acc0.iter_mut().zip(acc1.iter_mut()).zip(row) {
+                *s0 += a * w;
+                *s1 += b * w;
+            }
+        }
+        out.write(r, &acc0);
+        out.write(r + 1, &acc1);
+        r += 2;
+    }
+    let x = pairs.remainder();
+    if !x.is_empty() {
+        let mut acc = [0.0f32; N];
+        for (&xi, row) in x.iter().zip(w.chunks_exact(N)) {
+            let row: &[f32; N] = row.try_into().unwrap();
             for (a, &w) in acc.iter_mut().zip(row) {
                 *a += xi * w;
             }
         }
-        out.copy_from_slice(&acc);
-        c0 += COLS;
-    }
-    let rest = groups.into_remainder();
-    rest.fill(0.0);
-    let n = rest.len();
-    for (i, &xi) in x.iter().enumerate() {
-        let row = &wt[i * d_out + c0..i * d_out + c0 + n];
-        for (y, &w) in rest.iter_mut().zip(row) {
-            *y += xi * w;
-        }
+        out.write(r, &acc);
     }
 }
 
-fn matvec_t(wt: &[f32], d_out: usize, x: &[f32], y: &mut [f32]) {
-    if wt.len() < PARALLEL_MIN {
-        return matvec_t_cols(wt, d_out, 0, x, y);
-    }
-    let cols = (d_out / rayon::current_num_threads()).div_ceil(16) * 16;
-    y.par_chunks_mut(cols.max(16))
-        .enumerate()
-        .for_each(|(k, y)| matvec_t_cols(wt, d_out, k * cols.max(16), x, y));
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma"))]
+fn slab_128(w: &[f32], x: &[f32], out: Out) {
+    slab::<128>(w, x, out)
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn slab_64(w: &[f32], x: &[f32], out: Out) {
+    slab::<64>(w, x, out)
 }
 
 /// One head's attention for the newest query over `n` cached positions.
@@ -233,52 +327,66 @@ impl Decoder {
         })
     }
 
-    /// Runs one token through every block; leaves the residual stream in `x`.
-    fn one(&mut self, tok: usize, x: &mut [f32]) {
-        let (c, pos) = (self.c, self.len);
+    /// Runs `tokens` (at the next positions) through every block, all rows of a layer at once
+    /// so each weight matrix is read once per layer; leaves the last token's residual stream in
+    /// `last` `(C)`.
+    fn run(&mut self, tokens: &[u32], last: &mut [f32]) {
+        let (c, start, rows) = (self.c, self.len, tokens.len());
         let hs = c / self.n_head;
         let scale = 1.0 / (hs as f32).sqrt();
-        for ((x, &e), &p) in x
-            .iter_mut()
-            .zip(&self.wte[tok * c..(tok + 1) * c])
-            .zip(&self.wpe[pos * c..(pos + 1) * c])
-        {
-            *x = e + p;
+        let mut x = vec![0.0f32; rows * c]; // (R, C)
+        for (r, (x, &tok)) in x.chunks_exact_mut(c).zip(tokens).enumerate() {
+            let (tok, pos) = (tok as usize, start + r);
+            let e = &self.wte[tok * c..(tok + 1) * c];
+            let p = &self.wpe[pos * c..(pos + 1) * c];
+            for ((x, &e), &p) in x.iter_mut().zip(e).zip(p) {
+                *x = e + p;
+            }
         }
-        let mut h = vec![0.0f32; c];
-        let mut qkv = vec![0.0f32; 3 * c];
-        let mut y = vec![0.0f32; c];
-        let mut a = vec![0.0f32; c];
-        let mut scores = vec![0.0f32; pos + 1];
-        let mut f = vec![0.0f32; 4 * c];
-        let mut g = vec![0.0f32; 4 * c];
+        let mut h = vec![0.0f32; rows * c];
+        let mut qkv = vec![0.0f32; rows * 3 * c];
+        let mut y = vec![0.0f32; rows * c];
+        let mut a = vec![0.0f32; rows * c];
+        let mut scores = vec![0.0f32; start + rows];
+        let mut f = vec![0.0f32; rows * 4 * c];
+        let mut g = vec![0.0f32; rows * 4 * c];
         for l in &mut self.layers {
-            l.ln_1.apply(x, &mut h);
+            l.ln_1.apply(&x, &mut h);
             l.qkv.apply(&h, &mut qkv);
-            l.keys[pos * c..(pos + 1) * c].copy_from_slice(&qkv[c..2 * c]);
-            l.values[pos * c..(pos + 1) * c].copy_from_slice(&qkv[2 * c..]);
-            for head in 0..self.n_head {
-                let o = head * hs;
-                attend_one(
-                    &qkv[o..o + hs],
-                    &l.keys[o..],
-                    &l.values[o..],
-                    c,
-                    pos + 1,
-                    scale,
-                    &mut scores,
-                    &mut y[o..o + hs],
-                );
+            for (r, qkv) in qkv.chunks_exact(3 * c).enumerate() {
+                let pos = start + r;
+                l.keys[pos * c..(pos + 1) * c].copy_from_slice(&qkv[c..2 * c]);
+                l.values[pos * c..(pos + 1) * c].copy_from_slice(&qkv[2 * c..]);
+            }
+            for (r, (qkv, y)) in qkv
+                .chunks_exact(3 * c)
+                .zip(y.chunks_exact_mut(c))
+                .enumerate()
+            {
+                for head in 0..self.n_head {
+                    let o = head * hs;
+                    attend_one(
+                        &qkv[o..o + hs],
+                        &l.keys[o..],
+                        &l.values[o..],
+                        c,
+                        start + r + 1,
+                        scale,
+                        &mut scores,
+                        &mut y[o..o + hs],
+                    );
+                }
             }
             l.proj.apply(&y, &mut a);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
-            l.ln_2.apply(x, &mut h);
+            l.ln_2.apply(&x, &mut h);
             l.fc.apply(&h, &mut f);
             self.activation.forward_serial_into(&f, &mut g);
             l.fc_proj.apply(&g, &mut a);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }
-        self.len += 1;
+        self.len += rows;
+        last.copy_from_slice(&x[(rows - 1) * c..]);
     }
 }
 
@@ -293,16 +401,14 @@ impl Decode for Decoder {
 
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         check_positions(self.len, tokens.len(), self.block_size)?;
-        let mut x = vec![0.0f32; self.c];
-        for &tok in tokens {
-            if tok as usize >= self.vocab {
-                return Err(Error::Usage(format!(
-                    "token id {tok} is outside the vocabulary of {}",
-                    self.vocab
-                )));
-            }
-            self.one(tok as usize, &mut x);
+        if let Some(tok) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(Error::Usage(format!(
+                "token id {tok} is outside the vocabulary of {}",
+                self.vocab
+            )));
         }
+        let mut x = vec![0.0f32; self.c];
+        self.run(tokens, &mut x);
         let mut h = vec![0.0f32; self.c];
         self.ln_f.apply(&x, &mut h);
         let mut logits = vec![0.0f32; self.vocab];
