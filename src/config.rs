@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 pub use crate::kernels::Kernels;
+pub use crate::model::config::Position;
 pub use crate::model::ModelConfig;
 pub use crate::tokenizer::TokenizerKind;
 
@@ -196,6 +197,18 @@ impl Config {
             return Err(Error::Config(format!(
                 "model.dropout = {} must be in [0, 1)",
                 m.dropout
+            )));
+        }
+        let hs = m.n_embd / m.n_head;
+        if m.position == Position::Rope && !hs.is_multiple_of(2) {
+            return Err(Error::Config(format!(
+                "model.position = \"rope\" turns pairs of a head's entries, but the head size n_embd / n_head = {hs} is odd: choose n_embd and n_head for an even head size"
+            )));
+        }
+        if !(m.logit_softcap == 0.0 || m.logit_softcap.is_finite() && m.logit_softcap > 0.0) {
+            return Err(Error::Config(format!(
+                "model.logit_softcap = {} must be 0 (off) or a positive number (e.g. 30)",
+                m.logit_softcap
             )));
         }
         if self.tokenizer.kind == TokenizerKind::Bpe && self.tokenizer.vocab_size < MIN_BPE_VOCAB {

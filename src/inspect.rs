@@ -120,6 +120,11 @@ impl Report {
             "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, activation {:?}, kernels {:?}",
             m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.activation, m.kernels
         );
+        let _ = writeln!(
+            s,
+            "             positions {:?}, tied head {}, zero init {}, logit softcap {}",
+            m.position, m.tie_embeddings, m.zero_init, m.logit_softcap
+        );
         let t = &self.config.training;
         let _ = writeln!(
             s,

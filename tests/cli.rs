@@ -548,6 +548,18 @@ fn every_config_error_is_named_through_the_binary() {
             "training.lr_schedule=\"linear\"",
             "unknown variant `linear`, expected `cosine` or `wsd`",
         ),
+        (
+            "model.position=\"absolute\"",
+            "unknown variant `absolute`, expected `learned` or `rope`",
+        ),
+        (
+            "model.logit_softcap=-1",
+            "model.logit_softcap = -1 must be 0 (off) or a positive number",
+        ),
+        (
+            "model.tie_embeddings=2",
+            "invalid type: integer `2`, expected a boolean",
+        ),
         ("data.path=3", "expected path string in `data.path`"),
         ("training", "not of the form section.key=value"),
     ];

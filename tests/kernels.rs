@@ -322,11 +322,21 @@ fn trainer(ws: &Workspace, kernels: Kernels, extra: &[&str]) -> Trainer {
 #[test]
 fn whole_model_loss_and_gradients_match() {
     let ws = Workspace::new(4000);
-    for (n_head, act) in [("1", "gelu"), ("2", "gelu"), ("2", "relu2")] {
-        let set = format!("model.n_head={n_head}");
-        let act = format!("model.activation=\"{act}\"");
-        let mut r = trainer(&ws, Kernels::Reference, &[&set, &act, "model.bias=true"]);
-        let f = trainer(&ws, Kernels::Fused, &[&set, &act, "model.bias=true"]);
+    let variants: &[&[&str]] = &[
+        &["model.n_head=1"],
+        &["model.n_head=2"],
+        &["model.n_head=2", "model.activation=\"relu2\""],
+        &["model.n_head=1", "model.position=\"rope\""],
+        &["model.n_head=2", "model.position=\"rope\""],
+        &["model.tie_embeddings=false", "model.logit_softcap=2.0"],
+        &["model.zero_init=true", "model.tie_embeddings=false"],
+    ];
+    for extra in variants {
+        let mut sets = vec!["model.bias=true"];
+        sets.extend_from_slice(extra);
+        let what = sets.join(" ");
+        let mut r = trainer(&ws, Kernels::Reference, &sets);
+        let f = trainer(&ws, Kernels::Fused, &sets);
         let block = r.config.model.block_size;
         let (x, y) = r
             .dataset
@@ -336,7 +346,7 @@ fn whole_model_loss_and_gradients_match() {
         let (lr, gr) = r.engine.loss_and_grads(&x, &y, &mut rng(), 1).unwrap();
         let (lf, gf) = f.engine.loss_and_grads(&x, &y, &mut rng(), 1).unwrap();
         let scalar = |l: f64| Tensor::new(l as f32, &Device::Cpu).unwrap();
-        assert_close("loss", &scalar(lf), &scalar(lr));
+        assert_close(&format!("{what}: loss"), &scalar(lf), &scalar(lr));
         // The fused engine runs each block as one op; the gradients its ops computed are in the
         // store it returns, beside candle's.
         assert!(
@@ -347,7 +357,7 @@ fn whole_model_loss_and_gradients_match() {
             let w = f.params.vars()[name].as_tensor();
             let a = gf.get(w).unwrap();
             let b = gr.get(var.as_tensor()).unwrap();
-            assert_close(&format!("heads={n_head} {act} gradient of {name}"), a, b);
+            assert_close(&format!("{what}: gradient of {name}"), a, b);
         }
         // logits with and without the fused attention path agree with the captured weights'
         let (logits, att) = f.model.forward_with_attention(&x).unwrap();
@@ -398,10 +408,29 @@ fn fused_decoder_matches_the_full_forward_pass() {
     let ws = Workspace::new(4000);
     // A width of 80 leaves partial groups of output columns (240, 320 and 20 outputs); at 256
     // the MLP's matrices are large enough to split a row's columns over threads.
-    for (n_head, bias, act, width) in [
-        ("1", "true", "gelu", 32),
-        ("2", "false", "relu2", 80),
-        ("4", "true", "gelu", 256),
+    // The second and third add rotary positions, an untied head and capped logits.
+    for (n_head, bias, act, width, extra) in [
+        (
+            "1",
+            "true",
+            "gelu",
+            32,
+            ["model.position=\"learned\"", "model.zero_init=false"],
+        ),
+        (
+            "2",
+            "false",
+            "relu2",
+            80,
+            ["model.position=\"rope\"", "model.zero_init=false"],
+        ),
+        (
+            "4",
+            "true",
+            "gelu",
+            256,
+            ["model.tie_embeddings=false", "model.logit_softcap=0.5"],
+        ),
     ] {
         let t = trainer(
             &ws,
@@ -411,6 +440,8 @@ fn fused_decoder_matches_the_full_forward_pass() {
                 &format!("model.bias={bias}"),
                 &format!("model.activation=\"{act}\""),
                 &format!("model.n_embd={width}"),
+                extra[0],
+                extra[1],
             ],
         );
         let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();

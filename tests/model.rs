@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, D};
-use tinygpt::config::{Config, ModelConfig};
+use tinygpt::config::{Config, ModelConfig, Position};
 use tinygpt::model::attention::causal_mask;
 use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params};
 use tinygpt::rng::seeded;
@@ -20,15 +20,31 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         bias: true,
         kernels: Default::default(),
         activation: Default::default(),
+        position: Default::default(),
+        tie_embeddings: true,
+        zero_init: false,
+        logit_softcap: 0.0,
     }
 }
 
 fn model(n_head: usize, vocab: usize, seed: u64) -> (Gpt, Params) {
+    model_with(&model_cfg(n_head), vocab, seed)
+}
+
+fn model_with(cfg: &ModelConfig, vocab: usize, seed: u64) -> (Gpt, Params) {
     let mut p = Params::fresh(seeded(seed), &Device::Cpu);
-    let m = p
-        .build(|vb| Gpt::new(&model_cfg(n_head), vocab, vb))
-        .unwrap();
+    let m = p.build(|vb| Gpt::new(cfg, vocab, vb)).unwrap();
     (m, p)
+}
+
+/// `model_cfg(n_head)` with rotary positions, an untied head and capped logits.
+fn modern_cfg(n_head: usize) -> ModelConfig {
+    ModelConfig {
+        position: Position::Rope,
+        tie_embeddings: false,
+        logit_softcap: 3.0,
+        ..model_cfg(n_head)
+    }
 }
 
 fn ids(v: &[u32]) -> Tensor {
@@ -50,8 +66,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn future_tokens_never_change_past_logits() {
-    for n_head in [1, 3] {
-        let (m, _) = model(n_head, 11, 1);
+    for cfg in [model_cfg(1), model_cfg(3), modern_cfg(3)] {
+        let n_head = cfg.n_head;
+        let (m, _) = model_with(&cfg, 11, 1);
         let a: Vec<u32> = (0..12).map(|i| (i * 7 % 11) as u32).collect();
         let la = m.forward(&ids(&a), None).unwrap();
         for t in [0usize, 4, 10] {
@@ -149,8 +166,9 @@ fn initial_loss_is_about_ln_vocab() {
 
 #[test]
 fn kv_cache_logits_equal_full_forward() {
-    for n_head in [1, 2] {
-        let (m, _) = model(n_head, 9, 4);
+    for cfg in [model_cfg(1), model_cfg(2), modern_cfg(1), modern_cfg(2)] {
+        let n_head = cfg.n_head;
+        let (m, _) = model_with(&cfg, 9, 4);
         let v: Vec<u32> = (0..16).map(|i| (i * 4 % 9) as u32).collect();
         let full = m.forward(&ids(&v), None).unwrap();
         let mut cache = m.new_cache();
@@ -235,4 +253,19 @@ fn every_parameter_receives_a_gradient() {
             assert!(norm > 0.0, "{name} has a zero gradient");
         }
     }
+}
+
+#[test]
+fn rotary_positions_need_an_even_head_size() {
+    let over = [
+        "model.position=\"rope\"".to_string(),
+        "model.n_head=128".to_string(),
+    ];
+    let err = Config::load(std::path::Path::new("configs/shakespeare-char.toml"), &over)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("head size n_embd / n_head = 1 is odd"),
+        "{err}"
+    );
 }

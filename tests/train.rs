@@ -106,6 +106,18 @@ fn resume_continues_exactly() {
         "model.activation=\"relu2\"",
     ];
     resume_continues_exactly_on("fused", &muon);
+    // The architecture options: rotary positions (no wpe), an untied, zero-initialised head
+    // (its own tensor in the checkpoint) and capped logits, on both engines.
+    let arch = [
+        "model.position=\"rope\"",
+        "model.tie_embeddings=false",
+        "model.zero_init=true",
+        "model.logit_softcap=10.0",
+        "training.optimizer=\"muon\"",
+    ];
+    for kernels in ["reference", "fused"] {
+        resume_continues_exactly_on(kernels, &arch);
+    }
 }
 
 fn resume_continues_exactly_on(kernels: &str, extra: &[&str]) {

@@ -7,10 +7,10 @@
 //! runs a token through the same math as the model's `forward_cached`:
 //!
 //! ```text
-//! x = wte[token] + wpe[pos]
-//! per block:  q|k|v = W_qkv·LN₁(x);  cache k, v at pos;  per head: p = softmax(q·Kᵀ/√hs), y = p·V
+//! x = wte[token] + wpe[pos]                    (no wpe with rotary embeddings)
+//! per block:  q|k|v = W_qkv·LN₁(x);  q, k turned by pos (rotary);  cache k, v at pos;  per head: p = softmax(q·Kᵀ/√hs), y = p·V
 //!             x += W_proj·y (+b);  x += W_fc2·act(W_fc·LN₂(x) (+b)) (+b)
-//! logits = wte · LN_f(x)
+//! logits = head · LN_f(x)                      (head = wte when tied; then soft-capped)
 //! ```
 //!
 //! A feed of several tokens (a prompt, or the window after the cache restarts) runs them as
@@ -20,6 +20,8 @@
 //! in the same order either way, so a prompt fed at once or token by token gives the same bits.
 //! A single row through a large matrix (the 10M-parameter config) splits its column groups
 //! over rayon's threads; the small model stays on the calling thread.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use multiversion::multiversion;
@@ -32,6 +34,7 @@ use crate::kernels::activation::Activation;
 use crate::kernels::block::Affine;
 use crate::kernels::layer_norm::layer_norm_forward_serial_into;
 use crate::kernels::math;
+use crate::kernels::rope::{rotate, RopeTable};
 use crate::model::gpt::check_positions;
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
@@ -283,9 +286,12 @@ pub struct Decoder {
     block_size: usize,
     vocab: usize,
     wte: Vec<f32>,
-    wpe: Vec<f32>,
-    /// The tied LM head, `wte` transposed.
+    /// Learned positions `(block_size, C)`; none with rotary embeddings.
+    wpe: Option<Vec<f32>>,
+    rope: Option<Arc<RopeTable>>,
+    /// The LM head (`wte` when tied), and its soft cap (0 = none).
     head: Dense,
+    softcap: f64,
     layers: Vec<Layer>,
     ln_f: Norm,
     len: usize,
@@ -319,8 +325,10 @@ impl Decoder {
             block_size: model.block_size,
             vocab: model.wte.dim(0)?,
             wte: data(&model.wte)?,
-            wpe: data(&model.wpe)?,
-            head: Dense::new(&data(&model.wte)?, None, c),
+            wpe: model.wpe.as_ref().map(data).transpose()?,
+            rope: model.rope.clone(),
+            head: Dense::new(&data(&model.head)?, None, c),
+            softcap: model.softcap,
             layers,
             ln_f: Norm::new(&model.ln_f, model.eps)?,
             len: 0,
@@ -337,10 +345,10 @@ impl Decoder {
         let mut x = vec![0.0f32; rows * c]; // (R, C)
         for (r, (x, &tok)) in x.chunks_exact_mut(c).zip(tokens).enumerate() {
             let (tok, pos) = (tok as usize, start + r);
-            let e = &self.wte[tok * c..(tok + 1) * c];
-            let p = &self.wpe[pos * c..(pos + 1) * c];
-            for ((x, &e), &p) in x.iter_mut().zip(e).zip(p) {
-                *x = e + p;
+            x.copy_from_slice(&self.wte[tok * c..(tok + 1) * c]);
+            if let Some(wpe) = &self.wpe {
+                let p = &wpe[pos * c..(pos + 1) * c];
+                x.iter_mut().zip(p).for_each(|(x, &p)| *x += p);
             }
         }
         let mut h = vec![0.0f32; rows * c];
@@ -353,6 +361,14 @@ impl Decoder {
         for l in &mut self.layers {
             l.ln_1.apply(&x, &mut h);
             l.qkv.apply(&h, &mut qkv);
+            if let Some(rope) = &self.rope {
+                for (r, qkv) in qkv.chunks_exact_mut(3 * c).enumerate() {
+                    let (cos, sin) = rope.at(start + r);
+                    qkv[..2 * c]
+                        .chunks_exact_mut(hs)
+                        .for_each(|head| rotate(head, cos, sin));
+                }
+            }
             for (r, qkv) in qkv.chunks_exact(3 * c).enumerate() {
                 let pos = start + r;
                 l.keys[pos * c..(pos + 1) * c].copy_from_slice(&qkv[c..2 * c]);
@@ -413,6 +429,11 @@ impl Decode for Decoder {
         self.ln_f.apply(&x, &mut h);
         let mut logits = vec![0.0f32; self.vocab];
         self.head.apply(&h, &mut logits);
+        if self.softcap > 0.0 {
+            // As candle computes logits / cap and · cap: by the f32 factors 1/cap and cap.
+            let (inv, cap) = ((1.0 / self.softcap) as f32, self.softcap as f32);
+            logits.iter_mut().for_each(|l| *l = (*l * inv).tanh() * cap);
+        }
         Ok(logits)
     }
 }

@@ -5,9 +5,14 @@
 //! ```text
 //! x = drop(wte[idx] + wpe[0..T])                    (B, T, C)   kernels::positions, dropout
 //! x = BlockOp(x) for each block                     (B, T, C)   kernels::block
-//! logits = LN_f(x) · wteᵀ                           (B, T, V)   kernels::layer_norm, linear
+//! logits = LN_f(x) · headᵀ                          (B, T, V)   kernels::layer_norm, linear
 //! loss = cross_entropy(logits, targets)                         kernels::cross_entropy
 //! ```
+//!
+//! With rotary embeddings there is no wpe, and each block op turns its queries and keys
+//! (kernels::rope); the head is wte unless untied; capped logits go through candle's tanh.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use rand::Rng as _;
@@ -16,17 +21,25 @@ use crate::error::Result;
 use crate::kernels;
 use crate::kernels::activation::Activation;
 use crate::kernels::block::{Affine, BlockDropout, BlockGrads, BlockOp, BlockParams, GradSlot};
-use crate::model::gpt::check_positions;
+use crate::kernels::rope::RopeTable;
+use crate::model::config::Position;
+use crate::model::gpt::{check_positions, softcap};
 use crate::model::Gpt;
 use crate::rng::Rng;
 
 /// The fused copy of a model (see the module docs).
 #[derive(Debug, Clone)]
 pub struct FusedGpt {
-    /// `(V, C)`: token embedding and tied LM head.
+    /// `(V, C)`: token embedding.
     pub(super) wte: Tensor,
-    /// `(block_size, C)`.
-    pub(super) wpe: Tensor,
+    /// `(V, C)`: the LM head (the same tensor as `wte` when tied).
+    pub(super) head: Tensor,
+    /// `(block_size, C)`; none with rotary embeddings.
+    pub(super) wpe: Option<Tensor>,
+    /// The rotations of rotary embeddings, for every position of a block.
+    pub(super) rope: Option<Arc<RopeTable>>,
+    /// cap of cap·tanh(logits / cap); 0 = off.
+    pub(super) softcap: f64,
     pub(super) blocks: Vec<BlockParams<Tensor>>,
     pub(super) ln_f: Affine<Tensor>,
     pub(super) n_head: usize,
@@ -48,7 +61,13 @@ impl FusedGpt {
     pub fn new(model: &Gpt, recompute: bool) -> FusedGpt {
         FusedGpt {
             wte: model.wte.clone(),
+            head: model.head_weight().clone(),
             wpe: model.wpe.clone(),
+            rope: (model.cfg.position == Position::Rope).then(|| {
+                let hs = model.cfg.n_embd / model.cfg.n_head;
+                Arc::new(RopeTable::new(model.cfg.block_size, hs))
+            }),
+            softcap: model.cfg.logit_softcap,
             blocks: model.blocks.iter().map(|b| b.params()).collect(),
             ln_f: Affine {
                 weight: model.ln_f.weight.clone(),
@@ -77,7 +96,10 @@ impl FusedGpt {
             .wte
             .index_select(&idx.flatten_all()?, 0)?
             .reshape((b, t, c))?;
-        let mut x = kernels::positions::add_positions(&tok, &self.wpe.narrow(0, 0, t)?)?;
+        let mut x = match &self.wpe {
+            Some(wpe) => kernels::positions::add_positions(&tok, &wpe.narrow(0, 0, t)?)?,
+            None => tok,
+        };
         let p = self.dropout;
         if let Some(r) = rng.as_deref_mut().filter(|_| p > 0.0) {
             x = kernels::dropout::dropout(&x, p, r.random())?;
@@ -107,7 +129,8 @@ impl FusedGpt {
                 dropout,
                 keep,
                 slot.clone(),
-            );
+            )
+            .with_rope(self.rope.clone());
             x = op.apply(&x)?;
             runs.push((params.clone(), slot));
         }
@@ -117,8 +140,9 @@ impl FusedGpt {
             self.ln_f.bias.as_ref(),
             self.eps,
         )?;
-        let logits = kernels::linear::linear(&x.reshape((b * t, c))?, &self.wte)?;
-        Ok((logits.reshape((b, t, self.wte.dim(0)?))?, runs))
+        let logits = kernels::linear::linear(&x.reshape((b * t, c))?, &self.head)?;
+        let logits = softcap(&logits, self.softcap)?;
+        Ok((logits.reshape((b, t, self.head.dim(0)?))?, runs))
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`, and the blocks'

@@ -46,6 +46,7 @@ use super::linear::{
     linear_forward_into,
 };
 use super::matmul::{matmul, serially, MatMut, MatRef};
+use super::rope::RopeTable;
 use super::{f32_slice, rows_per_task, with_f32};
 
 /// A weight `(out, in)` (PyTorch's layout) or a LayerNorm gain `(C)`, and its optional bias.
@@ -235,6 +236,8 @@ pub struct BlockOp {
     keep_bytes: usize,
     /// Rows per step of the MLP backward when GELU(h) is not kept ([`MLP_ROWS`]).
     mlp_rows: usize,
+    /// Rotary embeddings: queries and keys turned by their positions before attention.
+    rope: Option<Arc<RopeTable>>,
 }
 
 impl BlockOp {
@@ -262,7 +265,14 @@ impl BlockOp {
             saved: Mutex::new(None),
             keep_bytes: KEEP_BYTES,
             mlp_rows: MLP_ROWS,
+            rope: None,
         }
+    }
+
+    /// The same block with its queries and keys turned by `rope` (rotary embeddings).
+    pub fn with_rope(mut self, rope: Option<Arc<RopeTable>>) -> BlockOp {
+        self.rope = rope;
+        self
     }
 
     /// Never keeps GELU(h), x₁, the attention weights or the LN outputs, and runs the MLP
@@ -540,7 +550,10 @@ impl BlockOp {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
         let a = layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
-        let qkv = affine(&a, c, &w.wqkv, None);
+        let mut qkv = affine(&a, c, &w.wqkv, None);
+        if let Some(rope) = &self.rope {
+            rope.apply_qkv(&mut qkv, c, dims.t, false);
+        }
         let (att, probs) =
             attention::attention_forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
         let x1 = self.attention_residual(w, x, &att, first);
@@ -652,7 +665,10 @@ impl BlockOp {
         linear_backward_input_into(dp, c, w.p.attn_proj.weight, c, &mut datt);
         drop(dp_own);
         let dropout = self.attention_dropout();
-        let dqkv = attention::attention_backward(dims, &qkv, &datt, dropout, probs.as_deref());
+        let mut dqkv = attention::attention_backward(dims, &qkv, &datt, dropout, probs.as_deref());
+        if let Some(rope) = &self.rope {
+            rope.apply_qkv(&mut dqkv, c, dims.t, true); // the gradients of the unturned Q, K
+        }
         drop((qkv, probs));
         let mut a = datt; // datt is not needed any more
         let d_qkv_w = match &ln1 {

@@ -44,6 +44,7 @@ pub mod math;
 pub mod matmul;
 pub mod muon;
 pub mod positions;
+pub mod rope;
 
 use std::mem::MaybeUninit;
 

@@ -20,6 +20,7 @@ use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::layers::{dropout, Linear};
 use super::params::VarBuilder;
+use super::rope::Rope;
 use crate::error::Result;
 use crate::rng::Rng;
 
@@ -93,13 +94,27 @@ pub fn simple_self_attention(inputs: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((context, weights))
 }
 
-/// The keys and values `(…, T_k, d)` to attend over: with a cache, `k` and `v` appended to the
-/// cached ones (candle-nn's KV cache); without, `k` and `v` themselves.
-fn with_cache(cache: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    Ok(match cache {
-        Some(c) => c.append(&k, &v)?,
+/// The queries `(…, T, d)` and the keys and values `(…, T_k, d)` to attend over: with a cache,
+/// `k` and `v` appended to the cached ones (candle-nn's KV cache); without, `k` and `v`
+/// themselves. With `rope`, the new queries and keys are first turned by their positions (after
+/// the cached ones).
+fn with_cache(
+    cache: Option<&mut LayerKv>,
+    rope: Option<&Rope>,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let offset = cache.as_ref().map_or(0, |c| c.current_seq_len());
+    let (q, k) = match rope {
+        Some(r) => (r.apply(&q, offset)?, r.apply(&k, offset)?),
+        None => (q, k),
+    };
+    let (k, v) = match cache {
+        Some(c) => c.append(&k.contiguous()?, &v)?,
         None => (k, v),
-    })
+    };
+    Ok((q, k, v))
 }
 
 /// One masked head of self-attention with its own W_Q, W_K, W_V (no bias), each `(hs, C)`.
@@ -109,6 +124,8 @@ pub struct Head {
     pub w_k: Linear,
     pub w_v: Linear,
     pub dropout: f64,
+    /// Rotary position embeddings of queries and keys (`model.position = "rope"`).
+    pub rope: Option<Rope>,
 }
 
 impl Head {
@@ -120,6 +137,7 @@ impl Head {
             w_k: w("w_k")?,
             w_v: w("w_v")?,
             dropout,
+            rope: None,
         })
     }
 
@@ -135,7 +153,7 @@ impl Head {
         let q = x.apply(&self.w_q)?; // (B, T, hs)
         let k = x.apply(&self.w_k)?;
         let v = x.apply(&self.w_v)?;
-        let (k, v) = with_cache(cache, k, v)?; // (B, T_k, hs)
+        let (q, k, v) = with_cache(cache, self.rope.as_ref(), q, k, v)?; // k, v: (B, T_k, hs)
         attend(&q, &k, &v, Some(mask), self.dropout, rng)
     }
 }
@@ -150,6 +168,8 @@ pub struct MultiHeadAttention {
     pub c_proj: Linear,
     pub n_head: usize,
     pub dropout: f64,
+    /// Rotary position embeddings of queries and keys (`model.position = "rope"`).
+    pub rope: Option<Rope>,
 }
 
 impl MultiHeadAttention {
@@ -173,6 +193,7 @@ impl MultiHeadAttention {
             c_proj,
             n_head,
             dropout,
+            rope: None,
         })
     }
 
@@ -195,7 +216,7 @@ impl MultiHeadAttention {
         let q = split(x.apply(&self.w_q)?)?;
         let k = split(x.apply(&self.w_k)?)?;
         let v = split(x.apply(&self.w_v)?)?;
-        let (k, v) = with_cache(cache, k, v)?; // (B, nh, T_k, hs)
+        let (q, k, v) = with_cache(cache, self.rope.as_ref(), q, k, v)?; // k, v: (B, nh, T_k, hs)
         let (y, weights) = attend(&q, &k, &v, Some(mask), self.dropout, rng.as_deref_mut())?;
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): heads side by side
         let y = dropout(&y.apply(&self.c_proj)?, self.dropout, rng)?;

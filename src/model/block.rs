@@ -7,6 +7,7 @@ use super::attention::{Head, MultiHeadAttention};
 use super::config::{Activation, ModelConfig};
 use super::layers::{dropout, LayerNorm, Linear};
 use super::params::VarBuilder;
+use super::rope::Rope;
 use crate::error::Result;
 use crate::kernels::block::{Affine, BlockParams};
 use crate::rng::Rng;
@@ -54,14 +55,22 @@ pub enum SelfAttention {
 }
 
 impl SelfAttention {
-    /// `vb`'s attention weights, one [`Head`] or [`MultiHeadAttention`] as `cfg.n_head` says.
-    pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Self> {
+    /// `vb`'s attention weights, one [`Head`] or [`MultiHeadAttention`] as `cfg.n_head` says,
+    /// turning queries and keys by `rope` when given.
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &ModelConfig,
+        proj_std: f64,
+        rope: Option<&Rope>,
+    ) -> Result<Self> {
         let (c, p) = (cfg.n_embd, cfg.dropout);
         if cfg.n_head > 1 {
-            let mha = MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, proj_std)?;
+            let mut mha = MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, proj_std)?;
+            mha.rope = rope.cloned();
             return Ok(SelfAttention::Multi(mha));
         }
-        let head = Head::new(vb.clone(), c, c, p)?;
+        let mut head = Head::new(vb.clone(), c, c, p)?;
+        head.rope = rope.cloned();
         let c_proj = Linear::new(vb.pp("c_proj"), c, c, cfg.bias, proj_std)?;
         Ok(SelfAttention::Single { head, c_proj })
     }
@@ -95,15 +104,19 @@ pub struct Block {
 }
 
 impl Block {
-    /// A block with `vb`'s weights (`ln_1`, `attn`, `ln_2`, `mlp`).
-    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Block> {
+    /// A block with `vb`'s weights (`ln_1`, `attn`, `ln_2`, `mlp`); `rope`: the rotations of
+    /// `model.position = "rope"`.
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig, rope: Option<&Rope>) -> Result<Block> {
         // GPT-2: residual projections start smaller, so the residual stream's variance does not
-        // grow with depth.
-        let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        // grow with depth. With `zero_init` they start at zero (a 0 std means zeros).
+        let proj_std = match cfg.zero_init {
+            true => 0.0,
+            false => 0.02 / (2.0 * cfg.n_layer as f64).sqrt(),
+        };
         let (c, bias) = (cfg.n_embd, cfg.bias);
         Ok(Block {
             ln_1: LayerNorm::new(vb.pp("ln_1"), c, bias)?,
-            attn: SelfAttention::new(vb.pp("attn"), cfg, proj_std)?,
+            attn: SelfAttention::new(vb.pp("attn"), cfg, proj_std, rope)?,
             ln_2: LayerNorm::new(vb.pp("ln_2"), c, bias)?,
             mlp: Mlp::new(vb.pp("mlp"), cfg, proj_std)?,
         })

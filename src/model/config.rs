@@ -5,6 +5,21 @@ use serde::{Deserialize, Serialize};
 pub use crate::kernels::activation::Activation;
 use crate::kernels::Kernels;
 
+fn yes() -> bool {
+    true
+}
+
+/// Where a model's positions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    /// A learned `(block_size, C)` embedding added to the token embedding (GPT-2's).
+    #[default]
+    Learned,
+    /// Rotary embeddings of queries and keys ([`super::rope`]).
+    Rope,
+}
+
 /// Shape of the network (nanoGPT's `GPTConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +41,21 @@ pub struct ModelConfig {
     /// The MLP's nonlinearity: `gelu` (exact, GPT-2's; the default) or `relu2` (max(x, 0)²).
     #[serde(default)]
     pub activation: Activation,
+    /// Where positions come from: `learned` (a position embedding added to the input, GPT-2's;
+    /// the default) or `rope` (rotary embeddings turning each head's queries and keys).
+    #[serde(default)]
+    pub position: Position,
+    /// The LM head reads the token embedding (`true`, GPT-2's; the default) or has its own
+    /// `(V, C)` matrix, `lm_head.weight`.
+    #[serde(default = "yes")]
+    pub tie_embeddings: bool,
+    /// The blocks' output projections (and an untied LM head) start at zero, so each block
+    /// starts as the identity and the first steps learn from the embeddings alone.
+    #[serde(default)]
+    pub zero_init: bool,
+    /// Logits pass through cap·tanh(logits / cap), bounding them to (−cap, cap); 0 = off.
+    #[serde(default)]
+    pub logit_softcap: f64,
     /// Which engine runs the model: `reference` (this module's composed candle ops) or `fused`
     /// (tinygpt's CPU kernels). Read where the engine is built, never by the model itself.
     #[serde(default)]

@@ -1,14 +1,21 @@
 //! The whole model: token + position embeddings → n_layer blocks → final LayerNorm → LM head
 //! tied to the token embedding (the same matrix reads tokens in and scores them out).
+//!
+//! Options of `[model]` change parts of this: rotary embeddings instead of the learned
+//! positions (`position = "rope"`), an LM head of its own (`tie_embeddings = false`), output
+//! projections that start at zero (`zero_init`), and logits capped by cap·tanh(x / cap)
+//! (`logit_softcap`).
 
 use candle_core::{DType, Tensor};
 
 use super::attention::causal_mask;
 use super::block::Block;
 use super::config::ModelConfig;
+use super::config::Position;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, VarBuilder};
+use super::rope::Rope;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -19,10 +26,12 @@ pub struct Gpt {
     pub vocab_size: usize,
     /// Token embedding and (tied) LM head: `(V, C)`.
     pub wte: Tensor,
-    /// Learned position embedding: `(block_size, C)`.
-    pub wpe: Tensor,
+    /// Learned position embedding: `(block_size, C)`; none with rotary embeddings.
+    pub wpe: Option<Tensor>,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// The LM head's own `(V, C)` matrix when it is not tied to `wte`.
+    pub lm_head: Option<Tensor>,
 }
 
 impl Gpt {
@@ -37,13 +46,34 @@ impl Gpt {
         let wte = vb
             .pp("wte")
             .get_with_hints((vocab_size, c), "weight", normal)?;
-        let wpe = vb
-            .pp("wpe")
-            .get_with_hints((cfg.block_size, c), "weight", normal)?;
+        let (wpe, rope) = match cfg.position {
+            Position::Learned => {
+                let wpe = vb.pp("wpe");
+                (
+                    Some(wpe.get_with_hints((cfg.block_size, c), "weight", normal)?),
+                    None,
+                )
+            }
+            Position::Rope => {
+                let hs = c / cfg.n_head;
+                (None, Some(Rope::new(cfg.block_size, hs, vb.device())?))
+            }
+        };
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::new(vb.pp("h").pp(i), cfg))
+            .map(|i| Block::new(vb.pp("h").pp(i), cfg, rope.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(vb.pp("ln_f"), c, cfg.bias)?;
+        let head_init = match cfg.zero_init {
+            true => Init::Const(0.0),
+            false => normal,
+        };
+        let lm_head = match cfg.tie_embeddings {
+            true => None,
+            false => Some(
+                vb.pp("lm_head")
+                    .get_with_hints((vocab_size, c), "weight", head_init)?,
+            ),
+        };
         Ok(Gpt {
             cfg: cfg.clone(),
             vocab_size,
@@ -51,6 +81,7 @@ impl Gpt {
             wpe,
             blocks,
             ln_f,
+            lm_head,
         })
     }
 
@@ -113,16 +144,36 @@ impl Gpt {
         check_positions(offset, t, self.cfg.block_size)?;
         let tok = self.wte.index_select(&idx.flatten_all()?, 0)?; // (B·T, C)
         let tok = tok.reshape((b, t, self.cfg.n_embd))?;
-        let pos = self.wpe.narrow(0, offset, t)?; // (T, C)
-        dropout(&tok.broadcast_add(&pos)?, self.cfg.dropout, rng)
+        let x = match &self.wpe {
+            Some(wpe) => tok.broadcast_add(&wpe.narrow(0, offset, t)?)?, // + (T, C)
+            None => tok,
+        };
+        dropout(&x, self.cfg.dropout, rng)
     }
 
-    /// The final LayerNorm and the tied LM head: `(B, T, C)` → logits `(B, T, V)`.
+    /// The LM head's matrix `(V, C)`: its own, or the token embedding when tied.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// The final LayerNorm and the LM head: `(B, T, C)` → logits `(B, T, V)`, soft-capped when
+    /// `logit_softcap` is set.
     pub fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let x = x.apply(&self.ln_f)?.reshape((b * t, c))?;
-        Ok(x.matmul(&self.wte.t()?)?.reshape((b, t, self.vocab_size))?)
+        let logits = x.matmul(&self.head_weight().t()?)?;
+        softcap(&logits, self.cfg.logit_softcap)?
+            .reshape((b, t, self.vocab_size))
+            .map_err(Into::into)
     }
+}
+
+/// cap·tanh(logits / cap), or `logits` unchanged when `cap` is 0.
+pub fn softcap(logits: &Tensor, cap: f64) -> Result<Tensor> {
+    if cap == 0.0 {
+        return Ok(logits.clone());
+    }
+    Ok(((logits / cap)?.tanh()? * cap)?)
 }
 
 /// Mean cross-entropy of `logits` `(B, T, V)` against `targets` `(B, T)` (candle-nn's).

@@ -22,11 +22,14 @@ pub struct Linear {
 impl Linear {
     /// `vb`'s `weight` `(d_out, d_in)` (fresh: Normal(0, `std`)) and optional `bias` (zeros).
     pub fn new(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Linear> {
-        let normal = Init::Randn {
-            mean: 0.0,
-            stdev: std,
+        let init = match std {
+            0.0 => Init::Const(0.0),
+            _ => Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
         };
-        let weight = vb.get_with_hints((d_out, d_in), "weight", normal)?;
+        let weight = vb.get_with_hints((d_out, d_in), "weight", init)?;
         let bias = match bias {
             true => Some(vb.get_with_hints(d_out, "bias", Init::Const(0.0))?),
             false => None,

@@ -9,6 +9,7 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod layers;
 pub mod params;
+pub mod rope;
 
 pub use attention::{Head, MultiHeadAttention};
 pub use config::ModelConfig;
