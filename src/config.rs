@@ -80,6 +80,10 @@ pub struct TrainingConfig {
     /// Muon's momentum β.
     #[serde(default = "default_muon_momentum")]
     pub muon_momentum: f64,
+    /// Muon's momentum rises linearly from 0.85 to `muon_momentum` over this many first steps
+    /// (the speedrun's warm-up: less momentum while the gradients turn fastest); 0 = off.
+    #[serde(default)]
+    pub muon_momentum_warmup: usize,
     /// `cosine` (warm-up, then cosine decay to `min_lr` at `lr_decay_iters`) or `wsd`
     /// (warm-up, stable at the peak, then linear decay over the last `cooldown_iters` steps
     /// before `lr_decay_iters`).

@@ -545,6 +545,10 @@ fn every_config_error_is_named_through_the_binary() {
             "training.muon_momentum = 1 must be in [0, 1)",
         ),
         (
+            "training.muon_momentum_warmup=-5",
+            "invalid value: integer `-5`, expected usize",
+        ),
+        (
             "training.lr_schedule=\"linear\"",
             "unknown variant `linear`, expected `cosine` or `wsd`",
         ),

@@ -103,6 +103,7 @@ fn resume_continues_exactly() {
         "training.optimizer=\"muon\"",
         "training.lr_schedule=\"wsd\"",
         "training.cooldown_iters=8",
+        "training.muon_momentum_warmup=15",
         "model.activation=\"relu2\"",
     ];
     resume_continues_exactly_on("fused", &muon);

@@ -59,6 +59,7 @@ pub struct AdamW {
     peak_lr: f64,
     muon_lr: f64,
     muon_momentum: f64,
+    muon_momentum_warmup: usize,
 }
 
 impl AdamW {
@@ -87,7 +88,17 @@ impl AdamW {
             peak_lr: cfg.learning_rate,
             muon_lr: cfg.muon_learning_rate,
             muon_momentum: cfg.muon_momentum,
+            muon_momentum_warmup: cfg.muon_momentum_warmup,
         }
+    }
+
+    /// Muon's momentum at step `t` (from 1): from 0.85 up to `muon_momentum` over the warm-up.
+    fn muon_momentum_at(&self, t: u64) -> f64 {
+        if self.muon_momentum_warmup == 0 {
+            return self.muon_momentum;
+        }
+        let f = (t as f64 / self.muon_momentum_warmup as f64).min(1.0);
+        (1.0 - f) * 0.85 + f * self.muon_momentum
     }
 
     /// Names of the parameters, in the order `step` expects their gradients.
@@ -114,7 +125,7 @@ impl AdamW {
         let muon = MuonStep {
             lr: muon_lr as f32,
             decay: (1.0 - lr * weight_decay) as f32,
-            momentum: self.muon_momentum as f32,
+            momentum: self.muon_momentum_at(self.step) as f32,
             grad_scale,
         };
         // The parameters side by side: most are too small to split (a LayerNorm's 128 floats,
@@ -223,6 +234,7 @@ mod tests {
             optimizer: OptimizerKind::Adamw,
             muon_learning_rate: 0.02,
             muon_momentum: 0.95,
+            muon_momentum_warmup: 0,
             lr_schedule: Default::default(),
             cooldown_iters: 0,
         };
@@ -261,6 +273,23 @@ mod tests {
         opt2.load_state(&st).unwrap();
         assert_eq!(opt2.steps(), 1);
         assert_eq!(opt2.slots[1].v, opt.slots[1].v);
+    }
+
+    #[test]
+    fn muon_momentum_warms_up_from_0_85() {
+        let mut cfg = crate::config::Config::parse(
+            include_str!("../../configs/shakespeare-char.toml"),
+            &["training.muon_momentum_warmup=10".into()],
+        )
+        .unwrap()
+        .training;
+        let opt = AdamW::new(&BTreeMap::new(), &cfg);
+        let at = |t| opt.muon_momentum_at(t);
+        assert!((at(0) - 0.85).abs() < 1e-12);
+        assert!((at(5) - 0.90).abs() < 1e-12);
+        assert!((at(10) - 0.95).abs() < 1e-12 && (at(500) - 0.95).abs() < 1e-12);
+        cfg.muon_momentum_warmup = 0;
+        assert_eq!(AdamW::new(&BTreeMap::new(), &cfg).muon_momentum_at(1), 0.95);
     }
 
     #[test]
