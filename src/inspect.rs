@@ -122,8 +122,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "             positions {:?}, tied head {}, zero init {}, logit softcap {}",
-            m.position, m.tie_embeddings, m.zero_init, m.logit_softcap
+            "             positions {:?}, tied head {}, zero init {}, logit softcap {}, bigram buckets {}",
+            m.position, m.tie_embeddings, m.zero_init, m.logit_softcap, m.bigram_buckets
         );
         let t = &self.config.training;
         let _ = writeln!(

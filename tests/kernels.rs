@@ -330,6 +330,7 @@ fn whole_model_loss_and_gradients_match() {
         &["model.n_head=2", "model.position=\"rope\""],
         &["model.tie_embeddings=false", "model.logit_softcap=2.0"],
         &["model.zero_init=true", "model.tie_embeddings=false"],
+        &["model.bigram_buckets=300", "model.position=\"rope\""],
     ];
     for extra in variants {
         let mut sets = vec!["model.bias=true"];
@@ -431,6 +432,13 @@ fn fused_decoder_matches_the_full_forward_pass() {
             256,
             ["model.tie_embeddings=false", "model.logit_softcap=0.5"],
         ),
+        (
+            "2",
+            "false",
+            "gelu",
+            32,
+            ["model.bigram_buckets=97", "model.zero_init=false"],
+        ),
     ] {
         let t = trainer(
             &ws,
@@ -444,6 +452,12 @@ fn fused_decoder_matches_the_full_forward_pass() {
                 extra[1],
             ],
         );
+        if let Some(table) = t.params.vars().get("bigram.weight") {
+            // Bigram features start at zero: give them values, or a wrong row would not show.
+            table
+                .set(&table.as_tensor().randn_like(0.0, 0.5).unwrap())
+                .unwrap();
+        }
         let ids: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % 20).collect();
         let full = t
             .engine

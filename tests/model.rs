@@ -24,6 +24,7 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         tie_embeddings: true,
         zero_init: false,
         logit_softcap: 0.0,
+        bigram_buckets: 0,
     }
 }
 
@@ -43,6 +44,7 @@ fn modern_cfg(n_head: usize) -> ModelConfig {
         position: Position::Rope,
         tie_embeddings: false,
         logit_softcap: 3.0,
+        bigram_buckets: 40,
         ..model_cfg(n_head)
     }
 }
@@ -168,7 +170,13 @@ fn initial_loss_is_about_ln_vocab() {
 fn kv_cache_logits_equal_full_forward() {
     for cfg in [model_cfg(1), model_cfg(2), modern_cfg(1), modern_cfg(2)] {
         let n_head = cfg.n_head;
-        let (m, _) = model_with(&cfg, 9, 4);
+        let (m, p) = model_with(&cfg, 9, 4);
+        if let Some(table) = p.vars().get("bigram.weight") {
+            // Bigram features start at zero: give them values, or a wrong row would not show.
+            table
+                .set(&table.as_tensor().randn_like(0.0, 1.0).unwrap())
+                .unwrap();
+        }
         let v: Vec<u32> = (0..16).map(|i| (i * 4 % 9) as u32).collect();
         let full = m.forward(&ids(&v), None).unwrap();
         let mut cache = m.new_cache();

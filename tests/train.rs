@@ -114,6 +114,7 @@ fn resume_continues_exactly() {
         "model.tie_embeddings=false",
         "model.zero_init=true",
         "model.logit_softcap=10.0",
+        "model.bigram_buckets=64",
         "training.optimizer=\"muon\"",
     ];
     for kernels in ["reference", "fused"] {

@@ -7,7 +7,7 @@
 //! runs a token through the same math as the model's `forward_cached`:
 //!
 //! ```text
-//! x = wte[token] + wpe[pos]                    (no wpe with rotary embeddings)
+//! x = wte[token] + wpe[pos] (+ bigram[prev, token])   (no wpe with rotary embeddings)
 //! per block:  q|k|v = W_qkv·LN₁(x);  q, k turned by pos (rotary);  cache k, v at pos;  per head: p = softmax(q·Kᵀ/√hs), y = p·V
 //!             x += W_proj·y (+b);  x += W_fc2·act(W_fc·LN₂(x) (+b)) (+b)
 //! logits = head · LN_f(x)                      (head = wte when tied; then soft-capped)
@@ -292,6 +292,9 @@ pub struct Decoder {
     /// The LM head (`wte` when tied), and its soft cap (0 = none).
     head: Dense,
     softcap: f64,
+    /// Bigram features `(buckets, C)`, and the last token fed (the next one's previous).
+    bigram: Option<Vec<f32>>,
+    last: Option<u32>,
     layers: Vec<Layer>,
     ln_f: Norm,
     len: usize,
@@ -329,6 +332,8 @@ impl Decoder {
             rope: model.rope.clone(),
             head: Dense::new(&data(&model.head)?, None, c),
             softcap: model.softcap,
+            bigram: model.bigram.as_ref().map(data).transpose()?,
+            last: None,
             layers,
             ln_f: Norm::new(&model.ln_f, model.eps)?,
             len: 0,
@@ -349,6 +354,16 @@ impl Decoder {
             if let Some(wpe) = &self.wpe {
                 let p = &wpe[pos * c..(pos + 1) * c];
                 x.iter_mut().zip(p).for_each(|(x, &p)| *x += p);
+            }
+            if let Some(table) = &self.bigram {
+                // As model::gpt::bigram_ids: the previous token, or V at a sequence's start.
+                let prev = match r {
+                    0 => self.last.map_or(self.vocab, |p| p as usize),
+                    _ => tokens[r - 1] as usize,
+                };
+                let row = (prev * self.vocab + tok) % (table.len() / c);
+                let f = &table[row * c..(row + 1) * c];
+                x.iter_mut().zip(f).for_each(|(x, &f)| *x += f);
             }
         }
         let mut h = vec![0.0f32; rows * c];
@@ -402,6 +417,7 @@ impl Decoder {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }
         self.len += rows;
+        self.last = tokens.last().copied();
         last.copy_from_slice(&x[(rows - 1) * c..]);
     }
 }
@@ -413,6 +429,7 @@ impl Decode for Decoder {
 
     fn clear(&mut self) {
         self.len = 0;
+        self.last = None;
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {

@@ -9,7 +9,8 @@
 //! loss = cross_entropy(logits, targets)                         kernels::cross_entropy
 //! ```
 //!
-//! With rotary embeddings there is no wpe, and each block op turns its queries and keys
+//! Bigram features add their rows to x (candle's index_select and add). With rotary
+//! embeddings there is no wpe, and each block op turns its queries and keys
 //! (kernels::rope); the head is wte unless untied; capped logits go through candle's tanh.
 
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::kernels::activation::Activation;
 use crate::kernels::block::{Affine, BlockDropout, BlockGrads, BlockOp, BlockParams, GradSlot};
 use crate::kernels::rope::RopeTable;
 use crate::model::config::Position;
-use crate::model::gpt::{check_positions, softcap};
+use crate::model::gpt::{bigram_ids, check_positions, softcap};
 use crate::model::Gpt;
 use crate::rng::Rng;
 
@@ -40,6 +41,8 @@ pub struct FusedGpt {
     pub(super) rope: Option<Arc<RopeTable>>,
     /// cap of cap·tanh(logits / cap); 0 = off.
     pub(super) softcap: f64,
+    /// Bigram features `(buckets, C)`, when on.
+    pub(super) bigram: Option<Tensor>,
     pub(super) blocks: Vec<BlockParams<Tensor>>,
     pub(super) ln_f: Affine<Tensor>,
     pub(super) n_head: usize,
@@ -68,6 +71,7 @@ impl FusedGpt {
                 Arc::new(RopeTable::new(model.cfg.block_size, hs))
             }),
             softcap: model.cfg.logit_softcap,
+            bigram: model.bigram.clone(),
             blocks: model.blocks.iter().map(|b| b.params()).collect(),
             ln_f: Affine {
                 weight: model.ln_f.weight.clone(),
@@ -100,6 +104,10 @@ impl FusedGpt {
             Some(wpe) => kernels::positions::add_positions(&tok, &wpe.narrow(0, 0, t)?)?,
             None => tok,
         };
+        if let Some(table) = &self.bigram {
+            let ids = bigram_ids(idx, None, self.wte.dim(0)?, table.dim(0)?)?;
+            x = (x + table.index_select(&ids, 0)?.reshape((b, t, c))?)?;
+        }
         let p = self.dropout;
         if let Some(r) = rng.as_deref_mut().filter(|_| p > 0.0) {
             x = kernels::dropout::dropout(&x, p, r.random())?;

@@ -185,7 +185,7 @@ fn recomputed_loss(
     targets: &Tensor,
     rng: &mut Rng,
 ) -> Result<(Tensor, Vec<BlockRun>)> {
-    let mut x = model.embed(idx, 0, Some(&mut *rng))?;
+    let mut x = model.embed(idx, 0, None, Some(&mut *rng))?;
     let t = x.dim(1)?;
     let mask = causal_mask(t, t, 0, idx.device())?;
     let mut runs = Vec::with_capacity(model.blocks.len());

@@ -53,6 +53,11 @@ pub struct ModelConfig {
     /// starts as the identity and the first steps learn from the embeddings alone.
     #[serde(default)]
     pub zero_init: bool,
+    /// Rows of a table of bigram features: each position adds the row of the pair (previous
+    /// token, token), hashed into this many rows, to its embedding (a character model's
+    /// cheapest context); 0 = off.
+    #[serde(default)]
+    pub bigram_buckets: usize,
     /// Logits pass through cap·tanh(logits / cap), bounding them to (−cap, cap); 0 = off.
     #[serde(default)]
     pub logit_softcap: f64,

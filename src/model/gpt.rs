@@ -32,6 +32,8 @@ pub struct Gpt {
     pub ln_f: LayerNorm,
     /// The LM head's own `(V, C)` matrix when it is not tied to `wte`.
     pub lm_head: Option<Tensor>,
+    /// Bigram features `(bigram_buckets, C)` ([`bigram_ids`]), when on.
+    pub bigram: Option<Tensor>,
 }
 
 impl Gpt {
@@ -74,6 +76,14 @@ impl Gpt {
                     .get_with_hints((vocab_size, c), "weight", head_init)?,
             ),
         };
+        // Zeros: the features start as no change to the embedding.
+        let bigram = match cfg.bigram_buckets {
+            0 => None,
+            n => Some(
+                vb.pp("bigram")
+                    .get_with_hints((n, c), "weight", Init::Const(0.0))?,
+            ),
+        };
         Ok(Gpt {
             cfg: cfg.clone(),
             vocab_size,
@@ -82,6 +92,7 @@ impl Gpt {
             blocks,
             ln_f,
             lm_head,
+            bigram,
         })
     }
 
@@ -121,7 +132,8 @@ impl Gpt {
         capture: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed(idx, offset, rng.as_deref_mut())?; // (B, T, C)
+        let prev = cache.as_ref().and_then(|c| c.last.clone());
+        let mut x = self.embed(idx, offset, prev.as_deref(), rng.as_deref_mut())?; // (B, T, C)
         let t = x.dim(1)?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?; // (T, offset + T)
         let mut attention = Vec::new();
@@ -133,13 +145,22 @@ impl Gpt {
         }
         if let Some(c) = cache {
             c.len += t;
+            let ids = idx.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+            c.last = Some(ids.iter().map(|row| row[t - 1]).collect());
         }
         Ok((self.lm_head(&x)?, attention))
     }
 
-    /// Token + position embeddings of `idx` `(B, T)` at positions `offset..offset + T`, with
-    /// dropout when `rng` is given: `(B, T, C)`.
-    pub fn embed(&self, idx: &Tensor, offset: usize, rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// Token + position embeddings of `idx` `(B, T)` at positions `offset..offset + T` (plus
+    /// the bigram features, `prev` holding each sequence's token before `idx` when there is
+    /// one), with dropout when `rng` is given: `(B, T, C)`.
+    pub fn embed(
+        &self,
+        idx: &Tensor,
+        offset: usize,
+        prev: Option<&[u32]>,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         check_positions(offset, t, self.cfg.block_size)?;
         let tok = self.wte.index_select(&idx.flatten_all()?, 0)?; // (B·T, C)
@@ -147,6 +168,15 @@ impl Gpt {
         let x = match &self.wpe {
             Some(wpe) => tok.broadcast_add(&wpe.narrow(0, offset, t)?)?, // + (T, C)
             None => tok,
+        };
+        let x = match &self.bigram {
+            Some(table) => {
+                let ids = bigram_ids(idx, prev, self.vocab_size, table.dim(0)?)?;
+                (x + table
+                    .index_select(&ids, 0)?
+                    .reshape((b, t, self.cfg.n_embd))?)?
+            }
+            None => x,
         };
         dropout(&x, self.cfg.dropout, rng)
     }
@@ -166,6 +196,34 @@ impl Gpt {
             .reshape((b, t, self.vocab_size))
             .map_err(Into::into)
     }
+}
+
+/// The bigram feature rows of `idx` `(B, T)`, flattened `(B·T)`: position t of a sequence
+/// reads row (p·V + idx[t]) mod `buckets`, p being the token before it (idx[t − 1], or at t = 0
+/// that sequence's entry of `prev`, or V, "no previous token", without one).
+pub fn bigram_ids(
+    idx: &Tensor,
+    prev: Option<&[u32]>,
+    vocab: usize,
+    buckets: usize,
+) -> Result<Tensor> {
+    let rows = idx.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let ids: Vec<u32> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(b, row)| {
+            let first = prev.and_then(|p| p.get(b).copied());
+            row.iter().enumerate().map(move |(t, &cur)| {
+                let p = match t {
+                    0 => first.map_or(vocab, |p| p as usize),
+                    _ => row[t - 1] as usize,
+                };
+                ((p * vocab + cur as usize) % buckets) as u32
+            })
+        })
+        .collect();
+    let n = ids.len();
+    Ok(Tensor::from_vec(ids, n, idx.device())?)
 }
 
 /// cap·tanh(logits / cap), or `logits` unchanged when `cap` is 0.

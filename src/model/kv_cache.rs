@@ -9,6 +9,8 @@ use super::config::ModelConfig;
 pub struct KvCache {
     pub(crate) layers: Vec<candle_nn::kv_cache::KvCache>,
     pub(crate) len: usize,
+    /// Each sequence's last token, the previous token of the next one (bigram features).
+    pub(crate) last: Option<Vec<u32>>,
 }
 
 impl KvCache {
@@ -19,6 +21,7 @@ impl KvCache {
         KvCache {
             layers: vec![layer; cfg.n_layer],
             len: 0,
+            last: None,
         }
     }
 
@@ -36,5 +39,6 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| l.reset());
         self.len = 0;
+        self.last = None;
     }
 }
