@@ -219,6 +219,8 @@ fn config_files_in_the_repo_parse() {
         "shakespeare-char",
         "shakespeare-char-10m",
         "shakespeare-bpe",
+        "shakespeare-char-speedrun",
+        "shakespeare-char-speedrun-15m",
         "tiny",
     ] {
         let cfg = Config::load(std::path::Path::new(&format!("configs/{f}.toml")), &[]).unwrap();
