@@ -34,8 +34,8 @@ use crate::kernels::activation::Activation;
 use crate::kernels::block::Affine;
 use crate::kernels::layer_norm::layer_norm_forward_serial_into;
 use crate::kernels::math;
-use crate::kernels::rope::{rotate, RopeTable};
-use crate::model::gpt::check_positions;
+use crate::kernels::rope::RopeTable;
+use crate::model::gpt::{bigram_row, check_positions};
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -356,12 +356,11 @@ impl Decoder {
                 x.iter_mut().zip(p).for_each(|(x, &p)| *x += p);
             }
             if let Some(table) = &self.bigram {
-                // As model::gpt::bigram_ids: the previous token, or V at a sequence's start.
                 let prev = match r {
-                    0 => self.last.map_or(self.vocab, |p| p as usize),
-                    _ => tokens[r - 1] as usize,
+                    0 => self.last,
+                    _ => Some(tokens[r - 1]),
                 };
-                let row = (prev * self.vocab + tok) % (table.len() / c);
+                let row = bigram_row(prev, tok, self.vocab, table.len() / c);
                 let f = &table[row * c..(row + 1) * c];
                 x.iter_mut().zip(f).for_each(|(x, &f)| *x += f);
             }
@@ -377,12 +376,7 @@ impl Decoder {
             l.ln_1.apply(&x, &mut h);
             l.qkv.apply(&h, &mut qkv);
             if let Some(rope) = &self.rope {
-                for (r, qkv) in qkv.chunks_exact_mut(3 * c).enumerate() {
-                    let (cos, sin) = rope.at(start + r);
-                    qkv[..2 * c]
-                        .chunks_exact_mut(hs)
-                        .for_each(|head| rotate(head, cos, sin));
-                }
+                rope.apply_qkv(&mut qkv, c, rows, start, false);
             }
             for (r, qkv) in qkv.chunks_exact(3 * c).enumerate() {
                 let pos = start + r;

@@ -552,7 +552,7 @@ impl BlockOp {
         let a = layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
         let mut qkv = affine(&a, c, &w.wqkv, None);
         if let Some(rope) = &self.rope {
-            rope.apply_qkv(&mut qkv, c, dims.t, false);
+            rope.apply_qkv(&mut qkv, c, dims.t, 0, false);
         }
         let (att, probs) =
             attention::attention_forward_keeping(dims, &qkv, self.attention_dropout(), keep.probs);
@@ -667,7 +667,7 @@ impl BlockOp {
         let dropout = self.attention_dropout();
         let mut dqkv = attention::attention_backward(dims, &qkv, &datt, dropout, probs.as_deref());
         if let Some(rope) = &self.rope {
-            rope.apply_qkv(&mut dqkv, c, dims.t, true); // the gradients of the unturned Q, K
+            rope.apply_qkv(&mut dqkv, c, dims.t, 0, true); // the gradients of the unturned Q, K
         }
         drop((qkv, probs));
         let mut a = datt; // datt is not needed any more

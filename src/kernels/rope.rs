@@ -79,11 +79,12 @@ impl RopeTable {
     }
 
     /// Turns the queries and keys of every head in `qkv` `(rows, 3C)` (Q | K | V side by side),
-    /// row r being position `r % t`; with `back`, the inverse (for their gradients).
-    pub fn apply_qkv(&self, qkv: &mut [f32], c: usize, t: usize, back: bool) {
+    /// row r being position `first + r % t` (sequences of `t` rows; a decoder's new rows are
+    /// one sequence continuing at `first`); with `back`, the inverse (for their gradients).
+    pub fn apply_qkv(&self, qkv: &mut [f32], c: usize, t: usize, first: usize, back: bool) {
         let hs = 2 * self.half;
         for (r, row) in qkv.chunks_exact_mut(3 * c).enumerate() {
-            let (cos, sin) = self.at(r % t);
+            let (cos, sin) = self.at(first + r % t);
             for head in row[..2 * c].chunks_exact_mut(hs) {
                 match back {
                     false => rotate(head, cos, sin),

@@ -145,8 +145,10 @@ impl Gpt {
         }
         if let Some(c) = cache {
             c.len += t;
-            let ids = idx.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-            c.last = Some(ids.iter().map(|row| row[t - 1]).collect());
+            if self.bigram.is_some() {
+                let ids = idx.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                c.last = Some(ids.iter().map(|row| row[t - 1]).collect());
+            }
         }
         Ok((self.lm_head(&x)?, attention))
     }
@@ -198,9 +200,9 @@ impl Gpt {
     }
 }
 
-/// The bigram feature rows of `idx` `(B, T)`, flattened `(B·T)`: position t of a sequence
-/// reads row (p·V + idx[t]) mod `buckets`, p being the token before it (idx[t − 1], or at t = 0
-/// that sequence's entry of `prev`, or V, "no previous token", without one).
+/// The bigram feature rows of `idx` `(B, T)`, flattened `(B·T)` ([`bigram_row`]): position t
+/// of a sequence pairs idx[t] with idx[t − 1], or at t = 0 with that sequence's entry of `prev`
+/// (none without one).
 pub fn bigram_ids(
     idx: &Tensor,
     prev: Option<&[u32]>,
@@ -214,16 +216,20 @@ pub fn bigram_ids(
         .flat_map(|(b, row)| {
             let first = prev.and_then(|p| p.get(b).copied());
             row.iter().enumerate().map(move |(t, &cur)| {
-                let p = match t {
-                    0 => first.map_or(vocab, |p| p as usize),
-                    _ => row[t - 1] as usize,
-                };
-                ((p * vocab + cur as usize) % buckets) as u32
+                let p = if t == 0 { first } else { Some(row[t - 1]) };
+                bigram_row(p, cur as usize, vocab, buckets) as u32
             })
         })
         .collect();
     let n = ids.len();
     Ok(Tensor::from_vec(ids, n, idx.device())?)
+}
+
+/// The row of the pair (`prev`, `cur`) in a table of `buckets` bigram features:
+/// (p·V + cur) mod buckets, with p = V ("no previous token") at a sequence's start.
+pub fn bigram_row(prev: Option<u32>, cur: usize, vocab: usize, buckets: usize) -> usize {
+    let p = prev.map_or(vocab, |p| p as usize);
+    (p * vocab + cur) % buckets
 }
 
 /// cap·tanh(logits / cap), or `logits` unchanged when `cap` is 0.
