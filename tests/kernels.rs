@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use tinygpt::attention::{causal_mask, scaled_dot_product_attention};
 use tinygpt::config::{Config, Kernels};
 use tinygpt::data::Split;
-use tinygpt::engine::Engine;
+use tinygpt::engine::{Decode, Engine};
 use tinygpt::kernels::block::GradSlot;
 use tinygpt::kernels::{self, attention::AttentionDropout};
 use tinygpt::model::{LayerNorm, Linear};
@@ -480,6 +480,16 @@ fn fused_decoder_matches_the_full_forward_pass() {
             .last()
             .unwrap();
         assert_eq!(alone, rows[0], "heads={n_head}: a prompt fed at once");
+        // With and without a partner thread sharing the products: the same bits.
+        let Engine::Fused(fused) = &t.engine else {
+            panic!("the fused trainer runs the fused engine")
+        };
+        for partner in [false, true] {
+            let mut d = tinygpt::engine::Decoder::with_partner(fused, partner).unwrap();
+            let mut got = vec![d.feed(&ids[..5]).unwrap()];
+            got.extend(ids[5..].iter().map(|&id| d.feed(&[id]).unwrap()));
+            assert_eq!(got, rows, "heads={n_head}, partner {partner}");
+        }
         for (k, row) in rows.iter().enumerate() {
             let pos = if k == 0 { 4 } else { 4 + k };
             let want = full.get(pos).unwrap();

@@ -18,9 +18,13 @@
 //! bound by reading the weights, so each matrix is packed in groups of output columns that
 //! stream through memory contiguously and sum in registers ([`Dense`]). Every output is summed
 //! in the same order either way, so a prompt fed at once or token by token gives the same bits.
-//! A single row through a large matrix (the 10M-parameter config) splits its column groups
-//! over rayon's threads; the small model stays on the calling thread.
+//! On a machine with a second core, a small model's decoder keeps a partner thread that takes
+//! half of every product (half the column groups of one token, half the rows of a feed), so
+//! each core reads half the weights per token ([`Partner`]); a single row through a large
+//! matrix (the 10M-parameter config) splits its column groups over rayon's threads instead.
 
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -80,10 +84,11 @@ struct Dense {
 const PARALLEL_MIN: usize = 1 << 18;
 
 impl Dense {
-    /// From `w` `(out, in)` row-major.
-    fn new(w: &[f32], b: Option<Vec<f32>>, d_in: usize) -> Dense {
+    /// From `w` `(out, in)` row-major; `halves`: packed in 64 columns so that two threads can
+    /// share its groups evenly.
+    fn new(w: &[f32], b: Option<Vec<f32>>, d_in: usize, halves: bool) -> Dense {
         let d_out = w.len() / d_in.max(1);
-        let cols = if wide_vectors() { 128 } else { 64 };
+        let cols = if wide_vectors() && !halves { 128 } else { 64 };
         let groups = d_out.div_ceil(cols);
         let mut packed = vec![0.0f32; groups * d_in * cols];
         for (o, row) in w.chunks_exact(d_in).enumerate() {
@@ -101,59 +106,219 @@ impl Dense {
         }
     }
 
-    fn from_affine(l: &Affine<Tensor>) -> Result<Dense> {
+    fn from_affine(l: &Affine<Tensor>, halves: bool) -> Result<Dense> {
         Ok(Dense::new(
             &data(&l.weight)?,
             l.bias.as_ref().map(data).transpose()?,
             l.weight.dim(1)?,
+            halves,
         ))
+    }
+
+    /// The groups of `packed` (its first one being group `g0`) for every row of `x`, into `y`,
+    /// whose rows are `stride` long and start at group `g0`'s first column.
+    fn groups(&self, packed: &[f32], g0: usize, x: &[f32], y: &mut [f32], stride: usize) {
+        let (slab, cols) = (self.d_in * self.cols, self.cols);
+        for (g, w) in packed.chunks_exact(slab).enumerate() {
+            let first = g * cols;
+            let n = cols.min(self.d_out - (g0 * cols + first));
+            let out = Out {
+                y: &mut *y,
+                stride,
+                first,
+                n,
+            };
+            match cols {
+                128 => slab_128(w, x, out),
+                _ => slab_64(w, x, out),
+            }
+        }
+    }
+
+    /// [`Dense::apply`], half of the work handed to `partner` when there is one: half the
+    /// column groups of a single row, or half the rows of several.
+    fn apply_shared(&self, x: &[f32], y: &mut [f32], partner: Option<&Partner>) {
+        let slab = self.d_in * self.cols;
+        let groups = self.packed.len() / slab;
+        let rows = x.len() / self.d_in;
+        match partner {
+            Some(p) if rows == 1 && groups >= 2 => {
+                let half = groups / 2;
+                let (mine, theirs) = y.split_at_mut(half * self.cols);
+                let _pending = p.run(Job {
+                    dense: self,
+                    x: (x.as_ptr(), x.len()),
+                    y: (theirs.as_mut_ptr(), theirs.len()),
+                    g0: half,
+                });
+                let n = mine.len();
+                self.groups(&self.packed[..half * slab], 0, x, mine, n);
+            }
+            Some(p) if rows >= 2 => {
+                let half = rows / 2;
+                let (x_mine, x_theirs) = x.split_at(half * self.d_in);
+                let (mine, theirs) = y.split_at_mut(half * self.d_out);
+                let _pending = p.run(Job {
+                    dense: self,
+                    x: (x_theirs.as_ptr(), x_theirs.len()),
+                    y: (theirs.as_mut_ptr(), theirs.len()),
+                    g0: 0,
+                });
+                self.groups(&self.packed, 0, x_mine, mine, self.d_out);
+            }
+            _ => return self.apply(x, y),
+        }
+        self.add_bias(y);
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
+        if let Some(b) = &self.b {
+            for y in y.chunks_exact_mut(self.d_out) {
+                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
     }
 
     /// y = x·Wᵀ (+ b) for every row of `x` `(R, in)`: `y` `(R, out)`. Every output is summed in
     /// input order, as a plain loop would, so a row gives the same bits alone or among others.
     fn apply(&self, x: &[f32], y: &mut [f32]) {
         let (slab, cols) = (self.d_in * self.cols, self.cols);
-        let run = |w: &[f32], out: Out| match cols {
-            128 => slab_128(w, x, out),
-            _ => slab_64(w, x, out),
-        };
         if x.len() == self.d_in && self.packed.len() >= PARALLEL_MIN {
             // One row through a large matrix: its groups over threads, each writing its own
             // columns.
             y.par_chunks_mut(cols)
                 .zip(self.packed.par_chunks(slab))
-                .for_each(|(y, w)| {
+                .enumerate()
+                .for_each(|(g, (y, w))| {
                     let n = y.len();
-                    run(
-                        w,
-                        Out {
-                            y,
-                            stride: n,
-                            first: 0,
-                            n,
-                        },
-                    )
+                    self.groups(w, g, x, y, n)
                 });
         } else {
-            for (g, w) in self.packed.chunks_exact(slab).enumerate() {
-                let first = g * cols;
-                let n = cols.min(self.d_out - first);
-                let stride = self.d_out;
-                run(
-                    w,
-                    Out {
-                        y: &mut *y,
-                        stride,
-                        first,
-                        n,
-                    },
-                );
+            self.groups(&self.packed, 0, x, y, self.d_out);
+        }
+        self.add_bias(y);
+    }
+}
+
+/// Half of a product for the [`Partner`]: `dense`'s groups from `g0` for the rows of `x`, into
+/// `y` (as raw parts: the poster keeps them alive and untouched until [`Partner::wait`]).
+struct Job {
+    dense: *const Dense,
+    x: (*const f32, usize),
+    y: (*mut f32, usize),
+    g0: usize,
+}
+
+/// What the decoder and its partner thread share: jobs posted and done, counted, and the slot
+/// of the latest one.
+struct Shared {
+    posted: AtomicU64,
+    done: AtomicU64,
+    stop: AtomicBool,
+    job: UnsafeCell<Option<Job>>,
+}
+
+// SAFETY: `job` is written only by the poster while `done == posted` (the partner is idle) and
+// read only by the partner between seeing `posted` rise and raising `done` (Release/Acquire).
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// Spins of an idle partner before it sleeps: about a millisecond.
+const SPINS: u32 = 1 << 16;
+
+/// A second thread that takes half of each product of a token (or of a feed's rows): one
+/// token's products are a few microseconds each, shorter than waking a sleeping thread, so
+/// the partner spins between jobs while the decoder is alive. Sharing the work halves what
+/// each core reads from memory per token.
+struct Partner {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Partner {
+    fn new() -> Partner {
+        let shared = Arc::new(Shared {
+            posted: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            job: UnsafeCell::new(None),
+        });
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = 0;
+            loop {
+                let mut spins = 0u32;
+                while s.posted.load(Ordering::Acquire) == seen {
+                    if s.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    // Spin through the gaps between a token's products; sleep when the
+                    // decoder has been idle for a while (`run` wakes it).
+                    spins += 1;
+                    match spins < SPINS {
+                        true => std::hint::spin_loop(),
+                        false => std::thread::park(),
+                    }
+                }
+                seen += 1;
+                // SAFETY: see `Shared`; the poster keeps the job's data alive until `done`.
+                if let Some(job) = unsafe { (*s.job.get()).take() } {
+                    let dense = unsafe { &*job.dense };
+                    let x = unsafe { std::slice::from_raw_parts(job.x.0, job.x.1) };
+                    let y = unsafe { std::slice::from_raw_parts_mut(job.y.0, job.y.1) };
+                    let slab = dense.d_in * dense.cols;
+                    dense.groups(&dense.packed[job.g0 * slab..], job.g0, x, y, dense.d_out);
+                }
+                s.done.store(seen, Ordering::Release);
+            }
+        });
+        Partner {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Posts `job`; the partner starts on it at once. The job is waited for when the returned
+    /// guard drops, so its slices outlive the partner's use even if the caller unwinds.
+    fn run(&self, job: Job) -> Pending<'_> {
+        // SAFETY: the partner is idle (every posted job is done), so nothing reads the slot.
+        unsafe { *self.shared.job.get() = Some(job) };
+        self.shared.posted.fetch_add(1, Ordering::Release);
+        if let Some(t) = &self.thread {
+            t.thread().unpark(); // one atomic operation unless the partner sleeps
+        }
+        Pending(self)
+    }
+
+    /// Waits until the partner has finished the job posted last.
+    fn wait(&self) {
+        let posted = self.shared.posted.load(Ordering::Relaxed);
+        let mut spins = 0u32;
+        while self.shared.done.load(Ordering::Acquire) != posted {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(4096) && self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                panic!("the decoder's partner thread stopped before finishing its work");
             }
         }
-        if let Some(b) = &self.b {
-            for y in y.chunks_exact_mut(self.d_out) {
-                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
+    }
+}
+
+/// A posted job, waited for on drop.
+struct Pending<'a>(&'a Partner);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.wait();
+    }
+}
+
+impl Drop for Partner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
         }
     }
 }
@@ -295,6 +460,8 @@ pub struct Decoder {
     /// Bigram features `(buckets, C)`, and the last token fed (the next one's previous).
     bigram: Option<Vec<f32>>,
     last: Option<u32>,
+    /// A second thread sharing each product, on machines with a second core.
+    partner: Option<Partner>,
     layers: Vec<Layer>,
     ln_f: Norm,
     len: usize,
@@ -303,6 +470,16 @@ pub struct Decoder {
 impl Decoder {
     /// Copies `model`'s weights into a decoder with an empty cache.
     pub fn new(model: &FusedGpt) -> Result<Decoder> {
+        // A partner thread for small models on a machine with a second core; a large model's
+        // products split over rayon's threads instead ([`PARALLEL_MIN`]).
+        let c = model.wte.dim(1)?;
+        let small = 4 * c * c < PARALLEL_MIN;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Decoder::with_partner(model, small && cores >= 2)
+    }
+
+    /// [`Decoder::new`] with or without a partner thread (the same bits either way).
+    pub fn with_partner(model: &FusedGpt, two: bool) -> Result<Decoder> {
         let c = model.wte.dim(1)?;
         let layers = model
             .blocks
@@ -311,11 +488,11 @@ impl Decoder {
                 let qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0)?; // (3C, C)
                 Ok(Layer {
                     ln_1: Norm::new(&p.ln_1, model.eps)?,
-                    qkv: Dense::new(&data(&qkv)?, None, c),
-                    proj: Dense::from_affine(&p.attn_proj)?,
+                    qkv: Dense::new(&data(&qkv)?, None, c, two),
+                    proj: Dense::from_affine(&p.attn_proj, two)?,
                     ln_2: Norm::new(&p.ln_2, model.eps)?,
-                    fc: Dense::from_affine(&p.fc)?,
-                    fc_proj: Dense::from_affine(&p.mlp_proj)?,
+                    fc: Dense::from_affine(&p.fc, two)?,
+                    fc_proj: Dense::from_affine(&p.mlp_proj, two)?,
                     keys: vec![0.0; model.block_size * c],
                     values: vec![0.0; model.block_size * c],
                 })
@@ -330,7 +507,8 @@ impl Decoder {
             wte: data(&model.wte)?,
             wpe: model.wpe.as_ref().map(data).transpose()?,
             rope: model.rope.clone(),
-            head: Dense::new(&data(&model.head)?, None, c),
+            head: Dense::new(&data(&model.head)?, None, c, two),
+            partner: two.then(Partner::new),
             softcap: model.softcap,
             bigram: model.bigram.as_ref().map(data).transpose()?,
             last: None,
@@ -372,9 +550,10 @@ impl Decoder {
         let mut scores = vec![0.0f32; start + rows];
         let mut f = vec![0.0f32; rows * 4 * c];
         let mut g = vec![0.0f32; rows * 4 * c];
+        let partner = self.partner.as_ref();
         for l in &mut self.layers {
             l.ln_1.apply(&x, &mut h);
-            l.qkv.apply(&h, &mut qkv);
+            l.qkv.apply_shared(&h, &mut qkv, partner);
             if let Some(rope) = &self.rope {
                 rope.apply_qkv(&mut qkv, c, rows, start, false);
             }
@@ -402,12 +581,12 @@ impl Decoder {
                     );
                 }
             }
-            l.proj.apply(&y, &mut a);
+            l.proj.apply_shared(&y, &mut a, partner);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             l.ln_2.apply(&x, &mut h);
-            l.fc.apply(&h, &mut f);
+            l.fc.apply_shared(&h, &mut f, partner);
             self.activation.forward_serial_into(&f, &mut g);
-            l.fc_proj.apply(&g, &mut a);
+            l.fc_proj.apply_shared(&g, &mut a, partner);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
         }
         self.len += rows;
