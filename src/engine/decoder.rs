@@ -254,7 +254,7 @@ impl Partner {
                     }
                     // Spin through the gaps between a token's products; sleep when the
                     // decoder has been idle for a while (`run` wakes it).
-                    spins += 1;
+                    spins = spins.saturating_add(1);
                     match spins < SPINS {
                         true => std::hint::spin_loop(),
                         false => std::thread::park(),
