@@ -75,7 +75,8 @@ struct Dense {
     b: Option<Vec<f32>>,
     d_in: usize,
     d_out: usize,
-    /// Outputs summed in registers at a time: 128 with 512-bit vectors, 64 with 256-bit ones.
+    /// Outputs summed in registers at a time: 128 with 512-bit vectors, 64 with 256-bit ones
+    /// or when a partner thread shares the groups.
     cols: usize,
 }
 
@@ -201,7 +202,7 @@ impl Dense {
 }
 
 /// Half of a product for the [`Partner`]: `dense`'s groups from `g0` for the rows of `x`, into
-/// `y` (as raw parts: the poster keeps them alive and untouched until [`Partner::wait`]).
+/// `y` (as raw parts: the poster keeps them alive and untouched until its [`Pending`] drops).
 struct Job {
     dense: *const Dense,
     x: (*const f32, usize),
@@ -507,7 +508,7 @@ impl Decoder {
             wte: data(&model.wte)?,
             wpe: model.wpe.as_ref().map(data).transpose()?,
             rope: model.rope.clone(),
-            head: Dense::new(&data(&model.head)?, None, c, two),
+            head: Dense::new(&data(&model.head)?, None, c, false), // never shared
             partner: two.then(Partner::new),
             softcap: model.softcap,
             bigram: model.bigram.as_ref().map(data).transpose()?,
