@@ -18,6 +18,7 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         n_embd: 24,
         dropout: 0.0,
         bias: true,
+        qkv_bias: false,
         kernels: Default::default(),
         activation: Default::default(),
         position: Default::default(),
@@ -96,7 +97,9 @@ fn future_tokens_never_change_past_logits() {
 fn head_equals_one_head_multi_head_attention() {
     let c = 8;
     let mut p = Params::fresh(seeded(5), &Device::Cpu);
-    let head = p.build(|vb| Head::new(vb.pp("attn"), c, c, 0.0)).unwrap();
+    let head = p
+        .build(|vb| Head::new(vb.pp("attn"), c, c, 0.0, false))
+        .unwrap();
     // The same W_Q, W_K, W_V, and an identity output projection.
     let mut tensors: HashMap<String, Tensor> = p
         .vars()
@@ -110,7 +113,7 @@ fn head_equals_one_head_multi_head_attention() {
     let mut p2 = Params::loaded(tensors, &Device::Cpu);
     // Every loaded tensor is taken (`build` rejects leftovers).
     let mha = p2
-        .build(|vb| MultiHeadAttention::new(vb.pp("attn"), c, 1, 0.0, false, 0.02))
+        .build(|vb| MultiHeadAttention::new(vb.pp("attn"), c, 1, 0.0, false, false, 0.02))
         .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 5, c), &Device::Cpu).unwrap();
     let mask = causal_mask(5, 5, 0, &Device::Cpu).unwrap();

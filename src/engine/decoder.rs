@@ -486,10 +486,14 @@ impl Decoder {
             .blocks
             .iter()
             .map(|p| {
-                let qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0)?; // (3C, C)
+                let qkv = Tensor::cat(&[&p.w_q.weight, &p.w_k.weight, &p.w_v.weight], 0)?; // (3C, C)
+                let bias = match (&p.w_q.bias, &p.w_k.bias, &p.w_v.bias) {
+                    (Some(q), Some(k), Some(v)) => Some(data(&Tensor::cat(&[q, k, v], 0)?)?),
+                    _ => None,
+                };
                 Ok(Layer {
                     ln_1: Norm::new(&p.ln_1, model.eps)?,
-                    qkv: Dense::new(&data(&qkv)?, None, c, two),
+                    qkv: Dense::new(&data(&qkv)?, bias, c, two),
                     proj: Dense::from_affine(&p.attn_proj, two)?,
                     ln_2: Norm::new(&p.ln_2, model.eps)?,
                     fc: Dense::from_affine(&p.fc, two)?,

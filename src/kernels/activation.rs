@@ -1,5 +1,5 @@
-//! The MLP's activation, chosen by `model.activation`: GELU (exact, erf-based: GPT-2's and
-//! nanoGPT's) or ReLU² (max(x, 0)², from the GPT-2 speedrun: as cheap as ReLU, and smooth at
+//! The MLP's activation, chosen by `model.activation`: GELU (exact, erf-based: nanoGPT's),
+//! GELU's tanh approximation (GPT-2's own, for imported weights) or ReLU² (max(x, 0)², from the GPT-2 speedrun: as cheap as ReLU, and smooth at
 //! 0 in its gradient's integral), on slices, forward and backward.
 
 use multiversion::multiversion;
@@ -10,7 +10,7 @@ use super::gelu::{
     gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_forward_into,
     gelu_forward_serial_into,
 };
-use super::{mapped_in_chunks, ELEMS_PER_TASK};
+use super::{mapped_in_chunks, math, ELEMS_PER_TASK};
 
 /// The MLP's nonlinearity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -21,6 +21,9 @@ pub enum Activation {
     Gelu,
     /// max(x, 0)².
     Relu2,
+    /// GELU's tanh approximation, GPT-2's (`gelu_new`); for imported GPT-2 weights.
+    #[serde(rename = "gelu_tanh")]
+    GeluTanh,
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -28,6 +31,20 @@ fn relu2_chunk(x: &[f32], y: &mut [std::mem::MaybeUninit<f32>]) {
     for (y, &x) in y.iter_mut().zip(x) {
         let m = x.max(0.0);
         y.write(m * m);
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_tanh_chunk(x: &[f32], y: &mut [std::mem::MaybeUninit<f32>]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        y.write(math::gelu_tanh(x));
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_tanh_backward_chunk(x: &mut [f32], dy: &[f32]) {
+    for (x, &dy) in x.iter_mut().zip(dy) {
+        *x = dy * math::gelu_tanh_grad(*x);
     }
 }
 
@@ -45,6 +62,8 @@ impl Activation {
             Activation::Gelu => gelu_forward(x),
             // SAFETY: `relu2_chunk` writes every element of its output.
             Activation::Relu2 => unsafe { mapped_in_chunks(x, ELEMS_PER_TASK, relu2_chunk) },
+            // SAFETY: `gelu_tanh_chunk` writes every element of its output.
+            Activation::GeluTanh => unsafe { mapped_in_chunks(x, ELEMS_PER_TASK, gelu_tanh_chunk) },
         }
     }
 
@@ -57,6 +76,11 @@ impl Activation {
                 .zip(x.par_chunks(ELEMS_PER_TASK))
                 // SAFETY: `relu2_chunk` only writes initialised values.
                 .for_each(|(y, x)| relu2_chunk(x, unsafe { super::as_uninit(y) })),
+            Activation::GeluTanh => y
+                .par_chunks_mut(ELEMS_PER_TASK)
+                .zip(x.par_chunks(ELEMS_PER_TASK))
+                // SAFETY: `gelu_tanh_chunk` only writes initialised values.
+                .for_each(|(y, x)| gelu_tanh_chunk(x, unsafe { super::as_uninit(y) })),
         }
     }
 
@@ -66,6 +90,8 @@ impl Activation {
             Activation::Gelu => gelu_forward_serial_into(x, y),
             // SAFETY: `relu2_chunk` only writes initialised values.
             Activation::Relu2 => relu2_chunk(x, unsafe { super::as_uninit(y) }),
+            // SAFETY: `gelu_tanh_chunk` only writes initialised values.
+            Activation::GeluTanh => gelu_tanh_chunk(x, unsafe { super::as_uninit(y) }),
         }
     }
 
@@ -73,7 +99,7 @@ impl Activation {
     pub fn backward_from_output(self, x: &mut [f32], y: &[f32], dy: &[f32]) {
         match self {
             Activation::Gelu => gelu_backward_from_output(x, y, dy),
-            Activation::Relu2 => self.backward_over_input(x, dy),
+            Activation::Relu2 | Activation::GeluTanh => self.backward_over_input(x, dy),
         }
     }
 
@@ -85,6 +111,10 @@ impl Activation {
                 .par_chunks_mut(ELEMS_PER_TASK)
                 .zip(dy.par_chunks(ELEMS_PER_TASK))
                 .for_each(|(x, dy)| relu2_backward_chunk(x, dy)),
+            Activation::GeluTanh => x
+                .par_chunks_mut(ELEMS_PER_TASK)
+                .zip(dy.par_chunks(ELEMS_PER_TASK))
+                .for_each(|(x, dy)| gelu_tanh_backward_chunk(x, dy)),
         }
     }
 }

@@ -84,15 +84,16 @@ impl<T> Affine<T> {
 
 /// The parameters of one transformer block, by name, generic over what each one holds: the
 /// model's tensors, the slices the block op reads, the gradients it returns. Biases are `None`
-/// in a model without them; W_Q, W_K, W_V never have one.
+/// in a model without them; W_Q, W_K, W_V have them only with `model.qkv_bias` (GPT-2's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockParams<T> {
     /// LayerNorm before attention: gain `(C)` and bias.
     pub ln_1: Affine<T>,
-    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other.
-    pub w_q: T,
-    pub w_k: T,
-    pub w_v: T,
+    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (and their biases
+    /// `(C)`).
+    pub w_q: Affine<T>,
+    pub w_k: Affine<T>,
+    pub w_v: Affine<T>,
     /// Attention output projection `(C, C)`.
     pub attn_proj: Affine<T>,
     /// LayerNorm before the MLP.
@@ -108,9 +109,9 @@ impl<T> BlockParams<T> {
     pub fn as_ref(&self) -> BlockParams<&T> {
         BlockParams {
             ln_1: self.ln_1.as_ref(),
-            w_q: &self.w_q,
-            w_k: &self.w_k,
-            w_v: &self.w_v,
+            w_q: self.w_q.as_ref(),
+            w_k: self.w_k.as_ref(),
+            w_v: self.w_v.as_ref(),
             attn_proj: self.attn_proj.as_ref(),
             ln_2: self.ln_2.as_ref(),
             fc: self.fc.as_ref(),
@@ -122,9 +123,9 @@ impl<T> BlockParams<T> {
     pub fn as_mut(&mut self) -> BlockParams<&mut T> {
         BlockParams {
             ln_1: self.ln_1.as_mut(),
-            w_q: &mut self.w_q,
-            w_k: &mut self.w_k,
-            w_v: &mut self.w_v,
+            w_q: self.w_q.as_mut(),
+            w_k: self.w_k.as_mut(),
+            w_v: self.w_v.as_mut(),
             attn_proj: self.attn_proj.as_mut(),
             ln_2: self.ln_2.as_mut(),
             fc: self.fc.as_mut(),
@@ -139,9 +140,9 @@ impl<T> BlockParams<T> {
     ) -> std::result::Result<BlockParams<U>, E> {
         Ok(BlockParams {
             ln_1: self.ln_1.try_map(&mut f)?,
-            w_q: f(self.w_q)?,
-            w_k: f(self.w_k)?,
-            w_v: f(self.w_v)?,
+            w_q: self.w_q.try_map(&mut f)?,
+            w_k: self.w_k.try_map(&mut f)?,
+            w_v: self.w_v.try_map(&mut f)?,
             attn_proj: self.attn_proj.try_map(&mut f)?,
             ln_2: self.ln_2.try_map(&mut f)?,
             fc: self.fc.try_map(&mut f)?,
@@ -157,11 +158,11 @@ impl<T> BlockParams<T> {
             v.push((names[0], a.weight));
             v.extend(a.bias.map(|b| (names[1], b)));
         }
-        let mut v = Vec::with_capacity(13);
+        let mut v = Vec::with_capacity(16);
         affine(&mut v, ["ln_1.weight", "ln_1.bias"], self.ln_1);
-        v.push(("attn.w_q.weight", self.w_q));
-        v.push(("attn.w_k.weight", self.w_k));
-        v.push(("attn.w_v.weight", self.w_v));
+        affine(&mut v, ["attn.w_q.weight", "attn.w_q.bias"], self.w_q);
+        affine(&mut v, ["attn.w_k.weight", "attn.w_k.bias"], self.w_k);
+        affine(&mut v, ["attn.w_v.weight", "attn.w_v.bias"], self.w_v);
         affine(
             &mut v,
             ["attn.c_proj.weight", "attn.c_proj.bias"],
@@ -317,10 +318,11 @@ fn lock(
 }
 
 /// The parameters' f32 data, and [W_Q; W_K; W_V] stacked `(3C, C)` for the one product that
-/// gives Q | K | V.
+/// gives Q | K | V (with their biases stacked `(3C)`, when the model has them).
 struct W<'a> {
     p: BlockParams<&'a [f32]>,
     wqkv: Vec<f32>,
+    bqkv: Option<Vec<f32>>,
 }
 
 impl<'a> W<'a> {
@@ -336,8 +338,13 @@ impl<'a> W<'a> {
                 Storage::Cpu(s) => f32_slice(s, layout, "block"),
                 _ => bail!("block: the fused kernels run on the CPU only"),
             })?;
-        let wqkv = stacked.unwrap_or_else(|| [p.w_q, p.w_k, p.w_v].concat());
-        Ok(W { p, wqkv })
+        let wqkv = stacked.unwrap_or_else(|| [p.w_q.weight, p.w_k.weight, p.w_v.weight].concat());
+        let bqkv = match (p.w_q.bias, p.w_k.bias, p.w_v.bias) {
+            (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
+            (None, None, None) => None,
+            _ => bail!("block: W_Q, W_K and W_V must all have biases or none"),
+        };
+        Ok(W { p, wqkv, bqkv })
     }
 }
 
@@ -550,7 +557,7 @@ impl BlockOp {
         let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
         let first = dims.b0 * dims.t * c; // x's first element's number in the whole batch
         let a = layer_norm_forward(x, w.p.ln_1.weight, w.p.ln_1.bias, eps);
-        let mut qkv = affine(&a, c, &w.wqkv, None);
+        let mut qkv = affine(&a, c, &w.wqkv, w.bqkv.as_deref());
         if let Some(rope) = &self.rope {
             rope.apply_qkv(&mut qkv, c, dims.t, 0, false);
         }
@@ -670,6 +677,7 @@ impl BlockOp {
             rope.apply_qkv(&mut dqkv, c, dims.t, 0, true); // the gradients of the unturned Q, K
         }
         drop((qkv, probs));
+        let d_qkv_b = w.bqkv.as_ref().map(|_| column_sums(&dqkv, 3 * c));
         let mut a = datt; // datt is not needed any more
         let d_qkv_w = match &ln1 {
             Some(ln1) => linear_backward_weight(&dqkv, 3 * c, ln1, c),
@@ -686,14 +694,31 @@ impl BlockOp {
         let mut d_w_q = d_qkv_w;
         let mut d_w_k = d_w_q.split_off(c * c);
         let d_w_v = d_w_k.split_off(c * c);
+        let (d_b_q, d_b_k, d_b_v) = match d_qkv_b {
+            Some(mut q) => {
+                let mut k = q.split_off(c);
+                let v = k.split_off(c);
+                (Some(q), Some(k), Some(v))
+            }
+            None => (None, None, None),
+        };
         BlockParams {
             ln_1: Affine {
                 weight: d_ln1_w,
                 bias: w.p.ln_1.bias.map(|_| d_ln1_b),
             },
-            w_q: d_w_q,
-            w_k: d_w_k,
-            w_v: d_w_v,
+            w_q: Affine {
+                weight: d_w_q,
+                bias: d_b_q,
+            },
+            w_k: Affine {
+                weight: d_w_k,
+                bias: d_b_k,
+            },
+            w_v: Affine {
+                weight: d_w_v,
+                bias: d_b_v,
+            },
             attn_proj: Affine {
                 weight: d_proj_w,
                 bias: d_proj_b,
@@ -841,8 +866,9 @@ mod tests {
         );
     }
 
-    /// A block's parameters at random, with biases, for width `c`.
-    fn params(c: usize, seed: u64) -> BlockParams<Tensor> {
+    /// A block's parameters at random, with biases (on W_Q, W_K, W_V too when `qkv_bias`), for
+    /// width `c`.
+    fn params(c: usize, seed: u64, qkv_bias: bool) -> BlockParams<Tensor> {
         let mut seed = seed;
         let mut t = |shape: &[usize], around: f32| {
             seed += 1;
@@ -859,7 +885,12 @@ mod tests {
             affine(&[4 * c, c], 0.0),
             affine(&[c, 4 * c], 0.0),
         );
-        let (w_q, w_k, w_v) = (t(&[c, c], 0.0), t(&[c, c], 0.0), t(&[c, c], 0.0));
+        let mut qkv = || {
+            let mut a = affine(&[c, c], 0.0);
+            a.bias = a.bias.filter(|_| qkv_bias);
+            a
+        };
+        let (w_q, w_k, w_v) = (qkv(), qkv(), qkv());
         BlockParams {
             ln_1,
             w_q,
@@ -895,8 +926,15 @@ mod tests {
             Some(d) => kernels::dropout::dropout(&y, d.p, seed(&d)).unwrap(),
             None => y,
         };
-        let w_qkv = Tensor::cat(&[&p.w_q, &p.w_k, &p.w_v], 0).unwrap();
-        let qkv = kernels::linear::linear(&ln(x, &p.ln_1), &w_qkv).unwrap();
+        let qkv = Tensor::cat(
+            &[
+                lin(&ln(x, &p.ln_1), &p.w_q),
+                lin(&ln(x, &p.ln_1), &p.w_k),
+                lin(&ln(x, &p.ln_1), &p.w_v),
+            ],
+            2,
+        )
+        .unwrap();
         let att_drop = drop.map(|d| AttentionDropout {
             p: d.p,
             seed: d.attention,
@@ -907,6 +945,7 @@ mod tests {
         let h = match act {
             Activation::Gelu => kernels::gelu::gelu(&h).unwrap(),
             Activation::Relu2 => h.relu().unwrap().sqr().unwrap(),
+            Activation::GeluTanh => h.gelu().unwrap(),
         };
         (&x1 + dropped(lin(&h, &p.mlp_proj), |d| d.mlp_proj)).unwrap()
     }
@@ -914,21 +953,23 @@ mod tests {
     #[test]
     fn block_op_matches_the_layer_by_layer_block() {
         // (heads, width, dropout, keep activations, MLP backward streamed in blocks of 16 rows,
-        // activation)
-        let (gelu, relu2) = (Activation::Gelu, Activation::Relu2);
+        // activation, biases on W_Q, W_K, W_V)
+        let (gelu, relu2, tanh) = (Activation::Gelu, Activation::Relu2, Activation::GeluTanh);
         let cases = [
-            (1, 32, 0.0, true, false, gelu),
-            (2, 32, 0.0, false, true, gelu),
-            (3, 24, 0.3, true, true, gelu),
-            (1, 32, 0.3, false, false, gelu),
-            (2, 32, 0.0, true, false, relu2),
-            (2, 24, 0.3, false, true, relu2),
+            (1, 32, 0.0, true, false, gelu, false),
+            (2, 32, 0.0, false, true, gelu, false),
+            (3, 24, 0.3, true, true, gelu, false),
+            (1, 32, 0.3, false, false, gelu, false),
+            (2, 32, 0.0, true, false, relu2, false),
+            (2, 24, 0.3, false, true, relu2, false),
+            (2, 32, 0.0, true, false, tanh, true),
+            (1, 24, 0.3, false, true, tanh, true),
         ];
-        for (n_head, c, p, keep, streamed, act) in cases {
-            let block = params(c, 100);
+        for (n_head, c, p, keep, streamed, act, qkv_bias) in cases {
+            let block = params(c, 100, qkv_bias);
             for tt in [1, 13, 32] {
                 let what =
-                    format!("{act:?} heads {n_head} C {c} p {p} keep {keep}/{streamed} T {tt}");
+                    format!("{act:?} heads {n_head} C {c} p {p} keep {keep}/{streamed} qkv bias {qkv_bias} T {tt}");
                 let x = random(&[3, tt, c], 1.0, 5);
                 let r = random(&[3, tt, c], 1.0, 6);
                 let mut rng = crate::rng::seeded(77);
@@ -964,9 +1005,25 @@ mod tests {
                     .named();
                 let weights = block.clone().named();
                 assert_eq!(got.len(), weights.len(), "{what}: every weight's gradient");
-                assert_eq!(got.len(), 13, "{what}: 9 weights and 4 biases");
+                let biases = if qkv_bias { 7 } else { 4 };
+                assert_eq!(got.len(), 9 + biases, "{what}: 9 weights and their biases");
+                let max_abs = |t: &Tensor| {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+                };
                 for ((name, w), (_, g)) in weights.iter().zip(&got) {
                     let what = format!("{what}: gradient of {name} {:?}", w.dims());
+                    if *name == "attn.w_k.bias" {
+                        // q·(k + b) − q·k is the same for every key, and softmax ignores it:
+                        // the gradient is zero up to rounding, in both.
+                        let scale = max_abs(g1.get(&block.w_k.weight).unwrap());
+                        assert!(max_abs(g) <= 1e-4 * scale, "{what}: not ≈ 0");
+                        assert!(
+                            max_abs(g1.get(w).unwrap()) <= 1e-4 * scale,
+                            "{what}: not ≈ 0"
+                        );
+                        continue;
+                    }
                     assert_close(&what, g, g1.get(w).unwrap());
                 }
             }

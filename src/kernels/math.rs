@@ -110,6 +110,29 @@ pub fn gelu_grad_from_output(x: f32, y: f32) -> f32 {
     fma(x * INV_SQRT_2PI, exp(-0.5 * x * x), cdf)
 }
 
+/// √(2/π), the tanh GELU's scale.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The tanh GELU's cubic coefficient.
+const GELU_TANH_CUBIC: f32 = 0.044_715;
+
+/// GELU's tanh approximation (GPT-2's `gelu_new`, PyTorch's `approximate="tanh"`):
+/// ½x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715x³), computed as x·σ(2u) (the same function,
+/// since 1 + tanh(u) = 2σ(2u)) so that one `exp` suffices.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * fma(GELU_TANH_CUBIC * x, x * x, x);
+    x / (1.0 + exp(-2.0 * u))
+}
+
+/// d/dx of [`gelu_tanh`]: s + x·s·(1 − s)·2u′ with s = σ(2u), u′ = √(2/π)·(1 + 3·0.044715x²).
+#[inline(always)]
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * fma(GELU_TANH_CUBIC * x, x * x, x);
+    let s = 1.0 / (1.0 + exp(-2.0 * u));
+    let du = 2.0 * SQRT_2_OVER_PI * fma(3.0 * GELU_TANH_CUBIC * x, x, 1.0);
+    fma(x * s * (1.0 - s), du, s)
+}
+
 /// Σ xs with 16 independent accumulators (the loop vectorises; a single running sum cannot,
 /// because float addition is not associative).
 #[inline(always)]
@@ -255,6 +278,35 @@ mod tests {
         assert_eq!(gelu(0.0), 0.0);
         assert_eq!(gelu(-100.0), 0.0);
         assert!((gelu(100.0) - 100.0).abs() <= 100.0 * 1e-7);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_its_definition_and_derivative() {
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let xd = x as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+            let want = 0.5 * xd * (1.0 + u.tanh());
+            let got = gelu_tanh(x) as f64;
+            assert!(
+                (got - want).abs() <= 2e-7 * want.abs() + 1e-7,
+                "gelu_tanh({x}) = {got} vs {want}"
+            );
+            let h = 1e-3;
+            let f = |x: f64| {
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + u.tanh())
+            };
+            let want = (f(xd + h) - f(xd - h)) / (2.0 * h);
+            let got = gelu_tanh_grad(x) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "gelu_tanh_grad({x}) = {got} vs {want}"
+            );
+            x += 0.003;
+        }
+        assert!(gelu_tanh(-100.0).abs() < 1e-30);
+        assert_eq!(gelu_tanh(100.0), 100.0);
     }
 
     #[test]

@@ -117,7 +117,8 @@ fn with_cache(
     Ok((q, k, v))
 }
 
-/// One masked head of self-attention with its own W_Q, W_K, W_V (no bias), each `(hs, C)`.
+/// One masked head of self-attention with its own W_Q, W_K, W_V, each `(hs, C)` (biases only
+/// with `model.qkv_bias`).
 #[derive(Debug, Clone)]
 pub struct Head {
     pub w_q: Linear,
@@ -129,9 +130,16 @@ pub struct Head {
 }
 
 impl Head {
-    /// A head with `vb`'s weights (`w_q.weight`, …) projecting C = `n_embd` to `head_size`.
-    pub fn new(vb: VarBuilder, n_embd: usize, head_size: usize, dropout: f64) -> Result<Head> {
-        let w = |n: &str| Linear::new(vb.pp(n), n_embd, head_size, false, 0.02);
+    /// A head with `vb`'s weights (`w_q.weight`, …) projecting C = `n_embd` to `head_size`,
+    /// with biases (`w_q.bias`, …) when `qkv_bias` (GPT-2 has them).
+    pub fn new(
+        vb: VarBuilder,
+        n_embd: usize,
+        head_size: usize,
+        dropout: f64,
+        qkv_bias: bool,
+    ) -> Result<Head> {
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, head_size, qkv_bias, 0.02);
         Ok(Head {
             w_q: w("w_q")?,
             w_k: w("w_k")?,
@@ -173,17 +181,19 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    /// `n_head` heads with `vb`'s weights (`w_q.weight`, …, `c_proj.weight`); `proj_std`:
-    /// the output projection's initial scale.
+    /// `n_head` heads with `vb`'s weights (`w_q.weight`, …, `c_proj.weight`); `bias`: on the
+    /// output projection, `qkv_bias`: on W_Q, W_K, W_V; `proj_std`: the output projection's
+    /// initial scale.
     pub fn new(
         vb: VarBuilder,
         n_embd: usize,
         n_head: usize,
         dropout: f64,
         bias: bool,
+        qkv_bias: bool,
         proj_std: f64,
     ) -> Result<Self> {
-        let w = |n: &str| Linear::new(vb.pp(n), n_embd, n_embd, false, 0.02);
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, n_embd, qkv_bias, 0.02);
         let (w_q, w_k, w_v) = (w("w_q")?, w("w_k")?, w("w_v")?);
         let c_proj = Linear::new(vb.pp("c_proj"), n_embd, n_embd, bias, proj_std)?;
         Ok(MultiHeadAttention {

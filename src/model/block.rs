@@ -41,6 +41,7 @@ impl Mlp {
         let h = match self.activation {
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu2 => h.relu()?.sqr()?,
+            Activation::GeluTanh => h.gelu()?, // candle's `gelu` is the tanh form
         };
         dropout(&h.apply(&self.c_proj)?, self.dropout, rng)
     }
@@ -65,11 +66,12 @@ impl SelfAttention {
     ) -> Result<Self> {
         let (c, p) = (cfg.n_embd, cfg.dropout);
         if cfg.n_head > 1 {
-            let mut mha = MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, proj_std)?;
+            let mut mha =
+                MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, cfg.qkv_bias, proj_std)?;
             mha.rope = rope.cloned();
             return Ok(SelfAttention::Multi(mha));
         }
-        let mut head = Head::new(vb.clone(), c, c, p)?;
+        let mut head = Head::new(vb.clone(), c, c, p, cfg.qkv_bias)?;
         head.rope = rope.cloned();
         let c_proj = Linear::new(vb.pp("c_proj"), c, c, cfg.bias, proj_std)?;
         Ok(SelfAttention::Single { head, c_proj })
@@ -150,9 +152,9 @@ impl Block {
         };
         BlockParams {
             ln_1: affine(&self.ln_1.weight, &self.ln_1.bias),
-            w_q: w_q.weight.clone(),
-            w_k: w_k.weight.clone(),
-            w_v: w_v.weight.clone(),
+            w_q: affine(&w_q.weight, &w_q.bias),
+            w_k: affine(&w_k.weight, &w_k.bias),
+            w_v: affine(&w_v.weight, &w_v.bias),
             attn_proj: affine(&attn_proj.weight, &attn_proj.bias),
             ln_2: affine(&self.ln_2.weight, &self.ln_2.bias),
             fc: affine(&self.mlp.c_fc.weight, &self.mlp.c_fc.bias),

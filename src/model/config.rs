@@ -38,7 +38,11 @@ pub struct ModelConfig {
     /// Biases in the linear layers (except W_Q, W_K, W_V) and LayerNorms.
     #[serde(default)]
     pub bias: bool,
-    /// The MLP's nonlinearity: `gelu` (exact, GPT-2's; the default) or `relu2` (max(x, 0)²).
+    /// Biases on W_Q, W_K and W_V too (GPT-2's `c_attn` has them; imported weights need them).
+    #[serde(default)]
+    pub qkv_bias: bool,
+    /// The MLP's nonlinearity: `gelu` (exact, erf-based; the default), `gelu_tanh` (its tanh
+    /// approximation, GPT-2's `gelu_new`) or `relu2` (max(x, 0)²).
     #[serde(default)]
     pub activation: Activation,
     /// Where positions come from: `learned` (a position embedding added to the input, GPT-2's;
