@@ -3,10 +3,11 @@
 
 For two small models, a character model (with biases everywhere) and a BPE model, it
 
-  1. trains the model with `tinygpt train` (configs/tiny.toml, 60 steps);
+  1. trains the model with `tinygpt train` (configs/tiny.toml, 300 steps, on the corpus plus a few lines
+     with multi-byte characters);
   2. exports it with `tinygpt export` to a Hugging Face folder and to GGUF (f32 and f16);
-  3. asks tinygpt for the ids of a few texts (`tinygpt tokenize --format json`) and for
-     the logits at every position of a prompt (`tinygpt logits`);
+  3. asks tinygpt for the ids of a few texts (`tinygpt tokenize --json`) and for the
+     logits at every position of a prompt (`tinygpt logits --json`);
   4. loads the Hugging Face folder with `AutoTokenizer` / `AutoModelForCausalLM`: the ids
      must be the same, decode(ids) must give the text back, and the float32 logits must
      agree to 1e-4;
@@ -32,6 +33,7 @@ import argparse
 import inspect
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,19 +44,29 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.toml"
 MARKER = ".check_interop"  # marks a work folder this script made and may clean
 
+# How tinygpt is asked for JSON (`tinygpt tokenize ... TEXT` and `tinygpt logits --prompt`).
+TOKENIZE_JSON = ["--json"]
+LOGITS_JSON = ["--json"]
+
 # Logits bounds: max |tinygpt - other| over every position and vocabulary entry.
 HF_BOUND = 1e-4
+# The repetition penalty of the greedy decoding compared with transformers' generate().
+PENALTY = 1.3
+# The tinygpt binary (set by main).
+EXE = [None]
 GGUF_F32_BOUND = 1e-2
-# A position whose top two tinygpt logits are closer than this may have either argmax.
-NEAR_TIE = {"f32": 1e-3, "f16": 2e-2}
+# Argmax must agree at every position: no allowance for near-ties.
+NEAR_TIE = {"f32": 0.0, "f16": 0.0}
+
+# Appended to the corpus, so that the char vocabulary has multi-byte characters too.
+NON_ASCII = "Café — naïve 日本, über straße.\n"
+STEPS = 300
 
 CHAR_TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.",
-]
-BPE_TEXTS = [
     "Café — naïve 日本\n  two  spaces",
-    CHAR_TEXTS[0],
 ]
+BPE_TEXTS = [CHAR_TEXTS[1], CHAR_TEXTS[0]]
 
 # name, extra `--set` overrides for `tinygpt train`, test texts
 MODELS = [
@@ -108,7 +120,7 @@ def tinygpt(exe, args, what, res, model):
         res.add(model, what, f"could not run: {e}", "", False)
         raise StepFailed from e
     if p.returncode != 0:
-        print(f"\n$ {' '.join(cmd)}\nexit status {p.returncode}; stderr:\n{p.stderr.rstrip()}\n",
+        print(f"\n$ {shlex.join(cmd)}\nexit status {p.returncode}; stderr:\n{p.stderr.rstrip()}\n",
               file=sys.stderr, flush=True)
         if p.stdout.strip():
             print(f"stdout (tail):\n{p.stdout[-2000:].rstrip()}\n", file=sys.stderr, flush=True)
@@ -133,13 +145,13 @@ def parse_json(stdout, what, res, model):
 
 
 def tg_ids(exe, ckpt, text, res, model):
-    out = tinygpt(exe, ["tokenize", "--checkpoint", ckpt, "--format", "json", text],
+    out = tinygpt(exe, ["tokenize", "--checkpoint", ckpt, *TOKENIZE_JSON, text],
                   "tinygpt tokenize", res, model)
     return [int(i) for i in parse_json(out, "tinygpt tokenize", res, model)["ids"]]
 
 
 def tg_logits(exe, ckpt, prompt, res, model):
-    out = tinygpt(exe, ["logits", "--checkpoint", ckpt, "--prompt", prompt],
+    out = tinygpt(exe, ["logits", "--checkpoint", ckpt, "--prompt", prompt, *LOGITS_JSON],
                   "tinygpt logits", res, model)
     d = parse_json(out, "tinygpt logits", res, model)
     return [int(i) for i in d["ids"]], d["logits"]
@@ -222,10 +234,32 @@ def check_hf(np, hf_dir, texts, tg, res, model):
     lm.eval()
     res.add(model, "HF model class", type(lm).__name__, "", None)
     for text, (_, prompt, p_ids, p_logits) in zip(texts, tg):
+        who = f"HF {len(p_ids)} ids of {short(prompt, 14)!r}"
+        try:
+            with torch.no_grad():
+                out = lm(torch.tensor([p_ids], dtype=torch.long)).logits[0]
+            out = out.to(torch.float32).numpy()
+        except Exception as e:  # noqa: BLE001
+            res.add(model, f"{who} forward", f"{type(e).__name__}: {short(str(e), 200)}", "", False)
+            continue
+        compare_logits(np, p_logits, out, HF_BOUND, NEAR_TIE["f32"], res, model, who)
+
+    # Greedy decoding with a repetition penalty: tinygpt's and transformers' texts agree.
+    for text, (_, _, p_ids, _) in zip(texts, tg):
+        prompt = tok.decode(p_ids[:8])
+        new = 20
+        argv = ["generate", "--checkpoint", str(hf_dir.parent / model), "--prompt", prompt,
+                "--temperature", "0", "--repetition-penalty", str(PENALTY),
+                "--max-new-tokens", str(new)]
+        ours = tinygpt(EXE[0], argv, "tinygpt generate", res, model)
         with torch.no_grad():
-            out = lm(torch.tensor([p_ids], dtype=torch.long)).logits[0].to(torch.float32).numpy()
-        compare_logits(np, p_logits, out, HF_BOUND, NEAR_TIE["f32"], res, model,
-                       f"HF {len(p_ids)} ids of {short(prompt, 14)!r}")
+            out = lm.generate(torch.tensor([p_ids[:8]]), do_sample=False, max_new_tokens=new,
+                              min_new_tokens=new, repetition_penalty=PENALTY, top_k=None,
+                              top_p=None, temperature=None, pad_token_id=0)
+        theirs = prompt + tok.decode(out[0][8:].tolist()) + "\n"
+        ok = ours == theirs
+        res.add(model, f"greedy + repetition penalty {PENALTY} from {short(prompt, 12)!r}",
+                "same text" if ok else f"{short(ours)!r} vs HF {short(theirs)!r}", "equal", ok)
 
 
 def llama_constructor():
@@ -248,18 +282,27 @@ def check_gguf(np, gguf, dtype, n_ctx, texts, tg, res, model):
         res.add(model, f"{who} loads", f"{type(e).__name__}: {short(str(e), 200)}", "", False)
         return
     for text, (ids, prompt, p_ids, p_logits) in zip(texts, tg):
-        ll_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-        ok = ll_ids == ids
-        value = f"{len(ids)} ids equal" if ok else f"llama {short(ll_ids)} vs tinygpt {short(ids)}"
-        res.add(model, f"{who} ids of {short(text, 20)!r}", value, "equal", ok)
-        back = llm.detokenize(ids).decode("utf-8", errors="replace")
-        res.add(model, f"{who} detokenize of {short(text, 20)!r}",
-                "round-trips" if back == text else f"{short(back)!r}", "== text", back == text)
-        llm.reset()
-        llm.eval(p_ids)
-        scores = np.array(llm.scores[: len(p_ids)], dtype=np.float32, copy=True)
+        try:
+            ll_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            back = llm.detokenize(ids).decode("utf-8", errors="replace")
+        except Exception as e:  # noqa: BLE001
+            res.add(model, f"{who} tokenize", f"{type(e).__name__}: {short(str(e), 200)}", "", False)
+        else:
+            ok = ll_ids == ids
+            value = f"{len(ids)} ids equal" if ok else f"llama {short(ll_ids)} vs tinygpt {short(ids)}"
+            res.add(model, f"{who} ids of {short(text, 20)!r}", value, "equal", ok)
+            res.add(model, f"{who} detokenize of {short(text, 20)!r}",
+                    "round-trips" if back == text else f"{short(back)!r}", "== text", back == text)
+        check = f"{who} {len(p_ids)} ids of {short(prompt, 14)!r}"
+        try:
+            llm.reset()
+            llm.eval(p_ids)
+            scores = np.array(llm.scores[: len(p_ids)], dtype=np.float32, copy=True)
+        except Exception as e:  # noqa: BLE001
+            res.add(model, f"{check} eval", f"{type(e).__name__}: {short(str(e), 200)}", "", False)
+            continue
         compare_logits(np, p_logits, scores, GGUF_F32_BOUND if dtype == "f32" else None,
-                       NEAR_TIE[dtype], res, model, f"{who} {len(p_ids)} ids of {short(prompt, 14)!r}")
+                       NEAR_TIE[dtype], res, model, check)
     del llm
 
 
@@ -273,7 +316,7 @@ def run_model(exe, corpus, work, name, sets, texts, skip_llama, res):
 
     print(f"\n== {name} model ==", flush=True)
     train = ["train", "--config", CONFIG, "--data", corpus, "--out", ckpt, "-q",
-             "--sample-tokens", "0", "--set", "training.max_iters=60"]
+             "--sample-tokens", "0", "--set", f"training.max_iters={STEPS}"]
     for s in sets:
         train += ["--set", s]
     tinygpt(exe, train, "tinygpt train", res, name)
@@ -348,6 +391,7 @@ def main():
     args = ap.parse_args()
 
     exe = Path(args.tinygpt).resolve() if args.tinygpt else REPO / "target" / "release" / "tinygpt"
+    EXE[0] = exe
     corpus = (Path(args.corpus).resolve() if args.corpus
               else (REPO / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve())
     if not exe.is_file():
@@ -365,6 +409,9 @@ def main():
         sys.exit("missing Python packages: pip install " + " ".join(pip.get(m, m) for m in missing))
 
     work = prepare_work(args.work)
+    text = corpus.read_text(encoding="utf-8")
+    corpus = work / "corpus.txt"
+    corpus.write_text(text + NON_ASCII * 20, encoding="utf-8")
     print(f"tinygpt: {exe}\ncorpus:  {corpus}\nwork:    {work}", flush=True)
     res = Results()
     for name, sets, texts in MODELS:

@@ -183,10 +183,11 @@ pub fn run(
             top_k: Some(200),
             top_p: None,
             use_cache,
+            repetition_penalty: 1.0,
         };
         let mut rng = seeded(0);
         let t = Instant::now();
-        let out = generate(&trainer.model, &[0], &o, &mut rng, |_| Ok(()))?;
+        let out = generate(&trainer.model, &[0], &o, &mut rng, |_| Ok(true))?;
         Ok(out.len() as f64 / t.elapsed().as_secs_f64())
     };
     say(&format!(

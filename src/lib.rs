@@ -1,11 +1,12 @@
 //! tinygpt: a trainable tiny GPT-style language model on candle.
 //!
 //! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
-//! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint.
+//! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint, [`interop`]
+//! exports to transformers and llama.cpp and imports GPT-2.
 //!
-//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] → [`engine`]
-//! (the reference model or its fused copy, chosen once) → [`model`] (the readable reference)
-//! → [`kernels`] (fused CPU ops, which know nothing above them).
+//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] / [`interop`] →
+//! [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the readable
+//! reference) → [`kernels`] (fused CPU ops, which know nothing above them).
 
 pub mod bench;
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod inspect;
+pub mod interop;
 pub mod kernels;
 pub mod model;
 pub mod progress;

@@ -29,6 +29,10 @@ pub struct SampleOptions {
     pub top_p: Option<f64>,
     /// Use the KV cache (same distribution, far less work).
     pub use_cache: bool,
+    /// Tokens already in the text (prompt or output) score lower: a positive logit is divided
+    /// by this, a negative one multiplied (the CTRL paper's rule, as transformers and llama.cpp
+    /// apply it); 1 = off.
+    pub repetition_penalty: f64,
 }
 
 impl SampleOptions {
@@ -49,6 +53,12 @@ impl SampleOptions {
             if !(p > 0.0 && p <= 1.0) {
                 return Err(Error::Usage(format!("--top-p {p} must be in (0, 1]")));
             }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--repetition-penalty {} must be > 0 (1 = off, above 1 discourages repeats)",
+                self.repetition_penalty
+            )));
         }
         if self.max_new_tokens == 0 {
             return Err(Error::Usage(
@@ -108,14 +118,24 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     idx[idx.len() - 1] as u32
 }
 
-/// Generates `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens), calling
-/// `on_token` with each as soon as it is chosen. Returns the new tokens.
+/// `logits` with the tokens marked in `seen` penalised by `penalty` (see
+/// [`SampleOptions::repetition_penalty`]).
+pub fn penalize_repeats(logits: &mut [f32], seen: &[bool], penalty: f64) {
+    let p = penalty as f32;
+    for (l, _) in logits.iter_mut().zip(seen).filter(|(_, &s)| s) {
+        *l = if *l > 0.0 { *l / p } else { *l * p };
+    }
+}
+
+/// Generates up to `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens),
+/// calling `on_token` with each as soon as it is chosen; generation ends early when `on_token`
+/// returns `false`. Returns the new tokens.
 pub fn generate(
     model: &Gpt,
     prompt: &[u32],
     opts: &SampleOptions,
     rng: &mut Rng,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Vec<u32>> {
     opts.validate()?;
     if prompt.is_empty() {
@@ -129,12 +149,22 @@ pub fn generate(
     let engine = Engine::new(model, model.cfg.kernels, false);
     let mut step = Stepper::new(engine, opts.use_cache)?;
     let mut logits = step.feed(&ctx)?;
+    // Every token of the whole prompt counts as seen, as in transformers.
+    let mut seen = vec![false; model.vocab_size];
+    let penalize = opts.repetition_penalty != 1.0;
+    if penalize {
+        prompt.iter().for_each(|&t| seen[t as usize] = true);
+    }
     for n in 0..opts.max_new_tokens {
+        if penalize {
+            penalize_repeats(&mut logits, &seen, opts.repetition_penalty);
+        }
         let next = pick(&logits, opts, rng);
-        on_token(next)?;
+        let go_on = on_token(next)?;
         out.push(next);
         ctx.push(next);
-        if n + 1 == opts.max_new_tokens {
+        seen[next as usize] = true;
+        if n + 1 == opts.max_new_tokens || !go_on {
             break;
         }
         logits = match step.cached() {
@@ -150,6 +180,73 @@ pub fn generate(
         };
     }
     Ok(out)
+}
+
+/// Cuts streamed text before the first of some stop strings. Text is held back only while it
+/// could still be the start of one.
+#[derive(Debug, Clone, Default)]
+pub struct StopAt {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopAt {
+    /// Stops at any of `stops` (empty strings are refused by [`StopAt::check`]).
+    pub fn new(stops: Vec<String>) -> StopAt {
+        StopAt {
+            stops,
+            pending: String::new(),
+        }
+    }
+
+    /// Refuses an empty stop string, which would stop before the first token.
+    pub fn check(stops: &[String]) -> Result<()> {
+        if stops.iter().any(|s| s.is_empty()) {
+            return Err(Error::Usage(
+                "--stop \"\" would stop before any text; give a non-empty string".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes the next piece of text; returns what may be shown now, and whether a stop string
+    /// was reached (the text shown then ends just before it).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(at) = first {
+            let shown = self.pending[..at].to_string();
+            self.pending.clear();
+            return (shown, true);
+        }
+        // Keep the longest tail that begins some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                let p = &self.pending;
+                (1..s.len().min(p.len() + 1))
+                    .filter(|&n| {
+                        p.is_char_boundary(p.len() - n) && s.starts_with(&p[p.len() - n..])
+                    })
+                    .max()
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - keep;
+        let shown = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (shown, false)
+    }
+
+    /// The text held back at the end of generation (it never became a stop string).
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
 }
 
 /// How generation runs the model: a decoder that caches the positions seen so far, or a full
@@ -205,6 +302,7 @@ mod tests {
             top_k: k,
             top_p: p,
             use_cache: true,
+            repetition_penalty: 1.0,
         }
     }
 
@@ -229,6 +327,30 @@ mod tests {
     }
 
     #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let mut l = [2.0f32, -1.0, 3.0, 0.5];
+        penalize_repeats(&mut l, &[true, true, false, false], 2.0);
+        assert_eq!(l, [1.0, -2.0, 3.0, 0.5]);
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_before_them() {
+        let mut s = StopAt::new(vec!["\n\n".into(), "END".into()]);
+        assert_eq!(s.push("Hello"), ("Hello".into(), false));
+        assert_eq!(s.push(" E"), (" ".into(), false)); // "E" may begin "END"
+        assert_eq!(s.push("x\n"), ("Ex".into(), false));
+        assert_eq!(s.push("\nmore"), ("".into(), true));
+        let mut s = StopAt::new(vec!["EN".into()]);
+        assert_eq!(s.push("aE"), ("a".into(), false));
+        assert_eq!(s.push("é"), ("Eé".into(), false));
+        assert_eq!(s.push("xEN!"), ("x".into(), true));
+        let mut s = StopAt::new(vec!["zz".into()]);
+        assert_eq!(s.push("az"), ("a".into(), false));
+        assert_eq!(s.finish(), "z");
+        assert!(StopAt::check(&["".into()]).is_err());
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         assert!(opts(-1.0, None, None)
             .validate()
@@ -245,6 +367,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--top-p"));
+        let mut o = opts(1.0, None, None);
+        o.repetition_penalty = 0.0;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--repetition-penalty"));
         let mut o = opts(1.0, None, None);
         o.max_new_tokens = 0;
         assert!(o

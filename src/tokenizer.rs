@@ -325,6 +325,19 @@ impl Tokenizer {
         }
     }
 
+    /// The vocabulary's string for `id` (byte-level BPE tokens in [`byte_chars`]' alphabet).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Whether `id` is a special token (`<|endoftext|>`), which text never encodes to.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
     /// A decoder for streaming: feed ids one at a time, get text as soon as it is whole UTF-8.
     pub fn stream(&self) -> TextStream<'_> {
         TextStream {
@@ -372,11 +385,14 @@ impl TextStream<'_> {
     }
 }
 
-/// The bytes a byte-level token stands for (GPT-2's byte ↔ printable-char mapping, inverted).
-fn byte_level_bytes(token: &str) -> Vec<u8> {
-    let mut table = HashMap::new();
+/// GPT-2's byte → printable-character mapping, which byte-level BPE vocabularies are written
+/// in: printable Latin-1 bytes stand for themselves, the other 68 for U+0100 onwards in order.
+/// (The tokenizers crate keeps its copy private.)
+pub fn byte_chars() -> [char; 256] {
+    let mut table = ['\0'; 256];
     let mut n = 0u32;
-    for b in 0..=255u32 {
+    for (b, slot) in table.iter_mut().enumerate() {
+        let b = b as u32;
         let printable =
             (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let c = if printable {
@@ -385,10 +401,18 @@ fn byte_level_bytes(token: &str) -> Vec<u8> {
             n += 1;
             255 + n
         };
-        if let Some(c) = char::from_u32(c) {
-            table.insert(c, b as u8);
-        }
+        *slot = char::from_u32(c).unwrap_or('\0');
     }
+    table
+}
+
+/// The bytes a byte-level token stands for ([`byte_chars`], inverted).
+fn byte_level_bytes(token: &str) -> Vec<u8> {
+    let table: HashMap<char, u8> = byte_chars()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
     token
         .chars()
         .filter_map(|c| table.get(&c).copied())

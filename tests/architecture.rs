@@ -129,9 +129,10 @@ fn low_layers_know_nothing_of_the_layers_above() {
         "viz",
         "checkpoint",
         "data",
+        "interop",
         "engine",
     ];
     above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
     above("model", &upper);
-    above("engine", &upper[..9]);
+    above("engine", &upper[..10]);
 }

@@ -712,3 +712,78 @@ fn bench_reports_every_key_for_both_kernel_paths() {
     let o = tinygpt(&["bench", "--config", "missing.toml"], &dir);
     fails_with(&o, "missing.toml");
 }
+
+#[test]
+fn stop_strings_and_the_repetition_penalty() {
+    let ws = Workspace::new(4000);
+    let (out, _) = train_tiny(&ws, "run", 30);
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--prompt",
+            "The ",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        let o = tinygpt(&args, ws.dir.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let full = gen(&[]);
+    let generated = full.strip_prefix("The ").unwrap().trim_end_matches('\n');
+    // A stop string taken from the middle of the output ends it just before its first
+    // occurrence in the generated text (the prompt does not count).
+    let stop: String = generated.chars().skip(20).take(3).collect();
+    let at = generated.find(&stop).unwrap();
+    assert_eq!(
+        gen(&["--stop", &stop]),
+        format!("The {}\n", &generated[..at])
+    );
+    // Of two stop strings, the first to appear wins; one that never appears changes nothing.
+    let early: String = generated.chars().skip(5).take(2).collect();
+    let at2 = generated.find(&early).unwrap().min(at);
+    assert_eq!(
+        gen(&["--stop", &stop, "--stop", &early]),
+        format!("The {}\n", &generated[..at2])
+    );
+    assert_eq!(gen(&["--stop", "\u{1F600}"]), full);
+    // A penalty on repeats changes greedy text; 1 is no penalty.
+    assert_eq!(gen(&["--repetition-penalty", "1"]), full);
+    let penalised = gen(&["--repetition-penalty", "2"]);
+    assert_ne!(penalised, full);
+    assert_eq!(
+        gen(&["--repetition-penalty", "2"]),
+        penalised,
+        "deterministic"
+    );
+    for (flag, value, msg) in [
+        (
+            "--repetition-penalty",
+            "0",
+            "--repetition-penalty 0 must be > 0",
+        ),
+        (
+            "--repetition-penalty",
+            "nan",
+            "--repetition-penalty NaN must be > 0",
+        ),
+        ("--stop", "", "--stop \"\" would stop before any text"),
+    ] {
+        let o = tinygpt(
+            &[
+                "generate",
+                "--checkpoint",
+                out.to_str().unwrap(),
+                flag,
+                value,
+            ],
+            ws.dir.path(),
+        );
+        fails_with(&o, msg);
+    }
+}

@@ -202,8 +202,9 @@ fn same_seed_same_generation_and_cache_agrees_within_block() {
             top_k: Some(10),
             top_p: Some(0.95),
             use_cache,
+            repetition_penalty: 1.0,
         };
-        generate(&t.model, &prompt, &o, &mut seeded(seed), |_| Ok(())).unwrap()
+        generate(&t.model, &prompt, &o, &mut seeded(seed), |_| Ok(true)).unwrap()
     };
     assert_eq!(run(1, true, 40), run(1, true, 40));
     assert_ne!(run(1, true, 40), run(2, true, 40));

@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::rng::seeded;
-use crate::sample::{generate, SampleOptions, MAX_NEW_TOKENS_CAP};
+use crate::sample::{generate, SampleOptions, StopAt, MAX_NEW_TOKENS_CAP};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -41,6 +41,14 @@ pub struct GenerateArgs {
     /// Recompute the whole context for every token instead of using the KV cache.
     #[arg(long)]
     no_kv_cache: bool,
+    /// Lower the scores of tokens already in the text: positive logits are divided by it,
+    /// negative ones multiplied (transformers' and llama.cpp's rule); 1 = off.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    repetition_penalty: f64,
+    /// End a sample just before the first occurrence of this text in what it generates
+    /// (repeatable: the first of them to appear).
+    #[arg(long = "stop", value_name = "STRING")]
+    stop: Vec<String>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -55,8 +63,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
         use_cache: !args.no_kv_cache,
+        repetition_penalty: args.repetition_penalty,
     };
     opts.validate()?;
+    StopAt::check(&args.stop)?;
     if args.num_samples == 0 {
         return Err(Error::Usage(
             "--num-samples 0 generates nothing; use M ≥ 1".into(),
@@ -99,19 +109,30 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let mut out = stdout.lock();
         let _ = write!(out, "{prompt}");
         let mut stream = tok.stream();
-        let result = generate(&ck.model, &ids, &opts, &mut rng, |id| {
-            if let Some(text) = stream.step(id)? {
-                if out
-                    .write_all(text.as_bytes())
-                    .and_then(|_| out.flush())
-                    .is_err()
-                {
-                    closed = true;
-                    return Err(Error::Usage("stdout closed".into()));
-                }
+        let mut stop = StopAt::new(args.stop.clone());
+        let mut show = |text: &str, out: &mut std::io::StdoutLock| {
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                closed = true;
+                return Err(Error::Usage("stdout closed".into()));
             }
             Ok(())
+        };
+        let result = generate(&ck.model, &ids, &opts, &mut rng, |id| {
+            let Some(text) = stream.step(id)? else {
+                return Ok(true);
+            };
+            let (shown, stopped) = stop.push(&text);
+            show(&shown, &mut out)?;
+            Ok(!stopped)
         });
+        if result.is_ok() {
+            let rest = stop.finish();
+            let _ = show(&rest, &mut out);
+        }
         // A closed pipe (e.g. `| head`) ends generation quietly.
         if closed {
             return Ok(());

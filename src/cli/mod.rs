@@ -3,8 +3,11 @@
 mod attention;
 mod bench;
 mod eval;
+mod export;
 mod generate;
+mod import;
 mod inspect;
+mod logits;
 pub mod plot;
 mod tokenize;
 mod train;
@@ -41,6 +44,12 @@ pub enum Command {
     Attention(attention::AttentionArgs),
     /// Draw a run's loss curves from its metrics.csv.
     Plot(plot::PlotArgs),
+    /// The model's next-token logits at every position of a prompt.
+    Logits(logits::LogitsArgs),
+    /// Write a checkpoint as a transformers GPT-2 folder or a llama.cpp GGUF file.
+    Export(export::ExportArgs),
+    /// Read a transformers GPT-2 folder into a tinygpt checkpoint.
+    Import(import::ImportArgs),
     /// Measure training and sampling speed, peak memory and MFU for a config.
     Bench(bench::BenchArgs),
 }
@@ -79,6 +88,9 @@ pub fn main() -> ExitCode {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Attention(a) => attention::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Logits(a) => logits::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -13,11 +13,19 @@ pub struct TokenizeArgs {
     checkpoint: PathBuf,
     /// The text to tokenize.
     text: String,
+    /// Print one JSON object: {"ids": [...], "tokens": [...]}.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
     let ck = super::load_checkpoint(&args.checkpoint)?;
     let ids = ck.tokenizer.encode(&args.text)?;
+    if args.json {
+        let tokens: Vec<String> = ids.iter().map(|&i| ck.tokenizer.token_text(i)).collect();
+        println!("{}", serde_json::json!({"ids": ids, "tokens": tokens}));
+        return Ok(());
+    }
     println!(
         "{} characters → {} tokens ({} tokenizer)",
         args.text.chars().count(),

@@ -28,6 +28,10 @@ pub struct TrainArgs {
     /// Continue the run in this run directory (or checkpoint directory) exactly where it stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start a new run from this checkpoint's weights and tokenizer (fine-tuning, fresh
+    /// optimizer), e.g. one written by `tinygpt import`. The config's [model] must match it.
+    #[arg(long, conflicts_with = "resume", value_name = "CKPT")]
+    init_from: Option<PathBuf>,
     /// Override a config key, e.g. --set training.max_iters=100 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -95,7 +99,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         let existed = out.exists();
         prepare_out_dir(&opts)?;
-        let trainer = Trainer::new(config, &device, progress).inspect_err(|_| {
+        let trainer = match &args.init_from {
+            Some(dir) => Trainer::init_from(config, &super::checkpoint_dir(dir), &device, progress),
+            None => Trainer::new(config, &device, progress),
+        };
+        let trainer = trainer.inspect_err(|_| {
             // Leave no empty run directory behind when the corpus or tokenizer fails.
             if !existed {
                 let _ = std::fs::remove_dir(&out);
@@ -158,9 +166,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             top_k: Some(200),
             top_p: None,
             use_cache: true,
+            repetition_penalty: 1.0,
         };
         let mut rng = seeded(trainer.config.training.seed);
-        let ids = generate(&trainer.model, &[start], &opts, &mut rng, |_| Ok(()))?;
+        let ids = generate(&trainer.model, &[start], &opts, &mut rng, |_| Ok(true))?;
         println!(
             "--- sample ---\n{}\n--------------",
             trainer.tokenizer.decode(&ids)?

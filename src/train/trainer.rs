@@ -173,6 +173,56 @@ impl Trainer {
         })
     }
 
+    /// A new run of `config` that starts from the weights of checkpoint `dir` (fine-tuning):
+    /// the checkpoint's tokenizer encodes the corpus, the optimizer starts fresh. The config's
+    /// `[model]` must describe the checkpoint's model; only `dropout`, `zero_init` (which
+    /// changes nothing once weights are given) and `kernels` may differ.
+    pub fn init_from(
+        mut config: Config,
+        dir: &Path,
+        device: &Device,
+        progress: ProgressMode,
+    ) -> Result<Trainer> {
+        let ck = checkpoint::load(dir, device)?;
+        let mut want = ck.config.model.clone();
+        let m = &config.model;
+        (want.dropout, want.zero_init, want.kernels) = (m.dropout, m.zero_init, m.kernels);
+        if want != config.model {
+            let ours = toml::to_string(&config.model).unwrap_or_default();
+            let theirs = toml::to_string(&want).unwrap_or_default();
+            let diff: Vec<String> = ours
+                .lines()
+                .zip(theirs.lines())
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| format!("model.{a} but the checkpoint has {b}"))
+                .collect();
+            return Err(Error::Config(format!(
+                "--init-from {}: the config's [model] does not match the checkpoint's weights ({}); copy [model] from {}",
+                ck.dir.display(),
+                diff.join("; "),
+                ck.dir.join("config.toml").display()
+            )));
+        }
+        if config.tokenizer.kind != ck.tokenizer.kind() {
+            return Err(Error::Config(format!(
+                "--init-from {}: the checkpoint's tokenizer is {:?} but the config says tokenizer.kind = {:?}; set it to match",
+                ck.dir.display(),
+                ck.tokenizer.kind(),
+                config.tokenizer.kind
+            )));
+        }
+        config.tokenizer = ck.config.tokenizer.clone();
+        let text = read_corpus(&config.data.path)?;
+        let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
+        drop(text);
+        let trainer = Trainer::from_parts(config, ck.tokenizer, dataset, device)?;
+        for (name, var) in trainer.params.vars() {
+            // Same names and shapes: the configs agree and both checkpoints were built by Gpt::new.
+            var.set(ck.params.vars()[name].as_tensor())?;
+        }
+        Ok(trainer)
+    }
+
     /// Continues the run saved in checkpoint `dir`. `overrides` may change training settings
     /// (e.g. `training.max_iters` to train longer) but not the model or tokenizer.
     pub fn resume(
