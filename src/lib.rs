@@ -23,6 +23,7 @@ pub mod model;
 pub mod progress;
 pub mod rng;
 pub mod sample;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod viz;

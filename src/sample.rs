@@ -69,17 +69,28 @@ impl SampleOptions {
     }
 }
 
-/// Picks the next token from one row of logits.
-pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
+/// The tokens `pick` may choose from one row of logits, most likely first, with their
+/// probabilities under `opts` (temperature, then top-k, then top-p; renormalised over what is
+/// kept). At temperature 0 it is the most likely token alone.
+pub fn candidates(logits: &[f32], opts: &SampleOptions) -> Vec<(u32, f64)> {
+    let (idx, probs) = kept(logits, opts);
+    let total: f64 = probs.iter().sum();
+    idx.iter()
+        .zip(&probs)
+        .map(|(&i, &p)| (i as u32, p / total))
+        .collect()
+}
+
+/// The token ids kept by temperature, top-k and top-p, and their weights (normalised before
+/// top-p cut the tail, so they sum to at most 1).
+fn kept(logits: &[f32], opts: &SampleOptions) -> (Vec<usize>, Vec<f64>) {
+    if opts.temperature == 0.0 {
+        let best = logits
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32)
-    };
-    if opts.temperature == 0.0 {
-        return argmax();
+            .map_or(0, |(i, _)| i);
+        return (vec![best], vec![1.0]);
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -107,6 +118,15 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
         probs.truncate(keep);
         idx.truncate(keep);
     }
+    (idx, probs)
+}
+
+/// Picks the next token from one row of logits ([`candidates`]' distribution).
+pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
+    let (idx, probs) = kept(logits, opts);
+    if opts.temperature == 0.0 {
+        return idx[0] as u32;
+    }
     let total: f64 = probs.iter().sum();
     let mut r = rng.random::<f64>() * total;
     for (p, &i) in probs.iter().zip(&idx) {
@@ -125,6 +145,19 @@ pub fn penalize_repeats(logits: &mut [f32], seen: &[bool], penalty: f64) {
     for (l, _) in logits.iter_mut().zip(seen).filter(|(_, &s)| s) {
         *l = if *l > 0.0 { *l / p } else { *l * p };
     }
+}
+
+/// The logits `(V)` that [`generate`] picks its first token from: the model, on the engine its
+/// config names, after the last `block_size` tokens of `prompt`.
+pub fn next_logits(model: &Gpt, prompt: &[u32], use_cache: bool) -> Result<Vec<f32>> {
+    if prompt.is_empty() {
+        return Err(Error::Usage(
+            "generation needs at least one prompt token".into(),
+        ));
+    }
+    let ctx = &prompt[prompt.len().saturating_sub(model.cfg.block_size)..];
+    let engine = Engine::new(model, model.cfg.kernels, false);
+    Stepper::new(engine, use_cache)?.feed(ctx)
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens),
@@ -324,6 +357,19 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(pick(&logits, &opts(1.0, None, Some(0.01)), &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn candidates_are_a_distribution_over_what_pick_can_choose() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let c = candidates(&logits, &opts(1.0, None, None));
+        assert_eq!(c.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3, 2, 0]);
+        assert!((c.iter().map(|c| c.1).sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(candidates(&logits, &opts(1.0, Some(1), None)), [(1, 1.0)]);
+        assert_eq!(candidates(&logits, &opts(0.0, None, None)), [(1, 1.0)]);
+        let two = candidates(&logits, &opts(1.0, Some(2), None));
+        let e = (-0.1f64).exp();
+        assert!((two[0].1 - 1.0 / (1.0 + e)).abs() < 1e-12 && two[1].0 == 3);
     }
 
     #[test]

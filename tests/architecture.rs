@@ -130,9 +130,10 @@ fn low_layers_know_nothing_of_the_layers_above() {
         "checkpoint",
         "data",
         "interop",
+        "serve",
         "engine",
     ];
     above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
     above("model", &upper);
-    above("engine", &upper[..10]);
+    above("engine", &upper[..11]);
 }

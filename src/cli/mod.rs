@@ -9,6 +9,7 @@ mod import;
 mod inspect;
 mod logits;
 pub mod plot;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -50,6 +51,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Read a transformers GPT-2 folder into a tinygpt checkpoint.
     Import(import::ImportArgs),
+    /// Serve a page that shows inside a checkpoint: attention, the formula step by step, the
+    /// next token, the logit lens.
+    Serve(serve::ServeArgs),
     /// Measure training and sampling speed, peak memory and MFU for a config.
     Bench(bench::BenchArgs),
 }
@@ -91,6 +95,7 @@ pub fn main() -> ExitCode {
         Command::Logits(a) => logits::run(a),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

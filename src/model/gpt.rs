@@ -107,6 +107,22 @@ impl Gpt {
         self.run(idx, None, None, true)
     }
 
+    /// The residual stream of a full pass over `idx` `(B, T)` (dropout off): the embeddings
+    /// entering the first block, then each block's output, n_layer + 1 tensors `(B, T, C)`.
+    /// The logit lens reads each through [`Gpt::lm_head`]; the last gives [`Gpt::forward`]'s
+    /// logits.
+    pub fn residual_stream(&self, idx: &Tensor) -> Result<Vec<Tensor>> {
+        let mut x = self.embed(idx, 0, None, None)?;
+        let t = x.dim(1)?;
+        let mask = causal_mask(t, t, 0, idx.device())?;
+        let mut stream = vec![x.clone()];
+        for block in &self.blocks {
+            x = block.forward(&x, &mask, None, None)?.0;
+            stream.push(x.clone());
+        }
+        Ok(stream)
+    }
+
     /// Incremental pass: `idx` `(B, T_new)` continues the tokens already in `cache`.
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.run(idx, None, Some(cache), false)?.0)

@@ -85,6 +85,20 @@ impl AttentionMaps {
                 "--prompt is empty; attention needs at least one token".into(),
             ));
         }
+        let ids = tokenizer
+            .encode(prompt)
+            .map_err(|e| Error::Usage(format!("prompt: {e}")))?;
+        Self::compute_ids(model, tokenizer, &ids, layer, head)
+    }
+
+    /// [`AttentionMaps::compute`] on token ids (at most block_size of them).
+    pub fn compute_ids(
+        model: &Gpt,
+        tokenizer: &Tokenizer,
+        ids: &[u32],
+        layer: LayerSel,
+        head: HeadSel,
+    ) -> Result<AttentionMaps> {
         let (n_layer, n_head) = (model.cfg.n_layer, model.cfg.n_head);
         if let LayerSel::One(l) = layer {
             if l >= n_layer {
@@ -102,9 +116,7 @@ impl AttentionMaps {
                 )));
             }
         }
-        let mut ids = tokenizer
-            .encode(prompt)
-            .map_err(|e| Error::Usage(format!("prompt: {e}")))?;
+        let mut ids = ids.to_vec();
         let block = model.cfg.block_size;
         if ids.len() > block {
             return Err(Error::Usage(format!(

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: small generated corpora and configs.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 /// A deterministic pseudo-English corpus of about `bytes` bytes (no real text is copied).

@@ -1,0 +1,35 @@
+//! `tinygpt serve`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::Result;
+use crate::serve::{run, Served};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Checkpoint directory (or a run directory: its best/ is used, and its metrics.csv
+    /// gives the training curves).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Port to listen on (0: any free port; the URL is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Address to listen on. Only this machine can reach the default; 0.0.0.0 opens the page
+    /// (and the model) to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let dir = super::checkpoint_dir(&args.checkpoint);
+    let ck = super::load_checkpoint(&args.checkpoint)?;
+    // The run's metrics.csv: beside best/ and last/, or in the directory given.
+    let metrics = [Some(args.checkpoint.as_path()), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("metrics.csv"))
+        .find(|p| p.is_file());
+    run(Served { ck, metrics }, &args.host, args.port)
+}

@@ -1,0 +1,313 @@
+//! `tinygpt serve`: one page that shows a checkpoint's attention (heatmap and graph, every
+//! head, the formula step by step), its next-token distribution, the logit lens, embedding
+//! neighbours and training curves, beside a JSON API that returns what the views show.
+//!
+//! The page (HTML, JS and CSS in `page/`) is compiled into the binary and loads nothing from
+//! another host. The model is loaded once and shared by every request; each computation runs
+//! on tokio's blocking pool, so a slow one never stalls the server. axum serves: a well-kept
+//! HTTP stack whose router and extractors leave only the views to write.
+
+pub mod views;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+const INDEX_HTML: &str = include_str!("page/index.html");
+const APP_JS: &str = include_str!("page/app.js");
+const STYLE_CSS: &str = include_str!("page/style.css");
+
+/// What every request reads: the checkpoint (loaded once) and the run's metrics.csv.
+pub struct Served {
+    pub ck: Checkpoint,
+    pub metrics: Option<PathBuf>,
+}
+
+type Shared = Arc<Served>;
+
+/// A JSON answer, or a 4xx/5xx with `{"error": "..."}`.
+struct Answer(Result<String>);
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self.0 {
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(e) => {
+                let status = match e {
+                    Error::Usage(_) | Error::Tokenizer(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                let body = json!({"error": e.to_string()}).to_string();
+                (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+            }
+        }
+    }
+}
+
+/// Parses a request body, naming what is wrong with it.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::Usage(format!("the request's JSON: {e}")))
+}
+
+/// Runs `f` on the blocking pool (the model's work is CPU-bound) and answers with its JSON.
+async fn compute(s: Shared, f: impl FnOnce(&Served) -> Result<String> + Send + 'static) -> Answer {
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(r) => Answer(r),
+        Err(e) => Answer(Err(Error::Usage(format!("the computation failed: {e}")))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptReq {
+    prompt: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TraceReq {
+    prompt: String,
+    layer: usize,
+    head: usize,
+    query: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SampleReq {
+    prompt: String,
+    #[serde(flatten)]
+    sampling: views::Sampling,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextbookReq {
+    vectors: Vec<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+struct NeighboursQuery {
+    token: String,
+    #[serde(default = "ten")]
+    k: usize,
+}
+
+fn ten() -> usize {
+    10
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Usage(e.to_string()))
+}
+
+/// The routes: the page, its two assets, and the API.
+pub fn router(served: Served) -> Router {
+    let page = |body: &'static str, kind: &'static str| {
+        move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, kind),
+                    // Nothing but this server: the page works offline and leaks nothing.
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'",
+                    ),
+                ],
+                body,
+            )
+        }
+    };
+    Router::new()
+        .route("/", get(page(INDEX_HTML, "text/html; charset=utf-8")))
+        .route(
+            "/app.js",
+            get(page(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/style.css",
+            get(page(STYLE_CSS, "text/css; charset=utf-8")),
+        )
+        .route(
+            "/api/model",
+            get(|State(s): State<Shared>| async move {
+                Answer(Ok(
+                    views::model_info(&s.ck, s.metrics.as_deref()).to_string()
+                ))
+            }),
+        )
+        .route(
+            "/api/prompt",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: PromptReq = parse(&body)?;
+                    to_json(&views::prompt(&s.ck, &r.prompt)?)
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/attention",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: PromptReq = parse(&body)?;
+                    views::attention(&s.ck, &views::prompt(&s.ck, &r.prompt)?)
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/trace",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: TraceReq = parse(&body)?;
+                    let p = views::prompt(&s.ck, &r.prompt)?;
+                    to_json(&views::trace(&s.ck, &p, r.layer, r.head, r.query)?)
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/next",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: SampleReq = parse(&body)?;
+                    let p = views::prompt(&s.ck, &r.prompt)?;
+                    Ok(views::next_token(&s.ck, &p, &r.sampling)?.to_string())
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/sample",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: SampleReq = parse(&body)?;
+                    let p = views::prompt(&s.ck, &r.prompt)?;
+                    Ok(views::sample(&s.ck, &r.prompt, &p, &r.sampling)?.to_string())
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/lens",
+            post(|State(s): State<Shared>, body: Bytes| async move {
+                compute(s, move |s| {
+                    let r: PromptReq = parse(&body)?;
+                    Ok(views::lens(&s.ck, &views::prompt(&s.ck, &r.prompt)?)?.to_string())
+                })
+                .await
+            }),
+        )
+        .route(
+            "/api/neighbours",
+            get(
+                |State(s): State<Shared>,
+                 q: std::result::Result<Query<NeighboursQuery>, QueryRejection>| async move {
+                    compute(s, move |s| {
+                        let Query(q) = q.map_err(|e| {
+                            Error::Usage(format!("give ?token=TEXT (and optionally &k=N): {e}"))
+                        })?;
+                        Ok(views::neighbours(&s.ck, &q.token, q.k)?.to_string())
+                    })
+                    .await
+                },
+            ),
+        )
+        .route(
+            "/api/metrics",
+            get(|State(s): State<Shared>| async move {
+                compute(s, |s| Ok(views::metrics(s.metrics.as_deref())?.to_string())).await
+            }),
+        )
+        .route(
+            "/api/textbook",
+            post(|body: Bytes| async move {
+                Answer(
+                    parse::<TextbookReq>(&body)
+                        .and_then(|r| Ok(views::textbook(&r.vectors)?.to_string())),
+                )
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"error": "no such page or API endpoint; the page is at /"}).to_string(),
+            )
+        })
+        .with_state(Arc::new(served))
+}
+
+/// Serves `served` on `host:port` (port 0: any free one) until Ctrl-C or SIGTERM, printing the
+/// URL first.
+pub fn run(served: Served, host: &str, port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Usage(format!("starting the server: {e}")))?;
+    runtime.block_on(async move {
+        let addr: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or(())
+            })
+            .map_err(|_| Error::Usage(format!("--host {host:?} is not an address to listen on")))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::Usage(format!(
+                "cannot listen on {addr}: {e}; pick another --port (or --port 0 for any free one)"
+            ))
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Usage(format!("the server's address: {e}")))?;
+        let shown = match local {
+            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => a.to_string(),
+        };
+        println!(
+            "serving {} at http://{shown}/ (Ctrl-C stops)",
+            served.ck.dir.display()
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, router(served))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| Error::Usage(format!("the server stopped: {e}")))?;
+        println!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

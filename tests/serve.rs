@@ -1,0 +1,479 @@
+//! `tinygpt serve`'s JSON API, against a server started on a tiny checkpoint trained here:
+//! each view's numbers, the errors of bad requests, concurrency and a bounded load test, and
+//! a clean stop on Ctrl-C.
+
+mod common;
+
+use std::time::Instant;
+
+use common::server::Server;
+use common::{stderr, stdout, tinygpt, train_tiny, Workspace};
+use serde_json::{json, Value};
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs `body` (raw text) and returns the status and the parsed JSON answer.
+fn post_raw(url: &str, body: &str) -> (u16, Value) {
+    let mut res = agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"));
+    (status, v)
+}
+
+fn post(server: &Server, path: &str, body: Value) -> Value {
+    let (status, v) = post_raw(&format!("{}{path}", server.url), &body.to_string());
+    assert_eq!(status, 200, "{path} {body}: {v}");
+    v
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let mut res = agent()
+        .get(&format!("{}{path}", server.url))
+        .call()
+        .unwrap();
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn close(a: f32, b: f32, what: &str) {
+    assert!(
+        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+        "{what}: {a} vs {b}"
+    );
+}
+
+const PROMPT: &str = "The king shall";
+
+#[test]
+fn the_api_answers_what_each_view_shows() {
+    let ws = Workspace::new(6000);
+    let (run, _) = train_tiny(&ws, "run", 30);
+    let server = Server::start(&run, ws.dir.path(), &[]);
+    assert!(
+        server.url.starts_with("http://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let (status, info) = get(&server, "/api/model");
+    assert_eq!(status, 200);
+    assert_eq!(info["n_layer"], 2);
+    assert_eq!(info["n_head"], 2);
+    assert_eq!(
+        info["metrics"], true,
+        "a run directory's metrics.csv is found"
+    );
+
+    // The attention endpoint is exactly `tinygpt attention --format json`.
+    let cli = tinygpt(
+        &[
+            "attention",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--format",
+            "json",
+        ],
+        ws.dir.path(),
+    );
+    assert!(cli.status.success(), "{}", stderr(&cli));
+    let att = post(&server, "/api/attention", json!({"prompt": PROMPT}));
+    let cli_json: Value = serde_json::from_str(&stdout(&cli)).unwrap();
+    assert_eq!(att, cli_json);
+    let t = PROMPT.len();
+    for layer in att["layers"].as_array().unwrap() {
+        for head in layer["heads"].as_array().unwrap() {
+            for (i, row) in head.as_array().unwrap().iter().enumerate() {
+                let row = f32s(row);
+                close(row.iter().sum(), 1.0, "a row sums to 1");
+                assert!(
+                    row[i + 1..].iter().all(|&w| w == 0.0),
+                    "nothing above the diagonal"
+                );
+            }
+        }
+    }
+
+    // The trace: every step recomputes from the ones before, and ends on the heatmap's row.
+    for (layer, head, query) in [(0, 0, 0), (1, 1, 7), (1, 0, t - 1)] {
+        let tr = post(
+            &server,
+            "/api/trace",
+            json!({"prompt": PROMPT, "layer": layer, "head": head, "query": query}),
+        );
+        let x = f32s(&tr["x"]);
+        let hs = tr["head_size"].as_u64().unwrap() as usize;
+        let q = f32s(&tr["q"]);
+        for (r, w) in tr["w_q"].as_array().unwrap().iter().enumerate() {
+            let dot: f32 = f32s(w).iter().zip(&x).map(|(a, b)| a * b).sum();
+            close(dot, q[r], "q = W_Q·x");
+        }
+        let keys: Vec<Vec<f32>> = tr["k"].as_array().unwrap().iter().map(f32s).collect();
+        let vals: Vec<Vec<f32>> = tr["v"].as_array().unwrap().iter().map(f32s).collect();
+        let (scores, scaled, weights) = (
+            f32s(&tr["scores"]),
+            f32s(&tr["scaled"]),
+            f32s(&tr["weights"]),
+        );
+        for j in 0..t {
+            let dot: f32 = q.iter().zip(&keys[j]).map(|(a, b)| a * b).sum();
+            close(scores[j], dot, "q·k");
+            close(scaled[j], scores[j] / (hs as f32).sqrt(), "÷√d_k");
+            assert_eq!(tr["masked"][j].is_null(), j > query, "−∞ after the query");
+        }
+        let m = scaled[..=query].iter().cloned().fold(f32::MIN, f32::max);
+        let z: f32 = scaled[..=query].iter().map(|s| (s - m).exp()).sum();
+        let heat = f32s(&att["layers"][layer]["heads"][head][query]);
+        for j in 0..t {
+            let want = if j <= query {
+                (scaled[j] - m).exp() / z
+            } else {
+                0.0
+            };
+            close(weights[j], want, "softmax");
+            close(weights[j], heat[j], "the heatmap's row");
+        }
+        let out = f32s(&tr["output"]);
+        for d in 0..hs {
+            let want: f32 = (0..=query).map(|j| weights[j] * vals[j][d]).sum();
+            close(out[d], want, "Σ aⱼvⱼ");
+        }
+    }
+
+    // Next token: a distribution; top-k 1 and temperature 0 leave one token.
+    let next = post(&server, "/api/next", json!({"prompt": PROMPT, "top_k": 5}));
+    let probs: Vec<f64> = next["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["prob"].as_f64().unwrap())
+        .collect();
+    assert_eq!(probs.len(), 5);
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    assert!(probs.windows(2).all(|w| w[0] >= w[1]), "most likely first");
+    for body in [
+        json!({"prompt": PROMPT, "top_k": 1}),
+        json!({"prompt": PROMPT, "temperature": 0.0}),
+    ] {
+        let one = post(&server, "/api/next", body);
+        assert_eq!(one["candidates"], 1);
+        assert_eq!(one["rows"][0]["prob"], 1.0);
+        assert_eq!(
+            one["rows"][0]["id"], next["rows"][0]["id"],
+            "the most likely token"
+        );
+    }
+
+    // A sampled token is the CLI's first token with the same seed and settings.
+    for seed in [1, 2, 3, 7, 11] {
+        let s = post(
+            &server,
+            "/api/sample",
+            json!({"prompt": PROMPT, "seed": seed, "temperature": 1.2, "top_p": 0.95}),
+        );
+        let seed = seed.to_string();
+        let cli = tinygpt(
+            &[
+                "generate",
+                "--checkpoint",
+                run.to_str().unwrap(),
+                "--prompt",
+                PROMPT,
+                "--seed",
+                &seed,
+                "--max-new-tokens",
+                "1",
+                "--temperature",
+                "1.2",
+                "--top-p",
+                "0.95",
+            ],
+            ws.dir.path(),
+        );
+        assert_eq!(
+            format!("{}\n", s["text"].as_str().unwrap()),
+            stdout(&cli),
+            "seed {seed}"
+        );
+    }
+
+    // The logit lens: one row per layer; the last is the model's own prediction.
+    let lens = post(&server, "/api/lens", json!({"prompt": PROMPT}));
+    let layers = lens["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    let logits = tinygpt(
+        &[
+            "logits",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--json",
+        ],
+        ws.dir.path(),
+    );
+    let logits: Value = serde_json::from_str(&stdout(&logits)).unwrap();
+    for (pos, cell) in layers[1]["cells"].as_array().unwrap().iter().enumerate() {
+        let row = f32s(&logits["logits"][pos]);
+        let best = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(cell["id"], best, "position {pos}");
+        let p = cell["prob"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0);
+    }
+
+    let (status, near) = get(&server, "/api/neighbours?token=e&k=4");
+    assert_eq!(status, 200, "{near}");
+    assert_eq!(near["neighbours"].as_array().unwrap().len(), 4);
+    let (status, curves) = get(&server, "/api/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        curves["train"].as_array().unwrap().len(),
+        31,
+        "steps 0..=30"
+    );
+
+    // Textbook mode: scores = X·Xᵀ, softmax rows, context = weights·X.
+    let x = [
+        [0.43f32, 0.15, 0.89],
+        [0.55, 0.87, 0.66],
+        [0.57, 0.85, 0.64],
+    ];
+    let tb = post(&server, "/api/textbook", json!({"vectors": x}));
+    for i in 0..3 {
+        let w = f32s(&tb["weights"][i]);
+        close(w.iter().sum(), 1.0, "textbook row");
+        for j in 0..3 {
+            let dot: f32 = (0..3).map(|d| x[i][d] * x[j][d]).sum();
+            close(f32s(&tb["scores"][i])[j], dot, "X·Xᵀ");
+        }
+        for (d, got) in f32s(&tb["context"][i]).into_iter().enumerate() {
+            let want: f32 = (0..3).map(|j| w[j] * x[j][d]).sum();
+            close(got, want, "weights·X");
+        }
+    }
+    // The first token's weights of the classic example (scores 0.9995, 0.9544, 0.9422).
+    close(f32s(&tb["scores"][0])[0], 0.9995, "x0·x0");
+}
+
+#[test]
+fn bad_requests_get_a_4xx_and_the_server_keeps_serving() {
+    let ws = Workspace::new(6000);
+    let (run, _) = train_tiny(&ws, "run", 10);
+    let server = Server::start(&run, ws.dir.path(), &[]);
+    let url = |p: &str| format!("{}{p}", server.url);
+    let cases: &[(&str, &str, &str)] = &[
+        ("/api/attention", r#"{"prompt": ""}"#, "the prompt is empty"),
+        (
+            "/api/attention",
+            r#"{"prompt": "the ✓"}"#,
+            "unknown character '✓'",
+        ),
+        ("/api/attention", r#"{"prompt": "x""#, "the request's JSON"),
+        ("/api/attention", r#"{"text": "x"}"#, "unknown field `text`"),
+        ("/api/attention", "not json", "the request's JSON"),
+        (
+            "/api/trace",
+            r#"{"prompt": "the", "layer": 2, "head": 0, "query": 0}"#,
+            "layer 2 does not exist",
+        ),
+        (
+            "/api/trace",
+            r#"{"prompt": "the", "layer": 0, "head": 5, "query": 0}"#,
+            "head 5 does not exist",
+        ),
+        (
+            "/api/trace",
+            r#"{"prompt": "the", "layer": 0, "head": 0, "query": 3}"#,
+            "query 3 does not exist",
+        ),
+        (
+            "/api/trace",
+            r#"{"prompt": "the", "layer": -1, "head": 0, "query": 0}"#,
+            "the request's JSON",
+        ),
+        (
+            "/api/next",
+            r#"{"prompt": "the", "temperature": -0.5}"#,
+            "temperature -0.5 must be ≥ 0",
+        ),
+        (
+            "/api/next",
+            r#"{"prompt": "the", "top_p": 1.5}"#,
+            "top_p 1.5 must be in (0, 1]",
+        ),
+        (
+            "/api/next",
+            r#"{"prompt": "the", "top_k": 0}"#,
+            "top_k 0 keeps no token",
+        ),
+        (
+            "/api/sample",
+            r#"{"prompt": "the", "seed": "x"}"#,
+            "the request's JSON",
+        ),
+        (
+            "/api/textbook",
+            r#"{"vectors": [[1, 2], [3]]}"#,
+            "token 1 has 1 numbers",
+        ),
+        ("/api/textbook", r#"{"vectors": []}"#, "give 1 to 64 tokens"),
+    ];
+    for (path, body, needle) in cases {
+        let (status, v) = post_raw(&url(path), body);
+        assert_eq!(status, 400, "{path} {body}: {v}");
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} {body}: {v}"));
+        assert!(
+            msg.contains(needle),
+            "{path} {body}: {msg:?} lacks {needle:?}"
+        );
+    }
+    let (status, v) = get(&server, "/api/neighbours");
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = get(&server, "/api/neighbours?token=the");
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("is 3 tokens, not one"));
+    let (status, v) = get(&server, "/nowhere");
+    assert_eq!(status, 404, "{v}");
+    // A prompt longer than block_size (16) keeps its last 16 tokens, and says so.
+    let long = "the king shall speak and we go";
+    let p = post(&server, "/api/prompt", json!({"prompt": long}));
+    assert_eq!(p["ids"].as_array().unwrap().len(), 16);
+    assert!(
+        p["note"].as_str().unwrap().contains("only its last 16"),
+        "{p}"
+    );
+    let att = post(&server, "/api/attention", json!({"prompt": long}));
+    assert_eq!(att["tokens"].as_array().unwrap().len(), 16);
+    // Still serving.
+    assert_eq!(get(&server, "/api/model").0, 200);
+    let (status, page) = get(&server, "/");
+    assert_eq!(status, 200);
+    assert!(page
+        .as_str()
+        .unwrap()
+        .contains("data-testid=\"prompt-input\""));
+}
+
+#[test]
+fn concurrent_clients_get_the_same_answers_without_error() {
+    let ws = Workspace::new(6000);
+    let (run, _) = train_tiny(&ws, "run", 10);
+    let server = Server::start(&run, ws.dir.path(), &[]);
+    // 20 clients for a few seconds (TINYGPT_LOAD_SECONDS, default 2), each cycling through
+    // the endpoints and checking every answer against the first one.
+    let seconds: f64 = std::env::var("TINYGPT_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let requests: Vec<(&str, Value)> = vec![
+        ("/api/attention", json!({"prompt": PROMPT})),
+        ("/api/next", json!({"prompt": PROMPT, "top_k": 5})),
+        ("/api/sample", json!({"prompt": PROMPT, "seed": 9})),
+        ("/api/lens", json!({"prompt": PROMPT})),
+        (
+            "/api/trace",
+            json!({"prompt": PROMPT, "layer": 1, "head": 1, "query": 5}),
+        ),
+    ];
+    let want: Vec<Value> = requests
+        .iter()
+        .map(|(p, b)| post(&server, p, b.clone()))
+        .collect();
+    let start = Instant::now();
+    let (url, requests, want) = (&server.url, &requests, &want);
+    let counts: Vec<(usize, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|c| {
+                s.spawn(move || {
+                    let (mut ok, mut bad) = (0, 0);
+                    let mut i = c;
+                    while start.elapsed().as_secs_f64() < seconds {
+                        let (path, body) = &requests[i % requests.len()];
+                        let (status, v) = post_raw(&format!("{url}{path}"), &body.to_string());
+                        if status == 200 && v == want[i % requests.len()] {
+                            ok += 1;
+                        } else {
+                            bad += 1;
+                        }
+                        i += 1;
+                    }
+                    (ok, bad)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let ok: usize = counts.iter().map(|c| c.0).sum();
+    let bad: usize = counts.iter().map(|c| c.1).sum();
+    println!(
+        "load: 20 clients × {elapsed:.1} s: {ok} requests, {bad} errors, {:.0} requests/s",
+        ok as f64 / elapsed
+    );
+    assert_eq!(bad, 0, "errors under load");
+    assert!(ok >= 20, "every client was answered");
+}
+
+#[test]
+fn it_binds_loopback_refuses_a_taken_port_and_stops_on_ctrl_c() {
+    let ws = Workspace::new(6000);
+    let (run, _) = train_tiny(&ws, "run", 5);
+    let server = Server::start(&run, ws.dir.path(), &[]);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let o = tinygpt(
+        &[
+            "serve",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--port",
+            &port,
+        ],
+        ws.dir.path(),
+    );
+    common::fails_with(&o, "cannot listen on 127.0.0.1");
+    let o = tinygpt(
+        &[
+            "serve",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--host",
+            "no such host!",
+        ],
+        ws.dir.path(),
+    );
+    common::fails_with(&o, "--host \"no such host!\" is not an address");
+    let o = tinygpt(&["serve", "--checkpoint", "nowhere"], ws.dir.path());
+    common::fails_with(&o, "does not exist");
+    let (status, out) = server.interrupt();
+    assert!(status.success(), "{status:?}");
+    assert!(out.contains("stopped"), "{out}");
+}
