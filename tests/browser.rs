@@ -3,7 +3,9 @@
 //! checked, the URL restores the state, and no request leaves 127.0.0.1.
 //!
 //! Needs `chromium` and `chromedriver` on the PATH; the README's test command installs them.
-//! `TINYGPT_SCREENSHOTS=DIR` also saves a screenshot of each view there.
+//! `TINYGPT_SCREENSHOTS=DIR` also saves a screenshot of each view there; the README's come from
+//! `TINYGPT_SCREENSHOTS=docs cargo test --release --test browser -- --ignored` after the
+//! README's first command has trained `checkpoints/shakespeare-char`.
 
 mod common;
 
@@ -170,7 +172,7 @@ async fn api(server: &Server, path: &str, body: Value) -> Value {
 async fn every_view_in_chromium() {
     let ws = Workspace::new(6000);
     let (run, _) = train_tiny(&ws, "run", 30);
-    let checkpoint = std::env::var("TINYGPT_SCREENSHOT_CHECKPOINT").map_or(run.clone(), Into::into);
+    let checkpoint = run.clone();
     let server = Server::start(&checkpoint, ws.dir.path(), &[]);
     let driver = Driver::start();
     let c = browser(&driver).await;
@@ -430,5 +432,43 @@ async fn every_view_in_chromium() {
     }
     let errors = js(&c, "return window.__errors;").await;
     assert_eq!(errors, json!([]), "errors in the page");
+    c.close().await.unwrap();
+}
+
+/// The README's screenshots: every view of the README's checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the README's trained checkpoint; writes the README's screenshots"]
+async fn screenshots_of_the_readme_checkpoint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checkpoint = root.join("checkpoints/shakespeare-char");
+    assert!(
+        checkpoint.join("best").is_dir(),
+        "train it first: the README's first command"
+    );
+    assert!(
+        std::env::var("TINYGPT_SCREENSHOTS").is_ok(),
+        "set TINYGPT_SCREENSHOTS=DIR"
+    );
+    let server = Server::start(&checkpoint, root, &[]);
+    let driver = Driver::start();
+    let c = browser(&driver).await;
+    let url = format!(
+        "{}/?prompt=ROMEO%3A%20I%20love%20thee&layer=1&head=2&query=12&top_k=10",
+        server.url
+    );
+    c.goto(&url).await.unwrap();
+    ready(&c).await;
+    screenshot(&c, "head").await;
+    for (tab, name) in [
+        ("tab-heads", "heads"),
+        ("tab-trace", "trace"),
+        ("tab-next", "next"),
+        ("tab-lens", "lens"),
+        ("tab-curves", "curves"),
+    ] {
+        click(&c, tab).await;
+        screenshot(&c, name).await;
+    }
+    assert_eq!(js(&c, "return window.__errors;").await, json!([]));
     c.close().await.unwrap();
 }

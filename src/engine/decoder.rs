@@ -468,6 +468,16 @@ pub struct Decoder {
     len: usize,
 }
 
+/// Whether a new [`Decoder`] may take a partner thread (yes unless turned off).
+static PARTNERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets decoders made from now on take a partner thread, or not. A server that decodes for
+/// many requests at once turns partners off: each request then keeps to one core, instead of
+/// pairs of threads spinning for cores that the other requests hold. The bits are the same.
+pub fn allow_partner_threads(on: bool) {
+    PARTNERS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Decoder {
     /// Copies `model`'s weights into a decoder with an empty cache.
     pub fn new(model: &FusedGpt) -> Result<Decoder> {
@@ -476,7 +486,8 @@ impl Decoder {
         let c = model.wte.dim(1)?;
         let small = 4 * c * c < PARALLEL_MIN;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Decoder::with_partner(model, small && cores >= 2)
+        let allowed = PARTNERS.load(std::sync::atomic::Ordering::Relaxed);
+        Decoder::with_partner(model, small && cores >= 2 && allowed)
     }
 
     /// [`Decoder::new`] with or without a partner thread (the same bits either way).

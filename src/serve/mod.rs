@@ -255,6 +255,8 @@ pub fn router(served: Served) -> Router {
 /// Serves `served` on `host:port` (port 0: any free one) until Ctrl-C or SIGTERM, printing the
 /// URL first.
 pub fn run(served: Served, host: &str, port: u16) -> Result<()> {
+    // Requests decode side by side: one core each, no partner threads spinning for a second.
+    crate::engine::decoder::allow_partner_threads(false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
