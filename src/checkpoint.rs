@@ -253,8 +253,35 @@ fn read_safetensors(
     Ok((tensors, meta))
 }
 
+/// What identifies one written checkpoint directory: a save renames a new directory into
+/// place, so its inode and change time differ from the one it replaces.
+fn identity(dir: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
 /// Loads the checkpoint in `dir` (see [`resolve`]), checking that its parts agree.
+///
+/// A run that is training may replace the checkpoint while it is read (a reader takes no
+/// lock). The parts are then from two saves, or one went missing: when the directory read from
+/// is not the one in place after reading, the read is done again, so a reader always gets one
+/// whole checkpoint.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let mut tries = 0;
+    loop {
+        let before = identity(&resolve(dir));
+        let result = load_once(dir, device);
+        if before == identity(&resolve(dir)) || tries == 200 {
+            return result;
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// One read of the checkpoint in `dir`, which may race a save ([`load`] checks).
+fn load_once(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let requested = dir;
     let dir = resolve(dir);
     if !dir.exists() {

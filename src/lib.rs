@@ -19,6 +19,7 @@ pub mod eval;
 pub mod inspect;
 pub mod interop;
 pub mod kernels;
+pub mod lock;
 pub mod model;
 pub mod progress;
 pub mod rng;

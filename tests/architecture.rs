@@ -131,9 +131,10 @@ fn low_layers_know_nothing_of_the_layers_above() {
         "data",
         "interop",
         "serve",
+        "lock",
         "engine",
     ];
     above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
     above("model", &upper);
-    above("engine", &upper[..11]);
+    above("engine", &upper[..12]);
 }

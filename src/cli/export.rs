@@ -40,6 +40,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
             "--dtype applies to --format gguf; transformers folders are written in f32".into(),
         ));
     }
+    // Writing into a run directory takes its lock, as training does.
+    let _lock = crate::lock::RunLock::for_output(&args.out)?;
     let ck = super::load_checkpoint(&args.checkpoint)?;
     match args.format {
         Format::Hf => crate::interop::hf::export(&ck, &args.out, args.force)?,

@@ -51,6 +51,18 @@ pub fn plot_run(run_dir: &std::path::Path, out: &std::path::Path) -> Result<Path
         let c = crate::config::Config::parse(&cfg, &[]).ok()?;
         Some((c.training.batch_size * c.model.block_size * c.training.grad_accum_steps) as f64)
     });
-    write_loss_plot(&curves, tokens, out, format)?;
+    // Drawn beside `out` and renamed over it: a training run and a `plot` may draw the same
+    // file at once, and neither leaves the other a torn image.
+    let name = out
+        .file_name()
+        .map_or("loss".into(), |n| n.to_string_lossy().into_owned());
+    let ext = out
+        .extension()
+        .map_or("png".into(), |e| e.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.{}.tmp.{ext}", std::process::id()));
+    write_loss_plot(&curves, tokens, &tmp, format).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     Ok(out.to_path_buf())
 }

@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::lock::RunLock;
 use crate::rng::seeded;
 use crate::sample::{generate, SampleOptions};
 use crate::train::trainer::{prepare_out_dir, resume_paths};
@@ -66,12 +67,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
     let stop = install_signal_handlers()?;
     let progress = ProgressMode::detect(args.quiet);
-    let (mut trainer, out, resumed) = if let Some(resume) = &args.resume {
+    // The run directory's lock, held to the end: a second writer fails at once.
+    let (mut trainer, out, resumed, _lock) = if let Some(resume) = &args.resume {
         let (ck_dir, run_dir) = resume_paths(resume);
         let out = args.out.clone().unwrap_or(run_dir);
+        let lock = RunLock::acquire(&out)?;
         let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device, progress)?;
         crate::kernels::configure_threads(trainer.config.model.kernels);
-        (trainer, out, true)
+        (trainer, out, true, lock)
     } else {
         let path = args
             .config
@@ -98,18 +101,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
             stop: None,
         };
         let existed = out.exists();
-        prepare_out_dir(&opts)?;
+        let lock = RunLock::acquire(&out)?;
+        // Leave no empty run directory behind when the corpus, tokenizer or directory fails.
+        let discard = |_: &Error| {
+            if !existed {
+                let _ = std::fs::remove_file(out.join(crate::lock::LOCK_FILE));
+                let _ = std::fs::remove_dir(&out);
+            }
+        };
+        prepare_out_dir(&opts).inspect_err(discard)?;
         let trainer = match &args.init_from {
             Some(dir) => Trainer::init_from(config, &super::checkpoint_dir(dir), &device, progress),
             None => Trainer::new(config, &device, progress),
         };
-        let trainer = trainer.inspect_err(|_| {
-            // Leave no empty run directory behind when the corpus or tokenizer fails.
-            if !existed {
-                let _ = std::fs::remove_dir(&out);
-            }
-        })?;
-        (trainer, out, false)
+        let trainer = trainer.inspect_err(discard)?;
+        (trainer, out, false, lock)
     };
     let opts = RunOptions {
         out: out.clone(),

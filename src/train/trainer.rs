@@ -392,8 +392,7 @@ impl Trainer {
         if self.state.step == 0 {
             let (tr, va) = self.evaluate()?;
             self.record_eval(&out, tr, va, &progress)?;
-            writeln!(metrics, "0,{tr:.6},{va:.6},0,,0")
-                .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            append_row(&mut metrics, &out, format!("0,{tr:.6},{va:.6},0,,0"))?;
             last_train = Some(tr);
             last_val = Some(va);
         }
@@ -415,12 +414,11 @@ impl Trainer {
                 last_val = Some(va);
                 status = format!("val {va:.4}");
             }
-            writeln!(
-                metrics,
+            let row = format!(
                 "{step},{loss:.6},{val_field},{lr:.6e},{tok_s:.1},{:.3}",
                 self.state.elapsed_s
-            )
-            .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+            );
+            append_row(&mut metrics, &out, row)?;
             if step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters {
                 metrics
                     .flush()
@@ -528,6 +526,15 @@ fn make_dataset(
     )
 }
 
+/// Appends one row to `metrics.csv` in a single write, so that a reader never sees half of
+/// one (beyond a last line still being written, which ends without a newline).
+fn append_row(metrics: &mut std::fs::File, out: &Path, mut row: String) -> Result<()> {
+    row.push('\n');
+    metrics
+        .write_all(row.as_bytes())
+        .map_err(|e| Error::io(out.join("metrics.csv"), e))
+}
+
 /// Opens `metrics.csv` for appending. A resumed run drops rows past its checkpoint's step
 /// (written after that checkpoint, by a run that then stopped).
 fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File> {
@@ -546,7 +553,10 @@ fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File>
     }
     let mut content = keep.join("\n");
     content.push('\n');
-    std::fs::write(&path, content).map_err(|e| Error::io(&path, e))?;
+    // Written whole and renamed into place: a reader sees the old file or the new one.
+    let tmp = out.join(".metrics.csv.tmp");
+    std::fs::write(&tmp, content).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     OpenOptions::new()
         .append(true)
         .open(&path)

@@ -21,8 +21,7 @@ pub struct Curves {
 impl Curves {
     /// Parses `metrics.csv` text (`step,train_loss,val_loss,…`).
     pub fn parse(text: &str, path: &Path) -> Result<Curves> {
-        let mut lines = text.lines();
-        let header = lines.next().unwrap_or_default();
+        let header = text.lines().next().unwrap_or_default();
         if !header.starts_with("step,train_loss,val_loss") {
             return Err(Error::Usage(format!(
                 "{} is not a tinygpt metrics.csv (its header is {header:?})",
@@ -30,6 +29,9 @@ impl Curves {
             )));
         }
         let mut c = Curves::default();
+        // A last line without its newline is a row still being written: not read yet.
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        let lines = text[..complete].lines().skip(1);
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
             let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
