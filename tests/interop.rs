@@ -82,19 +82,7 @@ fn export_then_import_gives_the_same_model_and_logits() {
         let ck = random_checkpoint(&ws, &format!("ck{i}"), sets);
         let hf = ws.path(&format!("hf{i}"));
         let back = ws.path(&format!("back{i}"));
-        let o = tinygpt(
-            &[
-                "export",
-                "--checkpoint",
-                s(&ck),
-                "--format",
-                "hf",
-                "--out",
-                s(&hf),
-            ],
-            ws.dir.path(),
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
+        export(&ws, &ck, "hf", &hf, &[]);
         for f in [
             "config.json",
             "model.safetensors",
@@ -103,11 +91,7 @@ fn export_then_import_gives_the_same_model_and_logits() {
         ] {
             assert!(hf.join(f).is_file(), "{sets:?}: {f} written");
         }
-        let o = tinygpt(
-            &["import", "--from", s(&hf), "--out", s(&back)],
-            ws.dir.path(),
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&ws, &["import", "--from", s(&hf), "--out", s(&back)]);
         let (a, b) = (
             checkpoint::load(&ck, &Device::Cpu).unwrap(),
             checkpoint::load(&back, &Device::Cpu).unwrap(),
@@ -132,19 +116,7 @@ fn export_writes_gpt2_layout_and_config() {
     let ws = Workspace::new(3000);
     let ck = random_checkpoint(&ws, "ck", &["model.bias=false"]);
     let hf = ws.path("hf");
-    let o = tinygpt(
-        &[
-            "export",
-            "--checkpoint",
-            s(&ck),
-            "--format",
-            "hf",
-            "--out",
-            s(&hf),
-        ],
-        ws.dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export(&ws, &ck, "hf", &hf, &[]);
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "gpt2");
@@ -197,11 +169,7 @@ fn export_writes_gpt2_layout_and_config() {
 fn a_gpt2_made_by_transformers_imports_with_its_logits() {
     let ws = Workspace::new(1000);
     let out = ws.path("gpt2-tiny");
-    let o = tinygpt(
-        &["import", "--from", s(&fixture()), "--out", s(&out)],
-        ws.dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ok(&ws, &["import", "--from", s(&fixture()), "--out", s(&out)]);
     assert!(stdout(&o).contains("2 layers, 4 heads"), "{}", stdout(&o));
     let want: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture().join("logits.json")).unwrap()).unwrap();
@@ -256,11 +224,7 @@ fn logits_of(dir: &Path, ids: &[u32]) -> [Vec<Vec<f32>>; 2] {
 fn fine_tuning_starts_from_the_imported_weights() {
     let ws = Workspace::new(1000);
     let ck = ws.path("gpt2-tiny");
-    let o = tinygpt(
-        &["import", "--from", s(&fixture()), "--out", s(&ck)],
-        ws.dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&ws, &["import", "--from", s(&fixture()), "--out", s(&ck)]);
     let corpus = ws.path("text.txt");
     std::fs::write(&corpus, "ka lomi ré nü — 日本\n".repeat(300)).unwrap();
     // The imported checkpoint's config, with a short run and this corpus.
@@ -320,21 +284,7 @@ fn gguf_file_reads_back_with_its_keys_tensors_and_vocabulary() {
     std::fs::write(ws.path("corpus.txt"), common::corpus(3000) + "café 日\n").unwrap();
     let ck = random_checkpoint(&ws, "ck", &["model.bias=false"]);
     let file = ws.path("m.gguf");
-    let o = tinygpt(
-        &[
-            "export",
-            "--checkpoint",
-            s(&ck),
-            "--format",
-            "gguf",
-            "--out",
-            s(&file),
-            "--dtype",
-            "f16",
-        ],
-        ws.dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export(&ws, &ck, "gguf", &file, &["--dtype", "f16"]);
     let mut f = std::fs::File::open(&file).unwrap();
     let content = Content::read(&mut f).unwrap();
     let md = &content.metadata;
@@ -441,33 +391,31 @@ fn bad_inputs_get_one_line_and_nothing_is_overwritten() {
     let ws = Workspace::new(3000);
     let ck = random_checkpoint(&ws, "ck", &[]);
     let run = |args: &[&str]| tinygpt(args, ws.dir.path());
+    // `tinygpt export CK --format F --out OUT EXTRA…`, whatever its outcome.
+    let exp = |ck: &str, format: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "export",
+            "--checkpoint",
+            ck,
+            "--format",
+            format,
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        tinygpt(&args, ws.dir.path())
+    };
     // An output that exists is kept without --force.
     let keep = ws.path("keep");
     std::fs::create_dir(&keep).unwrap();
     std::fs::write(keep.join("mine.txt"), "mine").unwrap();
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&ck),
-        "--format",
-        "hf",
-        "--out",
-        s(&keep),
-    ]);
+    let o = exp(s(&ck), "hf", s(&keep), &[]);
     fails_with(&o, "already exists; pass --force");
     let o = run(&["import", "--from", s(&fixture()), "--out", s(&keep)]);
     fails_with(&o, "already exists; pass --force");
     let file = ws.path("m.gguf");
     std::fs::write(&file, "mine").unwrap();
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&ck),
-        "--format",
-        "gguf",
-        "--out",
-        s(&file),
-    ]);
+    let o = exp(s(&ck), "gguf", s(&file), &[]);
     fails_with(&o, "already exists; pass --force");
     assert_eq!(
         std::fs::read_to_string(keep.join("mine.txt")).unwrap(),
@@ -475,64 +423,21 @@ fn bad_inputs_get_one_line_and_nothing_is_overwritten() {
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     // --force replaces.
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&ck),
-        "--format",
-        "gguf",
-        "--out",
-        s(&file),
-        "--force",
-    ]);
+    let o = exp(s(&ck), "gguf", s(&file), &["--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     // An unknown dtype or format.
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&ck),
-        "--format",
-        "gguf",
-        "--out",
-        "x.gguf",
-        "--dtype",
-        "q4",
-    ]);
+    let o = exp(s(&ck), "gguf", "x.gguf", &["--dtype", "q4"]);
     fails_with(&o, "invalid value 'q4' for '--dtype");
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&ck),
-        "--format",
-        "onnx",
-        "--out",
-        "x",
-    ]);
+    let o = exp(s(&ck), "onnx", "x", &[]);
     fails_with(&o, "invalid value 'onnx' for '--format");
     // A model GPT-2 cannot express.
     let rope = random_checkpoint(&ws, "rope", &["model.position=\"rope\""]);
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&rope),
-        "--format",
-        "hf",
-        "--out",
-        "r",
-    ]);
+    let o = exp(s(&rope), "hf", "r", &[]);
     fails_with(
         &o,
         "model.position = \"rope\" (rotary embeddings) has no equivalent in GPT-2",
     );
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        s(&rope),
-        "--format",
-        "gguf",
-        "--out",
-        "r.gguf",
-    ]);
+    let o = exp(s(&rope), "gguf", "r.gguf", &[]);
     fails_with(&o, "cannot be exported to GGUF");
     assert!(!ws.path("r").exists() && !ws.path("r.gguf").exists());
     // Folders that are not GPT-2, or not whole.
@@ -583,4 +488,26 @@ fn bad_inputs_get_one_line_and_nothing_is_overwritten() {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// `tinygpt export` of `ck` to `out`; it must succeed.
+fn export(ws: &Workspace, ck: &Path, format: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "export",
+        "--checkpoint",
+        s(ck),
+        "--format",
+        format,
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    ok(ws, &args);
+}
+
+/// Runs tinygpt in the workspace; it must succeed.
+fn ok(ws: &Workspace, args: &[&str]) -> std::process::Output {
+    let o = tinygpt(args, ws.dir.path());
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
 }

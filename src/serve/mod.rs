@@ -18,7 +18,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
@@ -114,6 +114,16 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Usage(e.to_string()))
 }
 
+/// A POST route: the body parsed as `R`, then `f` on the blocking pool, answered as JSON.
+fn post_json<R>(f: fn(&Served, R) -> Result<String>) -> MethodRouter<Shared>
+where
+    R: serde::de::DeserializeOwned + Send + 'static,
+{
+    post(move |State(s): State<Shared>, body: Bytes| async move {
+        compute(s, move |s| f(s, parse(&body)?)).await
+    })
+}
+
 /// The routes: the page, its two assets, and the API.
 pub fn router(served: Served) -> Router {
     let page = |body: &'static str, kind: &'static str| {
@@ -151,65 +161,37 @@ pub fn router(served: Served) -> Router {
         )
         .route(
             "/api/prompt",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: PromptReq = parse(&body)?;
-                    to_json(&views::prompt(&s.ck, &r.prompt)?)
-                })
-                .await
-            }),
+            post_json(|s, r: PromptReq| to_json(&views::prompt(&s.ck, &r.prompt)?)),
         )
         .route(
             "/api/attention",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: PromptReq = parse(&body)?;
-                    views::attention(&s.ck, &views::prompt(&s.ck, &r.prompt)?)
-                })
-                .await
-            }),
+            post_json(|s, r: PromptReq| views::attention(&s.ck, &views::prompt(&s.ck, &r.prompt)?)),
         )
         .route(
             "/api/trace",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: TraceReq = parse(&body)?;
-                    let p = views::prompt(&s.ck, &r.prompt)?;
-                    to_json(&views::trace(&s.ck, &p, r.layer, r.head, r.query)?)
-                })
-                .await
+            post_json(|s, r: TraceReq| {
+                let p = views::prompt(&s.ck, &r.prompt)?;
+                to_json(&views::trace(&s.ck, &p, r.layer, r.head, r.query)?)
             }),
         )
         .route(
             "/api/next",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: SampleReq = parse(&body)?;
-                    let p = views::prompt(&s.ck, &r.prompt)?;
-                    Ok(views::next_token(&s.ck, &p, &r.sampling)?.to_string())
-                })
-                .await
+            post_json(|s, r: SampleReq| {
+                let p = views::prompt(&s.ck, &r.prompt)?;
+                Ok(views::next_token(&s.ck, &p, &r.sampling)?.to_string())
             }),
         )
         .route(
             "/api/sample",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: SampleReq = parse(&body)?;
-                    let p = views::prompt(&s.ck, &r.prompt)?;
-                    Ok(views::sample(&s.ck, &r.prompt, &p, &r.sampling)?.to_string())
-                })
-                .await
+            post_json(|s, r: SampleReq| {
+                let p = views::prompt(&s.ck, &r.prompt)?;
+                Ok(views::sample(&s.ck, &r.prompt, &p, &r.sampling)?.to_string())
             }),
         )
         .route(
             "/api/lens",
-            post(|State(s): State<Shared>, body: Bytes| async move {
-                compute(s, move |s| {
-                    let r: PromptReq = parse(&body)?;
-                    Ok(views::lens(&s.ck, &views::prompt(&s.ck, &r.prompt)?)?.to_string())
-                })
-                .await
+            post_json(|s, r: PromptReq| {
+                Ok(views::lens(&s.ck, &views::prompt(&s.ck, &r.prompt)?)?.to_string())
             }),
         )
         .route(
