@@ -301,7 +301,14 @@ pub fn sample(ck: &Checkpoint, text: &str, p: &Prompt, s: &Sampling) -> Result<V
     let mut rng = seeded(s.seed);
     let ids = generate(&ck.model, &p.ids, &opts, &mut rng, |_| Ok(true))?;
     let id = ids[0];
-    let piece = ck.tokenizer.decode(&[id])?;
+    // The text the token adds after this prompt (a byte-level token may only complete a
+    // character together with the tokens before it).
+    let before = ck.tokenizer.decode(&p.ids)?;
+    let after = ck.tokenizer.decode(&[p.ids.as_slice(), &[id]].concat())?;
+    let piece = match after.strip_prefix(&before) {
+        Some(piece) => piece.to_string(),
+        None => ck.tokenizer.decode(&[id])?,
+    };
     Ok(json!({"id": id, "token": ck.tokenizer.token_text(id), "text": format!("{text}{piece}")}))
 }
 
