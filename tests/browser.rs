@@ -430,6 +430,19 @@ async fn every_view_in_chromium() {
             "a request left the server: {u}"
         );
     }
+    // The page's own files all loaded (a 404 would be a console error); the API answered 200
+    // except for the bad prompt above.
+    let statuses = js(&c, "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus]);").await;
+    let mut refused = 0;
+    for entry in statuses.as_array().unwrap() {
+        let (name, status) = (entry[0].as_str().unwrap(), entry[1].as_u64().unwrap());
+        match status {
+            200 => {}
+            400 if name.ends_with("/api/prompt") => refused += 1,
+            _ => panic!("{name} answered {status}"),
+        }
+    }
+    assert_eq!(refused, 1, "only the bad prompt was refused");
     let errors = js(&c, "return window.__errors;").await;
     assert_eq!(errors, json!([]), "errors in the page");
     c.close().await.unwrap();
