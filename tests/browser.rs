@@ -432,7 +432,11 @@ async fn every_view_in_chromium() {
     }
     // The page's own files all loaded (a 404 would be a console error); the API answered 200
     // except for the bad prompt above.
-    let statuses = js(&c, "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus]);").await;
+    let statuses = js(
+        &c,
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus]);",
+    )
+    .await;
     let mut refused = 0;
     for entry in statuses.as_array().unwrap() {
         let (name, status) = (entry[0].as_str().unwrap(), entry[1].as_u64().unwrap());
