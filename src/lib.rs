@@ -2,11 +2,12 @@
 //!
 //! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
 //! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint, [`interop`]
-//! exports to transformers and llama.cpp and imports GPT-2.
+//! exports to transformers and llama.cpp and imports GPT-2, [`serve`] shows a checkpoint in the
+//! browser, and [`lock`] keeps a run directory to one writer.
 //!
-//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] / [`interop`] →
-//! [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the readable
-//! reference) → [`kernels`] (fused CPU ops, which know nothing above them).
+//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] / [`interop`] /
+//! [`serve`] → [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the
+//! readable reference) → [`kernels`] (fused CPU ops, which know nothing above them).
 
 pub mod bench;
 pub mod checkpoint;
