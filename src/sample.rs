@@ -36,34 +36,48 @@ pub struct SampleOptions {
 }
 
 impl SampleOptions {
-    /// Checks the settings; the message names the flag and what it may be.
+    /// Checks the settings; the message names the flag (`--top-k`) and what it may be.
     pub fn validate(&self) -> Result<()> {
+        self.validate_named(|name| format!("--{name}"))
+    }
+
+    /// [`SampleOptions::validate`] with each setting called `name(setting)`, setting being
+    /// `temperature`, `top-k`, `top-p`, `repetition-penalty` or `max-new-tokens` (the server's
+    /// JSON fields are `top_k`, …).
+    pub fn validate_named(&self, name: impl Fn(&str) -> String) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::Usage(format!(
-                "--temperature {} must be ≥ 0 (0 = greedy)",
+                "{} {} must be ≥ 0 (0 = greedy)",
+                name("temperature"),
                 self.temperature
             )));
         }
         if self.top_k == Some(0) {
-            return Err(Error::Usage(
-                "--top-k 0 keeps no token; use k ≥ 1 or leave it out".into(),
-            ));
+            return Err(Error::Usage(format!(
+                "{} 0 keeps no token; use k ≥ 1 or leave it out",
+                name("top-k")
+            )));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::Usage(format!("--top-p {p} must be in (0, 1]")));
+                return Err(Error::Usage(format!(
+                    "{} {p} must be in (0, 1]",
+                    name("top-p")
+                )));
             }
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(Error::Usage(format!(
-                "--repetition-penalty {} must be > 0 (1 = off, above 1 discourages repeats)",
+                "{} {} must be > 0 (1 = off, above 1 discourages repeats)",
+                name("repetition-penalty"),
                 self.repetition_penalty
             )));
         }
         if self.max_new_tokens == 0 {
-            return Err(Error::Usage(
-                "--max-new-tokens 0 generates nothing; use N ≥ 1".into(),
-            ));
+            return Err(Error::Usage(format!(
+                "{} 0 generates nothing; use N ≥ 1",
+                name("max-new-tokens")
+            )));
         }
         Ok(())
     }

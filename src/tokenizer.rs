@@ -330,12 +330,17 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    /// Whether `id` is a special token (`<|endoftext|>`), which text never encodes to.
-    pub fn is_special(&self, id: u32) -> bool {
-        self.inner
+    /// The ids of the special tokens (`<|endoftext|>`), which text never encodes to.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
             .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// A decoder for streaming: feed ids one at a time, get text as soon as it is whole UTF-8.

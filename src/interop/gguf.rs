@@ -39,8 +39,12 @@ fn vocabulary(tok: &Tokenizer) -> Result<(Vec<String>, Vec<i32>, Vec<String>)> {
         tok.id_to_token(id)
             .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no token with id {id}")))
     };
+    let special = tok.special_ids();
     let types = (0..n)
-        .map(|id| if tok.is_special(id) { CONTROL } else { NORMAL })
+        .map(|id| match special.contains(&id) {
+            true => CONTROL,
+            false => NORMAL,
+        })
         .collect();
     let (tokens, mut merges): (Vec<String>, Vec<String>) = match tok.kind() {
         TokenizerKind::Bpe => {
@@ -142,7 +146,7 @@ pub fn export(ck: &Checkpoint, out: &Path, dtype: GgufDtype, force: bool) -> Res
         }
     }
     let (tokens, types, merges) = vocabulary(&ck.tokenizer)?;
-    let special = (0..tokens.len() as u32).find(|&id| ck.tokenizer.is_special(id));
+    let special = ck.tokenizer.special_ids().first().copied();
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let u32v = |n: usize| Value::U32(n as u32);
     let name = ck

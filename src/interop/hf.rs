@@ -36,7 +36,7 @@ fn hf_activation(a: Activation) -> Result<&'static str> {
 
 /// The special token's id, when the vocabulary has one (BPE: `<|endoftext|>`).
 fn special_id(tok: &Tokenizer) -> Option<u32> {
-    (0..tok.vocab_size() as u32).find(|&id| tok.is_special(id))
+    tok.special_ids().first().copied()
 }
 
 /// `config.json`: every key GPT2Config has, GPT-2 small's values where tinygpt has no

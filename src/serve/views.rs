@@ -253,28 +253,16 @@ fn default_seed() -> u64 {
 impl Sampling {
     /// The options of `tinygpt generate` for one token, checked; messages name the field.
     fn options(&self) -> Result<SampleOptions> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Usage(format!(
-                "temperature {} must be ≥ 0 (0 = greedy)",
-                self.temperature
-            )));
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::Usage("top_k 0 keeps no token; use k ≥ 1".into()));
-        }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::Usage(format!("top_p {p} must be in (0, 1]")));
-            }
-        }
-        Ok(SampleOptions {
+        let opts = SampleOptions {
             max_new_tokens: 1,
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             use_cache: true,
             repetition_penalty: 1.0,
-        })
+        };
+        opts.validate_named(|name| name.replace('-', "_"))?;
+        Ok(opts)
     }
 }
 
