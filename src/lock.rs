@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -21,7 +21,6 @@ pub const LOCK_FILE: &str = ".tinygpt.lock";
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
-    dir: PathBuf,
 }
 
 impl RunLock {
@@ -78,10 +77,7 @@ impl RunLock {
             .and_then(|_| writeln!(file, "{pid}"))
             .and_then(|_| file.flush())
             .map_err(|e| Error::io(&path, e))?;
-        Ok(RunLock {
-            _file: file,
-            dir: dir.to_path_buf(),
-        })
+        Ok(RunLock { _file: file })
     }
 
     /// The lock of the run that `out` is written into, when `out` is a run directory or lies
@@ -93,10 +89,5 @@ impl RunLock {
             .take(3)
             .find(|d| d.join(LOCK_FILE).is_file());
         run.map(RunLock::acquire).transpose()
-    }
-
-    /// The run directory this lock holds.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
