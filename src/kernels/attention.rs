@@ -33,7 +33,7 @@ use super::{f32_slice, math, with_f32, written_buffer};
 /// The row blocks [r0, r1) of the triangular products (S, dP, and those by P̃, dS and their
 /// transposes), whose sums stop at (or start from) the block's diagonal. Smaller blocks skip
 /// more of the masked triangle but give `gemm` thinner shapes; 32 rows up to T = 64 and 64
-/// beyond were the fastest (src/kernels/PERFORMANCE.md).
+/// beyond were the fastest (dev/PERFORMANCE.md).
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     let rows = if t <= 64 { 32 } else { 64 };
     (0..t).step_by(rows).map(move |r0| (r0, (r0 + rows).min(t)))

@@ -55,7 +55,7 @@ pub fn exp(x: f32) -> f32 {
 /// it trades the tails' relative precision for an absolute bound: GELU(x) for x ≪ 0 is within
 /// ~2·10⁻⁷·|x| of its tiny value, not within a few ulp of it. Training does not see it: from
 /// the same weights and batches, tinygpt and PyTorch agree on every loss of a 2000-step run
-/// to 3·10⁻⁶ (src/kernels/PERFORMANCE.md, "Checked against PyTorch").
+/// to 3·10⁻⁶ (dev/PERFORMANCE.md, "Checked against PyTorch").
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // the fitted coefficients, as printed by the fit
 pub fn erf(z: f32) -> f32 {

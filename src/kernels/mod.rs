@@ -14,7 +14,7 @@
 //!
 //! The reference model ([`crate::model`], candle's composed ops) is the readable version and
 //! the oracle: `tests/kernels.rs` checks every op here, forward and backward, against it.
-//! Measurements, history and what was tried: `src/kernels/PERFORMANCE.md`.
+//! Measurements, history and what was tried: `dev/PERFORMANCE.md`.
 //!
 //! ## Naming
 //!
