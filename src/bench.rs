@@ -1,5 +1,5 @@
 //! How fast a config trains and samples on this machine: the numbers behind `tinygpt bench`
-//! and the README's Performance table.
+//! and the README's results table (docs/performance.md has the rest).
 //!
 //! - training: full optimizer steps (batch, forward, backward, clipping, AdamW), timed one by
 //!   one after `warmup` untimed steps; the median is reported, as it shrugs off the odd step
@@ -40,7 +40,7 @@ pub struct BenchOptions {
 /// The measurements; `--json` prints this struct.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    pub kernels: String,
+    pub engine: String,
     pub data: String,
     pub threads: usize,
     pub parameters: usize,
@@ -179,15 +179,12 @@ pub fn run(
     let gen = |use_cache: bool| -> Result<f64> {
         let o = SampleOptions {
             max_new_tokens: opts.gen_tokens,
-            temperature: 0.8,
-            top_k: Some(200),
-            top_p: None,
             use_cache,
-            repetition_penalty: 1.0,
+            ..SampleOptions::default()
         };
         let mut rng = seeded(0);
         let t = Instant::now();
-        let out = generate(&trainer.model, &[0], &o, &mut rng, |_| Ok(true))?;
+        let out = generate(&trainer.engine, &[0], &o, &mut rng, |_| Ok(true))?;
         Ok(out.len() as f64 / t.elapsed().as_secs_f64())
     };
     say(&format!(
@@ -205,7 +202,7 @@ pub fn run(
         6.0 * n_params as f64 + 12.0 * (m.n_layer * m.block_size * m.n_embd) as f64;
     let train_tokens_per_s = tokens_per_iter / (ms / 1000.0);
     Ok(BenchReport {
-        kernels: format!("{:?}", m.kernels).to_lowercase(),
+        engine: trainer.engine.kind().name().to_string(),
         data: data.map_or("random tokens".into(), |p| p.display().to_string()),
         threads: rayon::current_num_threads(),
         parameters: trainer.params.count(),
@@ -229,7 +226,7 @@ impl BenchReport {
     /// The report as an aligned table.
     pub fn table(&self) -> String {
         let rows = [
-            ("kernels", self.kernels.clone()),
+            ("engine", self.engine.clone()),
             ("data", self.data.clone()),
             ("threads", self.threads.to_string()),
             ("parameters", self.parameters.to_string()),

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
-pub use crate::kernels::Kernels;
 pub use crate::model::config::Position;
 pub use crate::model::ModelConfig;
 pub use crate::tokenizer::TokenizerKind;
@@ -92,6 +92,11 @@ pub struct TrainingConfig {
     /// `wsd`: steps of the final linear decay.
     #[serde(default)]
     pub cooldown_iters: usize,
+    /// What runs the model (`--engine` on the command line wins): `auto` (the fused CPU
+    /// kernels when they support every model option, else the reference), `reference` or
+    /// `fused`. A run's checkpoints keep it, so a resumed run stays on its engine.
+    #[serde(default)]
+    pub engine: EngineChoice,
 }
 
 /// What updates the blocks' 2-D weights.
@@ -171,6 +176,7 @@ impl Config {
         for ov in overrides {
             apply_override(&mut table, ov)?;
         }
+        move_legacy_engine_key(&mut table);
         let cfg: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| Error::Config(one_line(&e.to_string())))?;
@@ -288,6 +294,22 @@ impl Config {
     }
 }
 
+/// `model.kernels` ("fused" or "reference"), the engine key of configs and checkpoints written
+/// before the engine became a run option, is read as `training.engine` (unless that is set):
+/// an old run resumes on the engine it was trained on.
+fn move_legacy_engine_key(table: &mut toml::Table) {
+    let Some(old) = table
+        .get_mut("model")
+        .and_then(|m| m.as_table_mut())
+        .and_then(|m| m.remove("kernels"))
+    else {
+        return;
+    };
+    if let Some(training) = table.get_mut("training").and_then(|t| t.as_table_mut()) {
+        training.entry("engine").or_insert(old);
+    }
+}
+
 fn positive(key: &str, v: usize) -> Result<()> {
     if v == 0 {
         return Err(Error::Config(format!("{key} = 0 must be at least 1")));
@@ -377,12 +399,25 @@ path = "x.txt"
         assert_eq!(cfg.training.max_iters, 20);
         assert_eq!(cfg.training.grad_accum_steps, 1);
         assert_eq!(cfg.training.val_fraction, 0.1);
-        assert_eq!(cfg.model.kernels, Kernels::Reference);
+        assert_eq!(cfg.training.engine, EngineChoice::Auto);
         let cfg = Config::parse(TINY, &["tokenizer.kind=bpe".into()]).unwrap();
         assert_eq!(cfg.tokenizer.kind, TokenizerKind::Bpe);
         // round trip through the checkpoint's config.toml
         let again = Config::parse(&cfg.to_toml().unwrap(), &[]).unwrap();
         assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn the_old_engine_key_is_read_as_training_engine() {
+        let old = |v: &str| format!("model.kernels=\"{v}\"");
+        let cfg = Config::parse(TINY, &[old("reference")]).unwrap();
+        assert_eq!(cfg.training.engine, EngineChoice::Reference);
+        assert!(!cfg.to_toml().unwrap().contains("kernels"));
+        let set = "training.engine=\"fused\"".to_string();
+        let cfg = Config::parse(TINY, &[old("reference"), set]).unwrap();
+        assert_eq!(cfg.training.engine, EngineChoice::Fused, "a new key wins");
+        let e = Config::parse(TINY, &[old("fast")]).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `fast`"), "{e}");
     }
 
     #[test]

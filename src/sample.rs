@@ -3,15 +3,14 @@
 //! Without the cache every new token runs the model over the last `block_size` tokens. With it,
 //! each new token costs one incremental step; when the window is full, the cache restarts from
 //! the last half block (positions are absolute, so a sliding cache cannot simply drop its head).
-//! The model runs on the engine its config names ([`Engine`]): the fused decoder, or the
-//! reference model with candle-nn's KV cache.
+//! The model runs on the [`Engine`] the caller chose: the fused decoder, or the reference
+//! model with candle-nn's KV cache.
 
 use candle_core::Tensor;
 use rand::Rng as _;
 
 use crate::engine::{last_row, Decode, Engine};
 use crate::error::{Error, Result};
-use crate::model::Gpt;
 use crate::rng::Rng;
 
 /// Largest `max_new_tokens` accepted; larger requests are capped.
@@ -33,6 +32,23 @@ pub struct SampleOptions {
     /// by this, a negative one multiplied (the CTRL paper's rule, as transformers and llama.cpp
     /// apply it); 1 = off.
     pub repetition_penalty: f64,
+    /// Seed of the run's sampling RNG: the same seed gives the same text.
+    pub seed: u64,
+}
+
+impl Default for SampleOptions {
+    /// nanoGPT's sampler's settings: temperature 0.8, top-k 200, seed 1337, 500 new tokens.
+    fn default() -> SampleOptions {
+        SampleOptions {
+            max_new_tokens: 500,
+            temperature: 0.8,
+            top_k: Some(200),
+            top_p: None,
+            use_cache: true,
+            repetition_penalty: 1.0,
+            seed: 1337,
+        }
+    }
 }
 
 impl SampleOptions {
@@ -161,24 +177,52 @@ pub fn penalize_repeats(logits: &mut [f32], seen: &[bool], penalty: f64) {
     }
 }
 
-/// The logits `(V)` that [`generate`] picks its first token from: the model, on the engine its
-/// config names, after the last `block_size` tokens of `prompt`.
-pub fn next_logits(model: &Gpt, prompt: &[u32], use_cache: bool) -> Result<Vec<f32>> {
+/// The logits `(V)` that [`generate`] picks its first token from: the model, on `engine`,
+/// after the last `block_size` tokens of `prompt`.
+pub fn next_logits(engine: &Engine, prompt: &[u32], use_cache: bool) -> Result<Vec<f32>> {
+    let mut decoder = use_cache.then(|| engine.decoder()).transpose()?;
+    next_logits_with(
+        engine,
+        decoder.as_deref_mut().map(|d| d as &mut dyn Decode),
+        prompt,
+    )
+}
+
+/// [`next_logits`] through `decoder` (cleared first) when given: a caller that keeps one,
+/// such as the server, builds it once.
+pub fn next_logits_with<'a>(
+    engine: &'a Engine,
+    decoder: Option<&'a mut dyn Decode>,
+    prompt: &[u32],
+) -> Result<Vec<f32>> {
     if prompt.is_empty() {
         return Err(Error::Usage(
             "generation needs at least one prompt token".into(),
         ));
     }
-    let ctx = &prompt[prompt.len().saturating_sub(model.cfg.block_size)..];
-    let engine = Engine::new(model, model.cfg.kernels, false);
-    Stepper::new(engine, use_cache)?.feed(ctx)
+    let ctx = &prompt[prompt.len().saturating_sub(engine.model().cfg.block_size)..];
+    Stepper::new(engine, decoder).feed(ctx)
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt` (its last `block_size` tokens),
 /// calling `on_token` with each as soon as it is chosen; generation ends early when `on_token`
 /// returns `false`. Returns the new tokens.
 pub fn generate(
-    model: &Gpt,
+    engine: &Engine,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Vec<u32>> {
+    let mut decoder = opts.use_cache.then(|| engine.decoder()).transpose()?;
+    let decoder = decoder.as_deref_mut().map(|d| d as &mut dyn Decode);
+    generate_with(engine, decoder, prompt, opts, rng, on_token)
+}
+
+/// [`generate`] through `decoder` (cleared first) when given, else by full passes.
+pub fn generate_with<'a>(
+    engine: &'a Engine,
+    decoder: Option<&'a mut dyn Decode>,
     prompt: &[u32],
     opts: &SampleOptions,
     rng: &mut Rng,
@@ -190,11 +234,11 @@ pub fn generate(
             "generation needs at least one prompt token".into(),
         ));
     }
+    let model = engine.model();
     let block = model.cfg.block_size;
     let mut ctx: Vec<u32> = prompt[prompt.len().saturating_sub(block)..].to_vec();
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    let engine = Engine::new(model, model.cfg.kernels, false);
-    let mut step = Stepper::new(engine, opts.use_cache)?;
+    let mut step = Stepper::new(engine, decoder);
     let mut logits = step.feed(&ctx)?;
     // Every token of the whole prompt counts as seen, as in transformers.
     let mut seen = vec![false; model.vocab_size];
@@ -298,17 +342,21 @@ impl StopAt {
 
 /// How generation runs the model: a decoder that caches the positions seen so far, or a full
 /// forward pass over the window for every token.
-enum Stepper {
-    Cached(Box<dyn Decode>),
-    Full(Engine),
+enum Stepper<'a> {
+    Cached(&'a mut dyn Decode),
+    Full(&'a Engine),
 }
 
-impl Stepper {
-    fn new(engine: Engine, use_cache: bool) -> Result<Stepper> {
-        Ok(match use_cache {
-            true => Stepper::Cached(engine.decoder()?),
-            false => Stepper::Full(engine),
-        })
+impl<'a> Stepper<'a> {
+    /// Steps through `decoder`, emptied first, or by full passes of `engine` without one.
+    fn new(engine: &'a Engine, decoder: Option<&'a mut dyn Decode>) -> Stepper<'a> {
+        match decoder {
+            Some(d) => {
+                d.clear();
+                Stepper::Cached(d)
+            }
+            None => Stepper::Full(engine),
+        }
     }
 
     /// Positions cached, or `None` without a cache.
@@ -348,8 +396,7 @@ mod tests {
             temperature: t,
             top_k: k,
             top_p: p,
-            use_cache: true,
-            repetition_penalty: 1.0,
+            ..SampleOptions::default()
         }
     }
 

@@ -371,11 +371,6 @@ impl Tokenizer {
             TokenizerKind::Bpe => byte_level_bytes(&tok).len(),
         }
     }
-
-    /// The id of the BPE end-of-text token (none for `char`).
-    pub fn eot_id(&self) -> Option<u32> {
-        self.inner.token_to_id(SPECIAL_TOKENS[0])
-    }
 }
 
 /// Streaming decoder returned by [`Tokenizer::stream`].

@@ -1,6 +1,7 @@
 //! The crate's layering, read from its sources: which top-level module uses which. The
-//! dependencies point one way (cli → train / sample / inspect → engine → model → kernels), so
-//! the graph of top-level modules has no circle, and the low layers import nothing above them.
+//! dependencies point one way (cli → train / sample / inspect → engine → model, engine →
+//! kernels), so the graph of top-level modules has no circle, the low layers import nothing
+//! above them, and the model and the kernels know nothing of each other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,29 @@ fn low_layers_know_nothing_of_the_layers_above() {
         "engine",
     ];
     above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
-    above("model", &upper);
+    above("model", &[&upper[..], &["kernels"]].concat());
     above("engine", &upper[..12]);
+}
+
+#[test]
+fn the_model_and_the_kernels_know_nothing_of_each_other() {
+    // The engine translates between them: engine → model, engine → kernels.
+    let graph = module_graph();
+    assert!(graph["engine"].contains("model") && graph["engine"].contains("kernels"));
+    assert!(!graph["model"].contains("kernels"), "model imports kernels");
+    assert!(!graph["kernels"].contains("model"), "kernels import model");
+    // Not even in comments or doc links: `grep -rn "crate::kernels" src/model` prints nothing.
+    let mut files = Vec::new();
+    rust_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model"),
+        &mut files,
+    );
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains("crate::kernels"),
+            "{} names crate::kernels",
+            f.display()
+        );
+    }
 }

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -39,7 +40,10 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start chromedriver ({e}): install Debian's chromium and chromium-driver (the README's test command does)")
+                // One line and a failed run, not a panic's trace: the fix is the same every time.
+                // (Written to stderr itself: the test harness captures eprintln!.)
+                let _ = writeln!(std::io::stderr(), "browser test: cannot start chromedriver ({e}); run the tests with the README's test command, which installs Debian's chromium and chromium-driver when they are missing");
+                std::process::exit(1)
             });
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -492,7 +492,7 @@ fn every_config_error_is_named_through_the_binary() {
             "model.dropout=-0.1",
             "model.dropout = -0.1 must be in [0, 1)",
         ),
-        ("model.kernels=\"fast\"", "unknown variant `fast`"),
+        ("training.engine=\"fast\"", "unknown variant `fast`"),
         ("model.colour=1", "unknown field `colour`"),
         ("tokenizer.kind=\"words\"", "unknown variant `words`"),
         (
@@ -651,7 +651,6 @@ fn bench_reports_every_key_for_both_kernel_paths() {
     let ws = Workspace::new(4000);
     let dir = ws.path("");
     for kernels in ["fused", "reference"] {
-        let set = format!("model.kernels=\"{kernels}\"");
         let o = tinygpt(
             &[
                 "bench",
@@ -663,15 +662,15 @@ fn bench_reports_every_key_for_both_kernel_paths() {
                 "1",
                 "--gen-tokens",
                 "40",
-                "--set",
-                &set,
+                "--engine",
+                kernels,
                 "--json",
             ],
             &dir,
         );
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-        assert_eq!(v["kernels"], kernels);
+        assert_eq!(v["engine"], kernels);
         assert_eq!(v["iters"], 3);
         for key in [
             "train_ms_per_iter",
@@ -786,4 +785,82 @@ fn stop_strings_and_the_repetition_penalty() {
         );
         fails_with(&o, msg);
     }
+}
+
+#[test]
+fn the_engine_is_a_run_option() {
+    let ws = Workspace::new(4000);
+    let dir = ws.path("");
+    // Every command that runs a model takes --engine, and each engine runs it.
+    let (run, _) = train_tiny(&ws, "run", 6);
+    let ck = run.to_str().unwrap();
+    for cmd in [
+        vec![
+            "generate",
+            "--checkpoint",
+            ck,
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "5",
+        ],
+        vec!["eval", "--checkpoint", ck],
+        vec!["logits", "--checkpoint", ck, "--prompt", "the"],
+        vec!["attention", "--checkpoint", ck, "--prompt", "the"],
+    ] {
+        for engine in ["fused", "reference", "auto"] {
+            let mut args = cmd.clone();
+            args.extend(["--engine", engine]);
+            let o = tinygpt(&args, &dir);
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            assert!(
+                !stderr(&o).contains("fused engine"),
+                "{args:?}: no fallback"
+            );
+        }
+    }
+    fails_with(
+        &tinygpt(&["eval", "--checkpoint", ck, "--engine", "fast"], &dir),
+        "invalid value 'fast'",
+    );
+
+    // A checkpoint written before the engine was a run option carries `model.kernels`: it
+    // loads, and its value is the run's engine (a resumed run stays on it).
+    let (old, _) = train_tiny(&ws, "old", 6);
+    let cfg_path = old.join("last/config.toml");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(text.contains("engine = \"auto\""), "{text}");
+    let text = text
+        .replace("engine = \"auto\"\n", "")
+        .replace("[model]\n", "[model]\nkernels = \"reference\"\n");
+    std::fs::write(&cfg_path, text).unwrap();
+    let o = tinygpt(
+        &[
+            "generate",
+            "--checkpoint",
+            "old/last",
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "5",
+        ],
+        &dir,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = tinygpt(
+        &[
+            "train",
+            "--resume",
+            "old",
+            "--set",
+            "training.max_iters=8",
+            "--set",
+            "training.lr_decay_iters=8",
+        ],
+        &dir,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = std::fs::read_to_string(old.join("last/config.toml")).unwrap();
+    assert!(resumed.contains("engine = \"reference\""), "{resumed}");
+    assert!(!resumed.contains("kernels"), "{resumed}");
 }

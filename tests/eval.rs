@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor};
 use tinygpt::config::Config;
 use tinygpt::data::Split;
 use tinygpt::engine::Engine;
+use tinygpt::engine::{EngineKind, EngineOptions};
 use tinygpt::eval::evaluate;
-use tinygpt::kernels::Kernels;
 use tinygpt::train::{ProgressMode, Trainer};
 
 use common::{fails_with, stderr, stdout, tinygpt, train_tiny, Workspace};
@@ -81,7 +81,7 @@ fn both_engines_give_the_same_number_every_time() {
     let t = trained(&ws);
     let block = t.config.model.block_size;
     let run = |kernels| {
-        let engine = Engine::new(&t.model, kernels, false);
+        let engine = Engine::new(&t.model, &EngineOptions::new(kernels), false).unwrap();
         evaluate(
             &engine,
             &t.tokenizer,
@@ -92,9 +92,9 @@ fn both_engines_give_the_same_number_every_time() {
         )
         .unwrap()
     };
-    let (r, f) = (run(Kernels::Reference), run(Kernels::Fused));
-    assert_eq!(r, run(Kernels::Reference), "deterministic");
-    assert_eq!(f, run(Kernels::Fused), "deterministic");
+    let (r, f) = (run(EngineKind::Reference), run(EngineKind::Fused));
+    assert_eq!(r, run(EngineKind::Reference), "deterministic");
+    assert_eq!(f, run(EngineKind::Fused), "deterministic");
     assert!(
         (r.loss - f.loss).abs() < 1e-5 * r.loss,
         "{} vs {}",

@@ -13,7 +13,7 @@ use common::{fails_with, stderr, stdout, tinygpt, Workspace};
 use tinygpt::checkpoint;
 use tinygpt::config::Config;
 use tinygpt::engine::Engine;
-use tinygpt::kernels::Kernels;
+use tinygpt::engine::{EngineKind, EngineOptions};
 use tinygpt::progress::ProgressMode;
 use tinygpt::train::Trainer;
 
@@ -25,8 +25,8 @@ fn fixture() -> PathBuf {
 fn logits(dir: &Path, ids: &[u32]) -> [Vec<Vec<f32>>; 2] {
     let ck = checkpoint::load(dir, &Device::Cpu).unwrap();
     let idx = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    [Kernels::Reference, Kernels::Fused].map(|k| {
-        let engine = Engine::new(&ck.model, k, false);
+    [EngineKind::Reference, EngineKind::Fused].map(|k| {
+        let engine = Engine::new(&ck.model, &EngineOptions::new(k), false).unwrap();
         engine
             .forward(&idx)
             .unwrap()
@@ -97,8 +97,7 @@ fn export_then_import_gives_the_same_model_and_logits() {
             checkpoint::load(&back, &Device::Cpu).unwrap(),
         );
         let mut want = a.config.model.clone();
-        want.dropout = 0.0; // an imported model starts without dropout, on the fused kernels
-        want.kernels = Kernels::Fused;
+        want.dropout = 0.0; // an imported model starts without dropout
         assert_eq!(b.config.model, want, "{sets:?}: the same model settings");
         assert_eq!(
             a.tokenizer.to_json().unwrap(),

@@ -9,9 +9,10 @@ use candle_nn::Module;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tinygpt::attention::{causal_mask, scaled_dot_product_attention};
-use tinygpt::config::{Config, Kernels};
+use tinygpt::config::Config;
 use tinygpt::data::Split;
-use tinygpt::engine::{Decode, Engine};
+use tinygpt::engine::Decode;
+use tinygpt::engine::{EngineKind as Kernels, Runner};
 use tinygpt::kernels::block::GradSlot;
 use tinygpt::kernels::{self, attention::AttentionDropout};
 use tinygpt::model::{LayerNorm, Linear};
@@ -312,10 +313,7 @@ fn dropout_matches_its_mask_and_rate() {
 
 fn trainer(ws: &Workspace, kernels: Kernels, extra: &[&str]) -> Trainer {
     let mut over: Vec<String> = vec![
-        format!(
-            "model.kernels=\"{}\"",
-            format!("{kernels:?}").to_lowercase()
-        ),
+        format!("training.engine=\"{}\"", kernels.name()),
         "training.max_iters=5".into(),
     ];
     over.extend(extra.iter().map(|s| s.to_string()));
@@ -365,7 +363,7 @@ fn whole_model_loss_and_gradients_match() {
         // The fused engine runs each block as one op; the gradients its ops computed are in the
         // store it returns, beside candle's.
         assert!(
-            matches!(f.engine, Engine::Fused(_)),
+            matches!(f.engine.runner(), Runner::Fused(_)),
             "the fused trainer runs the fused engine"
         );
         for (name, var) in r.params.vars() {
@@ -515,7 +513,7 @@ fn fused_decoder_matches_the_full_forward_pass() {
             .unwrap();
         assert_eq!(alone, rows[0], "heads={n_head}: a prompt fed at once");
         // With and without a partner thread sharing the products: the same bits.
-        let Engine::Fused(fused) = &t.engine else {
+        let Runner::Fused(fused) = t.engine.runner() else {
             panic!("the fused trainer runs the fused engine")
         };
         for partner in [false, true] {
@@ -602,7 +600,7 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
         .take()
         .expect("the block's backward left its weights' gradients");
     assert_eq!(
-        w.named().len(),
+        w.len(),
         block.params().named().len(),
         "every weight got its gradient"
     );

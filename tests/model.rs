@@ -19,7 +19,6 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         dropout: 0.0,
         bias: true,
         qkv_bias: false,
-        kernels: Default::default(),
         activation: Default::default(),
         position: Default::default(),
         tie_embeddings: true,

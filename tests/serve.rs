@@ -84,6 +84,11 @@ fn the_api_answers_what_each_view_shows() {
         info["metrics"], true,
         "a run directory's metrics.csv is found"
     );
+    // The page's sampling defaults are the CLI's, from one SampleOptions::default().
+    let d = tinygpt::sample::SampleOptions::default();
+    assert_eq!(info["sampling"]["temperature"], d.temperature);
+    assert_eq!(info["sampling"]["top_k"], d.top_k.unwrap());
+    assert_eq!(info["sampling"]["seed"], d.seed);
 
     // The attention endpoint is exactly `tinygpt attention --format json`.
     let cli = tinygpt(

@@ -96,7 +96,7 @@ fn resume_continues_exactly() {
     // On the fused kernels, training runs each block as one op (its own backward, weight
     // gradients through a side store): resume must be exact there too.
     for kernels in ["reference", "fused"] {
-        resume_continues_exactly_on(kernels, &[]);
+        resume_continues_exactly_on(kernels, &[], kernels);
     }
     // Muon keeps its momentum in the checkpoint; the WSD schedule is a function of the step.
     let muon = [
@@ -106,7 +106,7 @@ fn resume_continues_exactly() {
         "training.muon_momentum_warmup=15",
         "model.activation=\"relu2\"",
     ];
-    resume_continues_exactly_on("fused", &muon);
+    resume_continues_exactly_on("fused", &muon, "fused");
     // The architecture options: rotary positions (no wpe), an untied, zero-initialised head
     // (its own tensor in the checkpoint) and capped logits, on both engines.
     let arch = [
@@ -118,11 +118,13 @@ fn resume_continues_exactly() {
         "training.optimizer=\"muon\"",
     ];
     for kernels in ["reference", "fused"] {
-        resume_continues_exactly_on(kernels, &arch);
+        resume_continues_exactly_on(kernels, &arch, kernels);
     }
 }
 
-fn resume_continues_exactly_on(kernels: &str, extra: &[&str]) {
+/// Trains 20 steps on `engine` (which `auto` must resolve to `runs_on`), and 10 + 10 with a
+/// resume between: the weights must be the same bits.
+fn resume_continues_exactly_on(kernels: &str, extra: &[&str], runs_on: &str) {
     let ws = Workspace::new(5000);
     let over = |n: usize| {
         vec![
@@ -132,7 +134,7 @@ fn resume_continues_exactly_on(kernels: &str, extra: &[&str]) {
             "training.checkpoint_interval=5".into(),
             "model.dropout=0.1".into(),
             "training.grad_accum_steps=2".into(),
-            format!("model.kernels=\"{kernels}\""),
+            format!("training.engine=\"{kernels}\""),
         ]
         .into_iter()
         .chain(extra.iter().map(|s| s.to_string()))
@@ -140,8 +142,7 @@ fn resume_continues_exactly_on(kernels: &str, extra: &[&str]) {
     };
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
     let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
-    let ran_on = format!("{:?}", whole.config.model.kernels).to_lowercase();
-    assert_eq!(ran_on, kernels);
+    assert_eq!(whole.engine.kind().name(), runs_on);
     whole.run(&opts(&ws.path("whole"), false)).unwrap();
 
     let cfg = Config::load(&ws.path("tiny.toml"), &over(10)).unwrap();
@@ -202,9 +203,9 @@ fn same_seed_same_generation_and_cache_agrees_within_block() {
             top_k: Some(10),
             top_p: Some(0.95),
             use_cache,
-            repetition_penalty: 1.0,
+            ..SampleOptions::default()
         };
-        generate(&t.model, &prompt, &o, &mut seeded(seed), |_| Ok(true)).unwrap()
+        generate(&t.engine, &prompt, &o, &mut seeded(seed), |_| Ok(true)).unwrap()
     };
     assert_eq!(run(1, true, 40), run(1, true, 40));
     assert_ne!(run(1, true, 40), run(2, true, 40));

@@ -45,6 +45,8 @@ pub struct AttentionArgs {
     /// Write here instead of stdout (required for png and svg).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    engine: super::EngineArg,
 }
 
 pub fn run(args: AttentionArgs) -> Result<()> {
@@ -61,8 +63,8 @@ pub fn run(args: AttentionArgs) -> Result<()> {
             "--format png/svg writes an image: pass --out FILE".into(),
         ));
     }
-    let ck = super::load_checkpoint(&args.checkpoint)?;
-    let maps = AttentionMaps::compute(&ck.model, &ck.tokenizer, &args.prompt, layer, head)?;
+    let (ck, engine) = super::load_with_engine(&args.checkpoint, args.engine)?;
+    let maps = AttentionMaps::compute(engine.model(), &ck.tokenizer, &args.prompt, layer, head)?;
     let text = match args.format {
         Format::Table => {
             let to_terminal = args.out.is_none() && std::io::stdout().is_terminal();

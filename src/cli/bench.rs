@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::bench::{self, BenchOptions};
 use crate::config::Config;
+use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Args)]
@@ -25,17 +26,24 @@ pub struct BenchArgs {
     /// Tokens generated per sampling measurement.
     #[arg(long, default_value_t = 500)]
     gen_tokens: usize,
-    /// Override a config key, e.g. --set model.kernels=reference (repeatable).
+    /// Override a config key, e.g. --set model.n_embd=256 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// What runs the model: `fused`, `reference` or `auto` (default: the config's
+    /// training.engine, itself `auto` unless set).
+    #[arg(long, value_enum)]
+    engine: Option<EngineChoice>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let config = Config::load(&args.config, &args.set)?;
-    crate::kernels::configure_threads(config.model.kernels);
+    let mut config = Config::load(&args.config, &args.set)?;
+    if let Some(e) = args.engine {
+        config.training.engine = e;
+    }
+    EngineOptions::choose(config.training.engine, &config.model)?;
     let opts = BenchOptions {
         iters: args.iters,
         warmup: args.warmup,

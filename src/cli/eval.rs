@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::data::{read_corpus, Dataset, Split};
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::evaluate;
 use crate::progress::ProgressMode;
@@ -33,10 +32,12 @@ pub struct EvalArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    engine: super::EngineArg,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let ck = super::load_checkpoint(&args.checkpoint)?;
+    let (ck, engine) = super::load_with_engine(&args.checkpoint, args.engine)?;
     let cfg = &ck.config;
     let path = args.data.clone().unwrap_or_else(|| cfg.data.path.clone());
     let progress = ProgressMode::detect(args.quiet || args.json);
@@ -49,7 +50,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
         SplitArg::Train => Split::Train,
         SplitArg::Val => Split::Val,
     };
-    let engine = Engine::new(&ck.model, cfg.model.kernels, false);
     let e = evaluate(&engine, &ck.tokenizer, &data, split, block, progress)?;
     if args.json {
         let mut v = serde_json::to_value(&e).map_err(|e| Error::Usage(e.to_string()))?;

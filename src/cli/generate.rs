@@ -21,19 +21,20 @@ pub struct GenerateArgs {
     #[arg(long)]
     prompt_file: Option<PathBuf>,
     /// Tokens to generate per sample.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = SampleOptions::default().max_new_tokens)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = SampleOptions::default().temperature, allow_hyphen_values = true)]
     temperature: f64,
-    /// Sample only from the k most likely tokens.
+    /// Sample only from the k most likely tokens [default: 200; a k at least the vocabulary
+    /// size keeps every token].
     #[arg(long)]
     top_k: Option<usize>,
     /// Sample only from the smallest set of tokens with total probability ≥ p.
     #[arg(long, allow_hyphen_values = true)]
     top_p: Option<f64>,
     /// Random seed: the same seed gives the same text.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = SampleOptions::default().seed)]
     seed: u64,
     /// Number of samples.
     #[arg(long, default_value_t = 1)]
@@ -49,6 +50,8 @@ pub struct GenerateArgs {
     /// (repeatable: the first of them to appear).
     #[arg(long = "stop", value_name = "STRING")]
     stop: Vec<String>,
+    #[command(flatten)]
+    engine: super::EngineArg,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -60,10 +63,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let opts = SampleOptions {
         max_new_tokens: max_new,
         temperature: args.temperature,
-        top_k: args.top_k,
+        top_k: args.top_k.or(SampleOptions::default().top_k),
         top_p: args.top_p,
         use_cache: !args.no_kv_cache,
         repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
     };
     opts.validate()?;
     StopAt::check(&args.stop)?;
@@ -85,7 +89,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (None, None) => String::new(),
     };
-    let ck = super::load_checkpoint(&args.checkpoint)?;
+    let (ck, engine) = super::load_with_engine(&args.checkpoint, args.engine)?;
     let tok = &ck.tokenizer;
     let block = ck.config.model.block_size;
     let mut ids = tok
@@ -121,7 +125,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             Ok(())
         };
-        let result = generate(&ck.model, &ids, &opts, &mut rng, |id| {
+        let result = generate(&engine, &ids, &opts, &mut rng, |id| {
             let Some(text) = stream.step(id)? else {
                 return Ok(true);
             };

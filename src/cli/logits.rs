@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 use clap::Args;
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -23,10 +22,12 @@ pub struct LogitsArgs {
     /// Print one JSON object with the ids and every logit: {"ids": [...], "logits": [[...], ...]}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    engine: super::EngineArg,
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let ck = super::load_checkpoint(&args.checkpoint)?;
+    let (ck, engine) = super::load_with_engine(&args.checkpoint, args.engine)?;
     let ids = ck
         .tokenizer
         .encode(&args.prompt)
@@ -41,7 +42,6 @@ pub fn run(args: LogitsArgs) -> Result<()> {
             ids.len()
         )));
     }
-    let engine = Engine::new(&ck.model, ck.config.model.kernels, false);
     let idx = Tensor::from_slice(&ids, (1, ids.len()), engine.device())?;
     let logits = engine.forward(&idx)?.squeeze(0)?.to_vec2::<f32>()?;
     let mut out = String::new();

@@ -16,8 +16,10 @@ mod train;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use crate::checkpoint::Checkpoint;
+use crate::engine::{Engine, EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 
 /// Train, sample and inspect a tiny GPT.
@@ -128,10 +130,26 @@ pub(crate) fn checkpoint_dir(dir: &Path) -> PathBuf {
 }
 
 /// Loads the checkpoint a user named.
-pub(crate) fn load_checkpoint(dir: &Path) -> Result<crate::checkpoint::Checkpoint> {
-    let ck = crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)?;
-    crate::kernels::configure_threads(ck.config.model.kernels);
-    Ok(ck)
+pub(crate) fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
+}
+
+/// `--engine`, on every command that runs a model.
+#[derive(Debug, Clone, Copy, Args)]
+pub(crate) struct EngineArg {
+    /// What runs the model: `fused` (tinygpt's CPU kernels), `reference` (candle's composed
+    /// ops) or `auto` (fused when it supports every option of the model, else reference).
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+}
+
+/// Loads the checkpoint a user named and the engine `arg` resolves to for it (once per run:
+/// a note when `auto` passes over the fused kernels, the thread counts set).
+pub(crate) fn load_with_engine(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, Engine)> {
+    let ck = load_checkpoint(dir)?;
+    let opts = EngineOptions::choose(arg.engine, &ck.config.model)?;
+    let engine = opts.engine(&ck.model, false)?;
+    Ok((ck, engine))
 }
 
 /// Reads a prompt file, naming the problem.

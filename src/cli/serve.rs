@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::engine::EngineOptions;
 use crate::error::Result;
 use crate::serve::{run, Served};
 
@@ -20,16 +21,22 @@ pub struct ServeArgs {
     /// (and the model) to the network.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    #[command(flatten)]
+    engine: super::EngineArg,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let dir = super::checkpoint_dir(&args.checkpoint);
     let ck = super::load_checkpoint(&args.checkpoint)?;
+    let mut opts = EngineOptions::choose(args.engine.engine, &ck.config.model)?;
+    // Requests decode side by side: one core each, no partner threads spinning for a second.
+    opts.partner_threads = false;
+    let engine = opts.engine(&ck.model, false)?;
     // The run's metrics.csv: beside best/ and last/, or in the directory given.
     let metrics = [Some(args.checkpoint.as_path()), dir.parent()]
         .into_iter()
         .flatten()
         .map(|d| d.join("metrics.csv"))
         .find(|p| p.is_file());
-    run(Served { ck, metrics }, &args.host, args.port)
+    run(Served::new(ck, engine, metrics), &args.host, args.port)
 }

@@ -8,6 +8,7 @@ use candle_core::Device;
 use clap::Args;
 
 use crate::config::Config;
+use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
 use crate::rng::seeded;
@@ -45,6 +46,18 @@ pub struct TrainArgs {
     /// Tokens of sample text to print at the end (0 for none).
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
+    /// What runs the model: `fused` (tinygpt's CPU kernels), `reference` (candle's composed
+    /// ops) or `auto` (fused when it supports every option of the model). Default: the
+    /// config's training.engine (`auto` unless set; a resumed run keeps its own).
+    #[arg(long, value_enum)]
+    engine: Option<EngineChoice>,
+}
+
+/// `--engine` as a `--set` override of the run's config.
+fn engine_override(e: EngineChoice) -> String {
+    let name = serde_json::to_value(e).ok();
+    let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("auto");
+    format!("training.engine=\"{name}\"")
 }
 
 /// Ctrl-C or SIGTERM: the first sets `stop` (training saves and exits 130/143); a second
@@ -72,8 +85,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let (ck_dir, run_dir) = resume_paths(resume);
         let out = args.out.clone().unwrap_or(run_dir);
         let lock = RunLock::acquire(&out)?;
-        let trainer = Trainer::resume(&ck_dir, &args.set, args.data.as_deref(), &device, progress)?;
-        crate::kernels::configure_threads(trainer.config.model.kernels);
+        let mut overrides = args.set.clone();
+        overrides.extend(args.engine.map(engine_override));
+        let trainer =
+            Trainer::resume(&ck_dir, &overrides, args.data.as_deref(), &device, progress)?;
+        EngineOptions::choose(trainer.config.training.engine, &trainer.config.model)?;
         (trainer, out, true, lock)
     } else {
         let path = args
@@ -81,7 +97,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .as_ref()
             .ok_or_else(|| Error::Usage("--config is required unless --resume is given".into()))?;
         let mut config = Config::load(path, &args.set)?;
-        crate::kernels::configure_threads(config.model.kernels);
+        if let Some(e) = args.engine {
+            config.training.engine = e;
+        }
+        EngineOptions::choose(config.training.engine, &config.model)?;
         if let Some(d) = &args.data {
             config.data.path = d.clone();
         }
@@ -168,14 +187,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let start = trainer.tokenizer.newline_id().unwrap_or(0);
         let opts = SampleOptions {
             max_new_tokens: args.sample_tokens,
-            temperature: 0.8,
-            top_k: Some(200),
-            top_p: None,
-            use_cache: true,
-            repetition_penalty: 1.0,
+            ..SampleOptions::default()
         };
         let mut rng = seeded(trainer.config.training.seed);
-        let ids = generate(&trainer.model, &[start], &opts, &mut rng, |_| Ok(true))?;
+        let ids = generate(&trainer.engine, &[start], &opts, &mut rng, |_| Ok(true))?;
         println!(
             "--- sample ---\n{}\n--------------",
             trainer.tokenizer.decode(&ids)?

@@ -39,7 +39,7 @@ use crate::kernels::block::Affine;
 use crate::kernels::layer_norm::layer_norm_forward_serial_into;
 use crate::kernels::math;
 use crate::kernels::rope::RopeTable;
-use crate::model::gpt::{bigram_row, check_positions};
+use crate::model::gpt::{bigram_row, check_positions, softcap};
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -468,32 +468,23 @@ pub struct Decoder {
     len: usize,
 }
 
-/// Whether a new [`Decoder`] may take a partner thread (yes unless turned off).
-static PARTNERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Lets decoders made from now on take a partner thread, or not. A server that decodes for
-/// many requests at once turns partners off: each request then keeps to one core, instead of
-/// pairs of threads spinning for cores that the other requests hold. The bits are the same.
-pub fn allow_partner_threads(on: bool) {
-    PARTNERS.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
 impl Decoder {
-    /// Copies `model`'s weights into a decoder with an empty cache.
-    pub fn new(model: &FusedGpt) -> Result<Decoder> {
-        // A partner thread for small models on a machine with a second core; a large model's
-        // products split over rayon's threads instead ([`PARALLEL_MIN`]).
-        let c = model.wte.dim(1)?;
+    /// Copies `fused`'s weights into a decoder with an empty cache. With `partner_threads`, a
+    /// small model on a machine with a second core gets a partner thread; a large model's
+    /// products split over rayon's threads instead ([`PARALLEL_MIN`]).
+    pub fn new(fused: &FusedGpt, partner_threads: bool) -> Result<Decoder> {
+        let c = fused.model.cfg.n_embd;
         let small = 4 * c * c < PARALLEL_MIN;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let allowed = PARTNERS.load(std::sync::atomic::Ordering::Relaxed);
-        Decoder::with_partner(model, small && cores >= 2 && allowed)
+        Decoder::with_partner(fused, small && cores >= 2 && partner_threads)
     }
 
     /// [`Decoder::new`] with or without a partner thread (the same bits either way).
-    pub fn with_partner(model: &FusedGpt, two: bool) -> Result<Decoder> {
-        let c = model.wte.dim(1)?;
-        let layers = model
+    pub fn with_partner(fused: &FusedGpt, two: bool) -> Result<Decoder> {
+        let model = &fused.model;
+        let c = model.cfg.n_embd;
+        let eps = model.ln_f.eps;
+        let layers = fused
             .blocks
             .iter()
             .map(|p| {
@@ -503,33 +494,37 @@ impl Decoder {
                     _ => None,
                 };
                 Ok(Layer {
-                    ln_1: Norm::new(&p.ln_1, model.eps)?,
+                    ln_1: Norm::new(&p.ln_1, eps)?,
                     qkv: Dense::new(&data(&qkv)?, bias, c, two),
                     proj: Dense::from_affine(&p.attn_proj, two)?,
-                    ln_2: Norm::new(&p.ln_2, model.eps)?,
+                    ln_2: Norm::new(&p.ln_2, eps)?,
                     fc: Dense::from_affine(&p.fc, two)?,
                     fc_proj: Dense::from_affine(&p.mlp_proj, two)?,
-                    keys: vec![0.0; model.block_size * c],
-                    values: vec![0.0; model.block_size * c],
+                    keys: vec![0.0; model.cfg.block_size * c],
+                    values: vec![0.0; model.cfg.block_size * c],
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let ln_f = Affine {
+            weight: model.ln_f.weight.clone(),
+            bias: model.ln_f.bias.clone(),
+        };
         Ok(Decoder {
             c,
-            activation: model.activation,
-            n_head: model.n_head,
-            block_size: model.block_size,
-            vocab: model.wte.dim(0)?,
+            activation: fused.activation,
+            n_head: model.cfg.n_head,
+            block_size: model.cfg.block_size,
+            vocab: model.vocab_size,
             wte: data(&model.wte)?,
             wpe: model.wpe.as_ref().map(data).transpose()?,
-            rope: model.rope.clone(),
-            head: Dense::new(&data(&model.head)?, None, c, false), // never shared
+            rope: fused.rope.clone(),
+            head: Dense::new(&data(model.head_weight())?, None, c, false), // never shared
             partner: two.then(Partner::new),
-            softcap: model.softcap,
+            softcap: model.cfg.logit_softcap,
             bigram: model.bigram.as_ref().map(data).transpose()?,
             last: None,
             layers,
-            ln_f: Norm::new(&model.ln_f, model.eps)?,
+            ln_f: Norm::new(&ln_f, eps)?,
             len: 0,
         })
     }
@@ -636,9 +631,9 @@ impl Decode for Decoder {
         let mut logits = vec![0.0f32; self.vocab];
         self.head.apply(&h, &mut logits);
         if self.softcap > 0.0 {
-            // As candle computes logits / cap and · cap: by the f32 factors 1/cap and cap.
-            let (inv, cap) = ((1.0 / self.softcap) as f32, self.softcap as f32);
-            logits.iter_mut().for_each(|l| *l = (*l * inv).tanh() * cap);
+            // The model's own formula, on the one row.
+            let row = Tensor::from_vec(logits, self.vocab, &candle_core::Device::Cpu)?;
+            logits = softcap(&row, self.softcap)?.to_vec1::<f32>()?;
         }
         Ok(logits)
     }

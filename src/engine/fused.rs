@@ -1,6 +1,6 @@
-//! The model on tinygpt's fused CPU kernels: the same weights as the reference [`Gpt`] (the
-//! same tensors, so an optimizer step on one is a step on the other), and the same math,
-//! with each block run as one [`BlockOp`] whose backward is written out.
+//! The model on tinygpt's fused CPU kernels: the reference [`Gpt`] itself (the same tensors,
+//! so an optimizer step on one is a step on the other) with the parts the kernels accelerate
+//! replaced, each block run as one [`BlockOp`] whose backward is written out.
 //!
 //! ```text
 //! x = drop(wte[idx] + wpe[0..T])                    (B, T, C)   kernels::positions, dropout
@@ -9,106 +9,154 @@
 //! loss = cross_entropy(logits, targets)                         kernels::cross_entropy
 //! ```
 //!
-//! Bigram features add their rows to x (candle's index_select and add). With rotary
-//! embeddings there is no wpe, and each block op turns its queries and keys
-//! (kernels::rope); the head is wte unless untied; capped logits go through candle's tanh.
+//! What the model computes around these (the embedding's rows, bigram features, the soft cap)
+//! comes from the model's own functions. The fused path may lag behind the model: a model
+//! option the kernels do not compute is declared in [`FusedGpt::supports`], and such a model
+//! runs on the reference engine.
 
+use std::fmt;
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use rand::Rng as _;
 
+use super::BlockRun;
 use crate::error::Result;
 use crate::kernels;
-use crate::kernels::activation::Activation;
-use crate::kernels::block::{Affine, BlockDropout, BlockGrads, BlockOp, BlockParams, GradSlot};
+use crate::kernels::activation::Activation as KernelActivation;
+use crate::kernels::block::{
+    Affine as KernelAffine, BlockDropout, BlockOp, BlockWeights, GradSlot,
+};
 use crate::kernels::rope::RopeTable;
-use crate::model::config::Position;
-use crate::model::gpt::{bigram_ids, check_positions, softcap};
-use crate::model::Gpt;
+use crate::model::config::{Activation, Position};
+use crate::model::gpt::softcap;
+use crate::model::rope::rope_table;
+use crate::model::{Affine, BlockParams, Gpt, ModelConfig};
 use crate::rng::Rng;
+
+/// A model option the fused kernels do not compute, as the config spells it
+/// (`model.KEY = value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub key: &'static str,
+    pub value: String,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}", self.key, self.value)
+    }
+}
 
 /// The fused copy of a model (see the module docs).
 #[derive(Debug, Clone)]
 pub struct FusedGpt {
-    /// `(V, C)`: token embedding.
-    pub(super) wte: Tensor,
-    /// `(V, C)`: the LM head (the same tensor as `wte` when tied).
-    pub(super) head: Tensor,
-    /// `(block_size, C)`; none with rotary embeddings.
-    pub(super) wpe: Option<Tensor>,
+    /// The model: its weights, config and the functions shared with the reference engine.
+    pub model: Gpt,
+    /// Each block's weights as the block op takes them (the model's tensors).
+    pub(super) blocks: Vec<BlockWeights<Tensor>>,
     /// The rotations of rotary embeddings, for every position of a block.
     pub(super) rope: Option<Arc<RopeTable>>,
-    /// cap of cap·tanh(logits / cap); 0 = off.
-    pub(super) softcap: f64,
-    /// Bigram features `(buckets, C)`, when on.
-    pub(super) bigram: Option<Tensor>,
-    pub(super) blocks: Vec<BlockParams<Tensor>>,
-    pub(super) ln_f: Affine<Tensor>,
-    pub(super) n_head: usize,
     /// The MLP's nonlinearity.
-    pub(super) activation: Activation,
-    /// The LayerNorms' ε.
-    pub(super) eps: f64,
-    pub(super) dropout: f64,
-    pub(super) block_size: usize,
+    pub(super) activation: KernelActivation,
     /// Training passes keep only each block's input and recompute the rest in backward.
     pub(super) recompute: bool,
 }
 
-/// One block's parameters and the slot where its op leaves their gradients.
-pub(crate) type BlockRun = (BlockParams<Tensor>, GradSlot<BlockGrads>);
+/// A model affine as the kernels take it.
+fn to_kernel<T>(a: Affine<T>) -> KernelAffine<T> {
+    KernelAffine {
+        weight: a.weight,
+        bias: a.bias,
+    }
+}
+
+/// A block's parameters as the block op takes them.
+pub(super) fn block_weights<T>(p: BlockParams<T>) -> BlockWeights<T> {
+    BlockWeights {
+        ln_1: to_kernel(p.ln_1),
+        w_q: to_kernel(p.w_q),
+        w_k: to_kernel(p.w_k),
+        w_v: to_kernel(p.w_v),
+        attn_proj: to_kernel(p.attn_proj),
+        ln_2: to_kernel(p.ln_2),
+        fc: to_kernel(p.fc),
+        mlp_proj: to_kernel(p.mlp_proj),
+    }
+}
+
+/// The kernels' name for the model's activation.
+pub(super) fn kernel_activation(a: Activation) -> KernelActivation {
+    match a {
+        Activation::Gelu => KernelActivation::Gelu,
+        Activation::Relu2 => KernelActivation::Relu2,
+        Activation::GeluTanh => KernelActivation::GeluTanh,
+    }
+}
 
 impl FusedGpt {
-    /// The fused copy of `model`, sharing its weight tensors.
+    /// Whether the fused kernels compute a model of `cfg`; if not, the first option they lack.
+    /// Every key is listed, so a new model option is a compile error here until it is declared
+    /// supported or not.
+    pub fn supports(cfg: &ModelConfig) -> std::result::Result<(), Unsupported> {
+        let ModelConfig {
+            block_size: _,
+            n_layer: _,
+            n_head: _,
+            n_embd: _,
+            dropout: _,
+            bias: _,
+            qkv_bias: _,
+            activation: _,
+            position: _,
+            tie_embeddings: _,
+            zero_init: _,
+            bigram_buckets: _,
+            logit_softcap: _,
+        } = cfg;
+        Ok(())
+    }
+
+    /// The fused copy of `model`, sharing its weight tensors. The caller checks
+    /// [`FusedGpt::supports`] first.
     pub fn new(model: &Gpt, recompute: bool) -> FusedGpt {
+        let cfg = &model.cfg;
         FusedGpt {
-            wte: model.wte.clone(),
-            head: model.head_weight().clone(),
-            wpe: model.wpe.clone(),
-            rope: (model.cfg.position == Position::Rope).then(|| {
-                let hs = model.cfg.n_embd / model.cfg.n_head;
-                Arc::new(RopeTable::new(model.cfg.block_size, hs))
+            model: model.clone(),
+            blocks: model
+                .blocks
+                .iter()
+                .map(|b| block_weights(b.params()))
+                .collect(),
+            rope: (cfg.position == Position::Rope).then(|| {
+                let hs = cfg.head_size();
+                let (cos, sin) = rope_table(cfg.block_size, hs);
+                Arc::new(RopeTable::new(cos, sin, hs / 2))
             }),
-            softcap: model.cfg.logit_softcap,
-            bigram: model.bigram.clone(),
-            blocks: model.blocks.iter().map(|b| b.params()).collect(),
-            ln_f: Affine {
-                weight: model.ln_f.weight.clone(),
-                bias: model.ln_f.bias.clone(),
-            },
-            n_head: model.cfg.n_head,
-            activation: model.cfg.activation,
-            eps: model.ln_f.eps,
-            dropout: model.cfg.dropout,
-            block_size: model.cfg.block_size,
+            activation: kernel_activation(cfg.activation),
             recompute,
         }
     }
 
     /// Logits `(B, T, V)` of `idx` `(B, T)`. With `rng` this is a training pass: dropout is on,
-    /// and each block's op is returned with the slot its backward fills.
+    /// and each block's op is returned with what takes the gradients its backward leaves.
     pub fn forward(
         &self,
         idx: &Tensor,
         mut rng: Option<&mut Rng>,
     ) -> Result<(Tensor, Vec<BlockRun>)> {
+        let m = &self.model;
         let (b, t) = idx.dims2()?;
-        check_positions(0, t, self.block_size)?;
-        let c = self.wte.dim(1)?;
-        let tok = self
-            .wte
-            .index_select(&idx.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
-        let mut x = match &self.wpe {
-            Some(wpe) => kernels::positions::add_positions(&tok, &wpe.narrow(0, 0, t)?)?,
-            None => tok,
+        let c = m.cfg.n_embd;
+        let parts = m.embedding_parts(idx, 0, None)?;
+        let mut x = match &parts.positions {
+            Some(pos) => kernels::positions::add_positions(&parts.tokens, pos)?,
+            None => parts.tokens,
         };
-        if let Some(table) = &self.bigram {
-            let ids = bigram_ids(idx, None, self.wte.dim(0)?, table.dim(0)?)?;
-            x = (x + table.index_select(&ids, 0)?.reshape((b, t, c))?)?;
+        if let Some(bigram) = parts.bigram {
+            x = (x + bigram)?;
         }
-        let p = self.dropout;
+        let p = m.cfg.dropout;
         if let Some(r) = rng.as_deref_mut().filter(|_| p > 0.0) {
             x = kernels::dropout::dropout(&x, p, r.random())?;
         }
@@ -116,7 +164,7 @@ impl FusedGpt {
         // candle's graph would hold every activation of the pass until the loss is dropped.
         let keep = rng.is_some() && !self.recompute;
         let mut runs = Vec::with_capacity(self.blocks.len());
-        for params in &self.blocks {
+        for (block, weights) in m.blocks.iter().zip(&self.blocks) {
             // One mask seed per dropout site, in the order the block reaches them.
             let dropout = rng
                 .as_deref_mut()
@@ -128,10 +176,10 @@ impl FusedGpt {
                     mlp_proj: r.random(),
                 });
             let slot = GradSlot::default();
-            let eps = self.eps as f32;
+            let eps = block.ln_1.eps as f32;
             let op = BlockOp::new(
-                params.clone(),
-                self.n_head,
+                weights.clone(),
+                m.cfg.n_head,
                 eps,
                 self.activation,
                 dropout,
@@ -140,21 +188,25 @@ impl FusedGpt {
             )
             .with_rope(self.rope.clone());
             x = op.apply(&x)?;
-            runs.push((params.clone(), slot));
+            runs.push(BlockRun {
+                params: block.params(),
+                // The kernels' fields come in the model's named() order.
+                grads: Box::new(move || {
+                    slot.take()
+                        .map(|g| g.named().into_iter().map(|(_, t)| t).collect())
+                }),
+            });
         }
-        let x = kernels::layer_norm::layer_norm(
-            &x,
-            &self.ln_f.weight,
-            self.ln_f.bias.as_ref(),
-            self.eps,
-        )?;
-        let logits = kernels::linear::linear(&x.reshape((b * t, c))?, &self.head)?;
-        let logits = softcap(&logits, self.softcap)?;
-        Ok((logits.reshape((b, t, self.head.dim(0)?))?, runs))
+        let x =
+            kernels::layer_norm::layer_norm(&x, &m.ln_f.weight, m.ln_f.bias.as_ref(), m.ln_f.eps)?;
+        let head = m.head_weight();
+        let logits = kernels::linear::linear(&x.reshape((b * t, c))?, head)?;
+        let logits = softcap(&logits, m.cfg.logit_softcap)?;
+        Ok((logits.reshape((b, t, head.dim(0)?))?, runs))
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`, and the blocks'
-    /// gradient slots (see [`FusedGpt::forward`]).
+    /// runs (see [`FusedGpt::forward`]).
     pub fn loss(
         &self,
         idx: &Tensor,

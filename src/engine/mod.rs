@@ -1,7 +1,9 @@
 //! What runs a model: the reference [`Gpt`] itself (candle's composed ops and autograd), or
-//! its fused copy on tinygpt's CPU kernels ([`FusedGpt`]). The choice is made once, when an
-//! [`Engine`] is built from a model and `model.kernels`; after that every caller (training,
-//! evaluation, generation) asks the engine and never looks at the choice again.
+//! its fused copy on tinygpt's CPU kernels ([`FusedGpt`]). An engine is a run option, not a
+//! property of the model: `--engine auto|reference|fused` ([`EngineChoice`]) is resolved once
+//! per run, for the model's config, into an [`EngineOptions`] that the commands pass down. The
+//! fused path is an accelerator that may lag behind the model: it declares what it supports
+//! ([`FusedGpt::supports`]), and `auto` runs anything else on the reference engine.
 //!
 //! Both engines compute the same function of the same weights. Training asks for
 //! [`Engine::loss_and_grads`], which returns every parameter's gradient in one store, the ones
@@ -14,23 +16,139 @@ pub mod recompute;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand::Rng as _;
+use serde::{Deserialize, Serialize};
 
 pub use decoder::Decoder;
-use fused::BlockRun;
-pub use fused::FusedGpt;
+pub use fused::{FusedGpt, Unsupported};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels;
 use crate::kernels::block::GradSlot;
-use crate::kernels::{self, Kernels};
 use crate::model::attention::causal_mask;
 use crate::model::gpt::cross_entropy;
-use crate::model::{Gpt, KvCache};
+use crate::model::{BlockParams, Gpt, KvCache, ModelConfig};
 use crate::rng::Rng;
 use recompute::RecomputedBlock;
 
+/// Which engine a run asks for (`--engine`, `training.engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// The fused kernels when they support every option of the model, else the reference.
+    #[default]
+    Auto,
+    /// candle's composed ops: the readable version, and the oracle for tests.
+    Reference,
+    /// tinygpt's fused CPU kernels; a model with an option they lack is refused.
+    Fused,
+}
+
+/// The engine a run resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Reference,
+    Fused,
+}
+
+impl EngineKind {
+    /// `reference` or `fused`, as `--engine` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Reference => "reference",
+            EngineKind::Fused => "fused",
+        }
+    }
+}
+
+impl EngineChoice {
+    /// The engine that runs a model of `cfg`, and, when `auto` passed over the fused kernels,
+    /// the one line that says why. `fused` on a model they do not support is refused, naming
+    /// the key.
+    pub fn resolve(self, cfg: &ModelConfig) -> Result<(EngineKind, Option<String>)> {
+        match (self, FusedGpt::supports(cfg)) {
+            (EngineChoice::Reference, _) => Ok((EngineKind::Reference, None)),
+            (EngineChoice::Auto | EngineChoice::Fused, Ok(())) => Ok((EngineKind::Fused, None)),
+            (EngineChoice::Auto, Err(u)) => Ok((
+                EngineKind::Reference,
+                Some(format!(
+                    "note: the fused engine does not support {u}; running on the reference engine (slower)"
+                )),
+            )),
+            (EngineChoice::Fused, Err(u)) => Err(Error::Usage(format!(
+                "--engine fused does not support {u}; use --engine reference (or auto)"
+            ))),
+        }
+    }
+}
+
+/// How a run's models are run, chosen once per run and passed down to whatever builds an
+/// [`Engine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub kind: EngineKind,
+    /// Whether a fused decoder of a small model may keep a partner thread ([`Decoder`]). A
+    /// server decoding for many requests at once turns them off: each request then keeps to
+    /// one core. The bits are the same either way.
+    pub partner_threads: bool,
+}
+
+impl EngineOptions {
+    /// Options for `kind` with partner threads allowed.
+    pub fn new(kind: EngineKind) -> EngineOptions {
+        EngineOptions {
+            kind,
+            partner_threads: true,
+        }
+    }
+
+    /// Resolves `choice` for a model of `cfg` ([`EngineChoice::resolve`]), prints its note
+    /// (if any) on stderr, and sets the thread counts for the engine ([`configure_threads`]).
+    /// Call it once per run, before the first tensor op.
+    pub fn choose(choice: EngineChoice, cfg: &ModelConfig) -> Result<EngineOptions> {
+        let (kind, note) = choice.resolve(cfg)?;
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
+        configure_threads(kind);
+        Ok(EngineOptions::new(kind))
+    }
+
+    /// The engine for `model`; `recompute`: training passes keep only each block's input and
+    /// recompute the rest in backward (less memory, about a third more compute).
+    pub fn engine(&self, model: &Gpt, recompute: bool) -> Result<Engine> {
+        Engine::new(model, self, recompute)
+    }
+}
+
+/// Picks candle's thread count for the engine. candle runs its own elementwise ops on a thread
+/// pool of its own whose idle workers spin; rayon's workers (the fused kernels and every
+/// matmul) spin too, and on a 2-core machine the two pools take cores from each other, halving
+/// throughput. With fused kernels the few elementwise ops left to candle are small, so they run
+/// on the calling thread. Call it before the first tensor op (candle's pool starts on first
+/// use); a `CANDLE_NUM_THREADS` set by the user wins.
+pub fn configure_threads(kind: EngineKind) {
+    if kind == EngineKind::Fused && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// One block run as a single op (fused, or recomputed): its parameters, and what takes the
+/// gradients its backward pass left, in [`BlockParams::named`] order.
+pub struct BlockRun {
+    pub params: BlockParams<Tensor>,
+    pub grads: Box<dyn FnOnce() -> Option<Vec<Tensor>>>,
+}
+
 /// A model and the implementation that runs it.
 #[derive(Debug, Clone)]
-pub enum Engine {
+pub struct Engine {
+    runner: Runner,
+    partner_threads: bool,
+}
+
+/// The implementation behind an [`Engine`].
+#[derive(Debug, Clone)]
+pub enum Runner {
     /// The reference model on candle's composed ops. With `recompute`, training passes run
     /// each block as a [`RecomputedBlock`].
     Reference { model: Gpt, recompute: bool },
@@ -54,7 +172,7 @@ pub trait Decode {
 }
 
 /// The reference model with candle-nn's KV cache.
-struct CachedDecoder {
+pub struct CachedDecoder {
     model: Gpt,
     cache: KvCache,
 }
@@ -85,31 +203,61 @@ pub fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Engine {
-    /// Runs `model` on `kernels`; `recompute`: training passes keep only each block's input and
-    /// recompute the rest in backward (less memory, about a third more compute).
-    pub fn new(model: &Gpt, kernels: Kernels, recompute: bool) -> Engine {
-        match kernels {
-            Kernels::Reference => Engine::Reference {
+    /// Runs `model` as `opts` say; `recompute`: training passes keep only each block's input
+    /// and recompute the rest in backward. A model the fused kernels do not support is refused
+    /// on them, naming the key.
+    pub fn new(model: &Gpt, opts: &EngineOptions, recompute: bool) -> Result<Engine> {
+        let runner = match opts.kind {
+            EngineKind::Reference => Runner::Reference {
                 model: model.clone(),
                 recompute,
             },
-            Kernels::Fused => Engine::Fused(FusedGpt::new(model, recompute)),
+            EngineKind::Fused => {
+                FusedGpt::supports(&model.cfg).map_err(|u| {
+                    Error::Usage(format!(
+                        "the fused engine does not support {u}; use the reference engine"
+                    ))
+                })?;
+                Runner::Fused(FusedGpt::new(model, recompute))
+            }
+        };
+        Ok(Engine {
+            runner,
+            partner_threads: opts.partner_threads,
+        })
+    }
+
+    /// The implementation running the model.
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    /// Which engine this is.
+    pub fn kind(&self) -> EngineKind {
+        match self.runner {
+            Runner::Reference { .. } => EngineKind::Reference,
+            Runner::Fused(_) => EngineKind::Fused,
+        }
+    }
+
+    /// The model it runs (the same weight tensors either way).
+    pub fn model(&self) -> &Gpt {
+        match &self.runner {
+            Runner::Reference { model, .. } => model,
+            Runner::Fused(f) => &f.model,
         }
     }
 
     /// The device the model's weights live on.
     pub fn device(&self) -> &candle_core::Device {
-        match self {
-            Engine::Reference { model, .. } => model.wte.device(),
-            Engine::Fused(f) => f.wte.device(),
-        }
+        self.model().wte.device()
     }
 
     /// Logits `(B, T, V)` of `idx` `(B, T)`, dropout off.
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
-        match self {
-            Engine::Reference { model, .. } => model.forward(idx, None),
-            Engine::Fused(f) => Ok(f.forward(idx, None)?.0),
+        match &self.runner {
+            Runner::Reference { model, .. } => model.forward(idx, None),
+            Runner::Fused(f) => Ok(f.forward(idx, None)?.0),
         }
     }
 
@@ -117,9 +265,9 @@ impl Engine {
     /// an evaluation.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<f64> {
         kernels::in_pool(idx.elem_count(), || {
-            let loss = match self {
-                Engine::Reference { model, .. } => model.loss(idx, targets, None)?,
-                Engine::Fused(f) => f.loss(idx, targets, None)?.0,
+            let loss = match &self.runner {
+                Runner::Reference { model, .. } => model.loss(idx, targets, None)?,
+                Runner::Fused(f) => f.loss(idx, targets, None)?.0,
             };
             Ok(loss.to_scalar::<f32>()? as f64)
         })
@@ -135,12 +283,12 @@ impl Engine {
         divisor: usize,
     ) -> Result<(f64, GradStore)> {
         kernels::in_pool(idx.elem_count(), || {
-            let (loss, runs) = match self {
-                Engine::Reference { model, recompute } => match recompute {
+            let (loss, runs) = match &self.runner {
+                Runner::Reference { model, recompute } => match recompute {
                     true => recomputed_loss(model, idx, targets, rng)?,
                     false => (model.loss(idx, targets, Some(rng))?, Vec::new()),
                 },
-                Engine::Fused(f) => f.loss(idx, targets, Some(rng))?,
+                Runner::Fused(f) => f.loss(idx, targets, Some(rng))?,
             };
             let value = loss.to_scalar::<f32>()? as f64;
             let loss = if divisor > 1 {
@@ -149,11 +297,11 @@ impl Engine {
                 loss
             };
             let mut grads = loss.backward()?;
-            for (params, slot) in runs {
-                let g = slot.take().ok_or_else(|| {
+            for run in runs {
+                let g = (run.grads)().ok_or_else(|| {
                     candle_core::Error::Msg("a block's backward pass left no gradients".into())
                 })?;
-                for ((_, w), (_, g)) in params.named().into_iter().zip(g.named()) {
+                for ((_, w), g) in run.params.named().into_iter().zip(g) {
                     let g = match grads.remove(&w) {
                         Some(direct) => (direct + g)?,
                         None => g,
@@ -167,13 +315,13 @@ impl Engine {
 
     /// A decoder that caches the positions it has seen: the fused one, or the reference model
     /// with candle-nn's KV cache.
-    pub fn decoder(&self) -> Result<Box<dyn Decode>> {
-        Ok(match self {
-            Engine::Reference { model, .. } => Box::new(CachedDecoder {
+    pub fn decoder(&self) -> Result<Box<dyn Decode + Send>> {
+        Ok(match &self.runner {
+            Runner::Reference { model, .. } => Box::new(CachedDecoder {
                 model: model.clone(),
                 cache: model.new_cache(),
             }),
-            Engine::Fused(f) => Box::new(Decoder::new(f)?),
+            Runner::Fused(f) => Box::new(Decoder::new(f, self.partner_threads)?),
         })
     }
 }
@@ -198,7 +346,10 @@ fn recomputed_loss(
             grads: grads.clone(),
         };
         x = x.contiguous()?.apply_op1(op)?;
-        runs.push((block.params(), grads));
+        runs.push(BlockRun {
+            params: block.params(),
+            grads: Box::new(move || grads.take()),
+        });
     }
     Ok((cross_entropy(&model.lm_head(&x)?, targets)?, runs))
 }

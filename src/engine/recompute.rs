@@ -15,7 +15,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 
-use crate::kernels::block::{BlockGrads, GradSlot};
+use crate::kernels::block::GradSlot;
 use crate::kernels::f32_slice;
 use crate::model::block::Block;
 use crate::rng::seeded;
@@ -27,8 +27,9 @@ pub struct RecomputedBlock {
     pub mask: Tensor,
     /// Seeds the block's dropout; `None` when the block runs without dropout.
     pub dropout_seed: Option<u64>,
-    /// Where backward leaves the gradients of the block's parameters.
-    pub grads: GradSlot<BlockGrads>,
+    /// Where backward leaves the gradients of the block's parameters, in
+    /// [`crate::model::BlockParams::named`] order.
+    pub grads: GradSlot<Vec<Tensor>>,
 }
 
 impl RecomputedBlock {
@@ -61,13 +62,12 @@ impl CustomOp1 for RecomputedBlock {
         let x = Var::from_tensor(&x.detach())?;
         let y = self.run(x.as_tensor())?;
         let grads = (y * dy.detach())?.sum_all()?.backward()?;
-        let weights = self.block.params().try_map(|w| match grads.get(&w) {
-            Some(g) => Ok(g.clone()),
-            None => bail!(
-                "recomputed block: no gradient for a weight of shape {:?}",
-                w.dims()
-            ),
-        })?;
+        let weights = (self.block.params().named().into_iter())
+            .map(|(name, w)| match grads.get(&w) {
+                Some(g) => Ok(g.clone()),
+                None => bail!("recomputed block: no gradient for {name}"),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         self.grads.put(weights);
         Ok(grads.get(x.as_tensor()).cloned())
     }

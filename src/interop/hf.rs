@@ -263,8 +263,6 @@ fn model_config(dir: &Path, v: &Value) -> Result<(ModelConfig, usize)> {
         zero_init: false,
         bigram_buckets: 0,
         logit_softcap: 0.0,
-        // The fused kernels: the same function as the reference, faster.
-        kernels: crate::kernels::Kernels::Fused,
     };
     if n_embd % n_head != 0 {
         return Err(bad(format!(

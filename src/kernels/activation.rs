@@ -1,10 +1,8 @@
-//! The MLP's activation, chosen by `model.activation`: GELU (exact, erf-based: nanoGPT's),
-//! GELU's tanh approximation (GPT-2's own, for imported weights) or ReLU² (max(x, 0)², from the GPT-2 speedrun: as cheap as ReLU, and smooth at
-//! 0 in its gradient's integral), on slices, forward and backward.
+//! The MLP's nonlinearities on slices, forward and backward: GELU (exact, erf-based), GELU's
+//! tanh approximation and ReLU² (max(x, 0)²).
 
 use multiversion::multiversion;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::gelu::{
     gelu_backward_from_output, gelu_backward_over_input, gelu_forward, gelu_forward_into,
@@ -12,17 +10,14 @@ use super::gelu::{
 };
 use super::{mapped_in_chunks, math, ELEMS_PER_TASK};
 
-/// The MLP's nonlinearity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// A nonlinearity the kernels compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// x·Φ(x), exact (erf).
-    #[default]
     Gelu,
     /// max(x, 0)².
     Relu2,
-    /// GELU's tanh approximation, GPT-2's (`gelu_new`); for imported GPT-2 weights.
-    #[serde(rename = "gelu_tanh")]
+    /// GELU's tanh approximation, GPT-2's (`gelu_new`).
     GeluTanh,
 }
 

@@ -27,7 +27,7 @@
 //! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
 //! The weights' gradients cannot be outputs of a one-input op, so backward leaves them, named
-//! ([`BlockParams`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
+//! ([`BlockWeights`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -82,11 +82,10 @@ impl<T> Affine<T> {
     }
 }
 
-/// The parameters of one transformer block, by name, generic over what each one holds: the
-/// model's tensors, the slices the block op reads, the gradients it returns. Biases are `None`
-/// in a model without them; W_Q, W_K, W_V have them only with `model.qkv_bias` (GPT-2's).
+/// The weights of one block, generic over what each one holds: tensors, the slices the block
+/// op reads, the gradients it returns. A bias is `None` where the block has none.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BlockParams<T> {
+pub struct BlockWeights<T> {
     /// LayerNorm before attention: gain `(C)` and bias.
     pub ln_1: Affine<T>,
     /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (and their biases
@@ -104,10 +103,10 @@ pub struct BlockParams<T> {
     pub mlp_proj: Affine<T>,
 }
 
-impl<T> BlockParams<T> {
+impl<T> BlockWeights<T> {
     /// The same parameters, borrowed.
-    pub fn as_ref(&self) -> BlockParams<&T> {
-        BlockParams {
+    pub fn as_ref(&self) -> BlockWeights<&T> {
+        BlockWeights {
             ln_1: self.ln_1.as_ref(),
             w_q: self.w_q.as_ref(),
             w_k: self.w_k.as_ref(),
@@ -120,8 +119,8 @@ impl<T> BlockParams<T> {
     }
 
     /// The same parameters, mutably borrowed.
-    pub fn as_mut(&mut self) -> BlockParams<&mut T> {
-        BlockParams {
+    pub fn as_mut(&mut self) -> BlockWeights<&mut T> {
+        BlockWeights {
             ln_1: self.ln_1.as_mut(),
             w_q: self.w_q.as_mut(),
             w_k: self.w_k.as_mut(),
@@ -137,8 +136,8 @@ impl<T> BlockParams<T> {
     pub fn try_map<U, E>(
         self,
         mut f: impl FnMut(T) -> std::result::Result<U, E>,
-    ) -> std::result::Result<BlockParams<U>, E> {
-        Ok(BlockParams {
+    ) -> std::result::Result<BlockWeights<U>, E> {
+        Ok(BlockWeights {
             ln_1: self.ln_1.try_map(&mut f)?,
             w_q: self.w_q.try_map(&mut f)?,
             w_k: self.w_k.try_map(&mut f)?,
@@ -150,31 +149,24 @@ impl<T> BlockParams<T> {
         })
     }
 
-    /// Every parameter present, with its name inside the block as the model's checkpoints
-    /// spell it (`ln_1.weight`, `attn.w_q.weight`, `attn.c_proj.bias`, `mlp.c_fc.weight`, …),
-    /// in a fixed order.
+    /// Every parameter present with the name of its field (`ln_1.weight`, `w_q.bias`, …), in
+    /// a fixed order: for messages, and to walk two sets side by side.
     pub fn named(self) -> Vec<(&'static str, T)> {
-        fn affine<T>(v: &mut Vec<(&'static str, T)>, names: [&'static str; 2], a: Affine<T>) {
-            v.push((names[0], a.weight));
-            v.extend(a.bias.map(|b| (names[1], b)));
-        }
         let mut v = Vec::with_capacity(16);
-        affine(&mut v, ["ln_1.weight", "ln_1.bias"], self.ln_1);
-        affine(&mut v, ["attn.w_q.weight", "attn.w_q.bias"], self.w_q);
-        affine(&mut v, ["attn.w_k.weight", "attn.w_k.bias"], self.w_k);
-        affine(&mut v, ["attn.w_v.weight", "attn.w_v.bias"], self.w_v);
-        affine(
-            &mut v,
-            ["attn.c_proj.weight", "attn.c_proj.bias"],
-            self.attn_proj,
-        );
-        affine(&mut v, ["ln_2.weight", "ln_2.bias"], self.ln_2);
-        affine(&mut v, ["mlp.c_fc.weight", "mlp.c_fc.bias"], self.fc);
-        affine(
-            &mut v,
-            ["mlp.c_proj.weight", "mlp.c_proj.bias"],
-            self.mlp_proj,
-        );
+        let fields = [
+            (["ln_1.weight", "ln_1.bias"], self.ln_1),
+            (["w_q.weight", "w_q.bias"], self.w_q),
+            (["w_k.weight", "w_k.bias"], self.w_k),
+            (["w_v.weight", "w_v.bias"], self.w_v),
+            (["attn_proj.weight", "attn_proj.bias"], self.attn_proj),
+            (["ln_2.weight", "ln_2.bias"], self.ln_2),
+            (["fc.weight", "fc.bias"], self.fc),
+            (["mlp_proj.weight", "mlp_proj.bias"], self.mlp_proj),
+        ];
+        for ([w, b], a) in fields {
+            v.push((w, a.weight));
+            v.extend(a.bias.map(|x| (b, x)));
+        }
         v
     }
 }
@@ -205,7 +197,7 @@ impl<T> GradSlot<T> {
 }
 
 /// The gradients of one block's parameters, shaped as the parameters.
-pub type BlockGrads = BlockParams<Tensor>;
+pub type BlockGrads = BlockWeights<Tensor>;
 
 /// Dropout inside the block: probability and one mask seed per place.
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +213,7 @@ pub struct BlockDropout {
 
 /// A block as one op on `x` `(B, T, C)` → `(B, T, C)`.
 pub struct BlockOp {
-    params: BlockParams<Tensor>,
+    params: BlockWeights<Tensor>,
     n_head: usize,
     /// The LayerNorms' ε.
     eps: f32,
@@ -247,7 +239,7 @@ impl BlockOp {
     /// keep what backward needs (fast), or recompute it there (small). Backward leaves the
     /// parameters' gradients in `grads`.
     pub fn new(
-        params: BlockParams<Tensor>,
+        params: BlockWeights<Tensor>,
         n_head: usize,
         eps: f32,
         activation: Activation,
@@ -307,8 +299,8 @@ struct Activations {
 
 /// Read locks on the storage of every parameter tensor, for the length of one pass.
 fn lock(
-    params: &BlockParams<Tensor>,
-) -> Result<BlockParams<(impl Deref<Target = Storage> + '_, &Layout)>> {
+    params: &BlockWeights<Tensor>,
+) -> Result<BlockWeights<(impl Deref<Target = Storage> + '_, &Layout)>> {
     params.as_ref().try_map(|t| {
         if !t.is_contiguous() {
             bail!("block: weight {:?} is not contiguous", t.shape())
@@ -320,7 +312,7 @@ fn lock(
 /// The parameters' f32 data, and [W_Q; W_K; W_V] stacked `(3C, C)` for the one product that
 /// gives Q | K | V (with their biases stacked `(3C)`, when the model has them).
 struct W<'a> {
-    p: BlockParams<&'a [f32]>,
+    p: BlockWeights<&'a [f32]>,
     wqkv: Vec<f32>,
     bqkv: Option<Vec<f32>>,
 }
@@ -329,7 +321,7 @@ impl<'a> W<'a> {
     /// The data under `locks`, with [W_Q; W_K; W_V] stacked unless `stacked` already holds them
     /// (from the forward pass: the weights do not change before its backward pass).
     fn new<G: Deref<Target = Storage>>(
-        locks: &'a BlockParams<(G, &Layout)>,
+        locks: &'a BlockWeights<(G, &Layout)>,
         stacked: Option<Vec<f32>>,
     ) -> Result<W<'a>> {
         let p = locks
@@ -405,7 +397,7 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// The parameters' gradients from one part's backward pass.
-type Gradients = BlockParams<Vec<f32>>;
+type Gradients = BlockWeights<Vec<f32>>;
 
 /// Which of the optional activations a forward pass keeps ([`KEEP_BYTES`]).
 #[derive(Clone, Copy)]
@@ -702,7 +694,7 @@ impl BlockOp {
             }
             None => (None, None, None),
         };
-        BlockParams {
+        BlockWeights {
             ln_1: Affine {
                 weight: d_ln1_w,
                 bias: w.p.ln_1.bias.map(|_| d_ln1_b),
@@ -868,7 +860,7 @@ mod tests {
 
     /// A block's parameters at random, with biases (on W_Q, W_K, W_V too when `qkv_bias`), for
     /// width `c`.
-    fn params(c: usize, seed: u64, qkv_bias: bool) -> BlockParams<Tensor> {
+    fn params(c: usize, seed: u64, qkv_bias: bool) -> BlockWeights<Tensor> {
         let mut seed = seed;
         let mut t = |shape: &[usize], around: f32| {
             seed += 1;
@@ -891,7 +883,7 @@ mod tests {
             a
         };
         let (w_q, w_k, w_v) = (qkv(), qkv(), qkv());
-        BlockParams {
+        BlockWeights {
             ln_1,
             w_q,
             w_k,
@@ -907,7 +899,7 @@ mod tests {
     /// with the block op's dropout masks:
     /// x₁ = x + drop(att(LN₁(x))·W_Oᵀ), y = x₁ + drop(GELU(LN₂(x₁)·W₃ᵀ)·W₄ᵀ).
     fn layer_by_layer(
-        p: &BlockParams<Tensor>,
+        p: &BlockWeights<Tensor>,
         n_head: usize,
         act: Activation,
         x: &Tensor,
@@ -1013,7 +1005,7 @@ mod tests {
                 };
                 for ((name, w), (_, g)) in weights.iter().zip(&got) {
                     let what = format!("{what}: gradient of {name} {:?}", w.dims());
-                    if *name == "attn.w_k.bias" {
+                    if *name == "w_k.bias" {
                         // q·(k + b) − q·k is the same for every key, and softmax ignores it:
                         // the gradient is zero up to rounding, in both.
                         let scale = max_abs(g1.get(&block.w_k.weight).unwrap());

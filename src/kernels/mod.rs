@@ -1,6 +1,8 @@
 //! tinygpt's own CPU kernels for the training hot path, each a candle custom op with its
 //! backward pass, so a model built from them trains with candle's autograd like any other.
-//! [`crate::engine`] runs the model on them; they know nothing of models, configs or the CLI.
+//! They compute math on tensors and slices (a LayerNorm, a whole block given its weights) and
+//! know nothing of the model, its config or the CLI: [`crate::engine`] translates a model into
+//! calls to them.
 //!
 //! Why by hand: candle's CPU elementwise and reduction ops run one scalar at a time, and its
 //! fused `softmax_last_dim` / `layer_norm` have no backward. Each kernel here is
@@ -50,19 +52,6 @@ use std::mem::MaybeUninit;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-
-/// Which implementation runs the model: the choice is made once, where an engine is built
-/// (`crate::engine`); the model itself never reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
-    /// candle's composed ops: the readable version, and the oracle for tests.
-    #[default]
-    Reference,
-    /// tinygpt's fused CPU kernels.
-    Fused,
-}
 
 /// The f32 elements of a contiguous CPU storage viewed through `layout`.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -148,18 +137,6 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 
 /// Elements handed to one rayon task by the purely elementwise kernels.
 pub(crate) const ELEMS_PER_TASK: usize = 16 * 1024;
-
-/// Picks candle's thread count for the kernels the model runs on. candle runs its own
-/// elementwise ops on a thread pool of its own whose idle workers spin; rayon's workers (the
-/// fused kernels and every matmul) spin too, and on a 2-core machine the two pools take cores
-/// from each other, halving throughput. With fused kernels the few elementwise ops left to
-/// candle are small, so they run on the calling thread. Call it before the first tensor op
-/// (candle's pool starts on first use); a `CANDLE_NUM_THREADS` set by the user wins.
-pub fn configure_threads(kernels: Kernels) {
-    if kernels == Kernels::Fused && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
 
 /// Runs `f`, the forward and backward passes of a batch of `rows` rows (B·T), where the kernels
 /// run best: on one of rayon's worker threads when the batch is small enough for its blocks to

@@ -10,25 +10,8 @@
 //! learns relative positions and no position table is added to the input. A rotation's
 //! inverse is its transpose, so the backward pass turns the gradient by −pos·θᵢ.
 //!
-//! The model (`model::rope`), the block op and the decoder all read the one table built here,
-//! so the three rotate by the same f32 numbers.
-
-/// The rotations of positions `0..positions` for heads of `head_size` entries: cos and sin,
-/// `(positions, head_size / 2)` each, rounded once from f64.
-pub fn rope_table(positions: usize, head_size: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_size / 2;
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for pos in 0..positions {
-        for i in 0..half {
-            let theta = 10000f64.powf(-2.0 * i as f64 / head_size as f64);
-            let angle = pos as f64 * theta;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
-}
+//! The table is the model's (`model::rope::rope_table`): the engine hands it to the block op and
+//! the decoder, so the three rotate by the same f32 numbers.
 
 /// Turns one head's vector `x` `(hs)` by its position's `cos` and `sin` `(hs / 2)`.
 #[inline]
@@ -52,7 +35,7 @@ pub fn rotate_back(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// The table of [`rope_table`] for a block: the rotations of every position.
+/// The rotations of every position of a block, cos and sin `(positions, half)` row by row.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
     pub cos: Vec<f32>,
@@ -62,14 +45,9 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Rotations for positions `0..positions` of heads of `head_size` (even) entries.
-    pub fn new(positions: usize, head_size: usize) -> RopeTable {
-        let (cos, sin) = rope_table(positions, head_size);
-        RopeTable {
-            cos,
-            sin,
-            half: head_size / 2,
-        }
+    /// The table of `cos` and `sin`, `half` entries a position each.
+    pub fn new(cos: Vec<f32>, sin: Vec<f32>, half: usize) -> RopeTable {
+        RopeTable { cos, sin, half }
     }
 
     /// Position `pos`'s cos and sin `(hs / 2)`.
@@ -92,46 +70,5 @@ impl RopeTable {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rotation_keeps_length_and_inverts() {
-        let table = RopeTable::new(8, 4);
-        let x = [0.3f32, -1.2, 0.7, 2.0];
-        let mut y = x;
-        let (cos, sin) = table.at(5);
-        rotate(&mut y, cos, sin);
-        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
-        assert!((norm(&x) - norm(&y)).abs() < 1e-5);
-        assert!(x.iter().zip(&y).any(|(a, b)| (a - b).abs() > 0.1));
-        rotate_back(&mut y, cos, sin);
-        for (a, b) in x.iter().zip(&y) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
-        }
-        // Position 0 is the identity; pair 0 at position 1 turns by 1 radian.
-        assert_eq!(table.at(0).0, [1.0, 1.0]);
-        assert_eq!(table.at(1).0[0], 1f64.cos() as f32);
-        assert_eq!(table.at(1).1[1], (0.01f64).sin() as f32);
-    }
-
-    #[test]
-    fn scores_depend_on_distance_only() {
-        let table = RopeTable::new(16, 4);
-        let (q, k) = ([1.0f32, 0.5, -0.25, 2.0], [0.75f32, -1.0, 1.5, 0.5]);
-        let score = |pq: usize, pk: usize| {
-            let (mut a, mut b) = (q, k);
-            let (c, s) = table.at(pq);
-            rotate(&mut a, c, s);
-            let (c, s) = table.at(pk);
-            rotate(&mut b, c, s);
-            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
-        };
-        assert!((score(3, 1) - score(12, 10)).abs() < 1e-5);
-        assert!((score(3, 1) - score(3, 2)).abs() > 1e-3);
     }
 }

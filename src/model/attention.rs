@@ -18,6 +18,7 @@
 use candle_core::{Device, Tensor, D};
 use candle_nn::kv_cache::KvCache as LayerKv;
 
+use super::config::INIT_STD;
 use super::layers::{dropout, Linear};
 use super::params::VarBuilder;
 use super::rope::Rope;
@@ -139,7 +140,7 @@ impl Head {
         dropout: f64,
         qkv_bias: bool,
     ) -> Result<Head> {
-        let w = |n: &str| Linear::new(vb.pp(n), n_embd, head_size, qkv_bias, 0.02);
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, head_size, qkv_bias, INIT_STD);
         Ok(Head {
             w_q: w("w_q")?,
             w_k: w("w_k")?,
@@ -193,7 +194,7 @@ impl MultiHeadAttention {
         qkv_bias: bool,
         proj_std: f64,
     ) -> Result<Self> {
-        let w = |n: &str| Linear::new(vb.pp(n), n_embd, n_embd, qkv_bias, 0.02);
+        let w = |n: &str| Linear::new(vb.pp(n), n_embd, n_embd, qkv_bias, INIT_STD);
         let (w_q, w_k, w_v) = (w("w_q")?, w("w_k")?, w("w_v")?);
         let c_proj = Linear::new(vb.pp("c_proj"), n_embd, n_embd, bias, proj_std)?;
         Ok(MultiHeadAttention {

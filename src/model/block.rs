@@ -4,15 +4,14 @@ use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::attention::{Head, MultiHeadAttention};
-use super::config::{Activation, ModelConfig};
+use super::config::{Activation, ModelConfig, INIT_STD};
 use super::layers::{dropout, LayerNorm, Linear};
 use super::params::VarBuilder;
 use super::rope::Rope;
 use crate::error::Result;
-use crate::kernels::block::{Affine, BlockParams};
 use crate::rng::Rng;
 
-/// Position-wise feed-forward network: C → 4C → GELU → C.
+/// Position-wise feed-forward network: C → 4C → activation (`model.activation`) → C.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub c_fc: Linear,
@@ -25,7 +24,7 @@ impl Mlp {
     /// `vb`'s `c_fc` and `c_proj`; `proj_std`: the output projection's initial scale.
     pub fn new(vb: VarBuilder, cfg: &ModelConfig, proj_std: f64) -> Result<Mlp> {
         let c = cfg.n_embd;
-        let c_fc = Linear::new(vb.pp("c_fc"), c, 4 * c, cfg.bias, 0.02)?;
+        let c_fc = Linear::new(vb.pp("c_fc"), c, 4 * c, cfg.bias, INIT_STD)?;
         let c_proj = Linear::new(vb.pp("c_proj"), 4 * c, c, cfg.bias, proj_std)?;
         Ok(Mlp {
             c_fc,
@@ -113,13 +112,13 @@ impl Block {
         // grow with depth. With `zero_init` they start at zero (a 0 std means zeros).
         let proj_std = match cfg.zero_init {
             true => 0.0,
-            false => 0.02 / (2.0 * cfg.n_layer as f64).sqrt(),
+            false => INIT_STD / (2.0 * cfg.n_layer as f64).sqrt(),
         };
-        let (c, bias) = (cfg.n_embd, cfg.bias);
+        let norm = |name: &str| LayerNorm::new(vb.pp(name), cfg.n_embd, cfg.bias);
         Ok(Block {
-            ln_1: LayerNorm::new(vb.pp("ln_1"), c, bias)?,
+            ln_1: norm("ln_1")?,
             attn: SelfAttention::new(vb.pp("attn"), cfg, proj_std, rope)?,
-            ln_2: LayerNorm::new(vb.pp("ln_2"), c, bias)?,
+            ln_2: norm("ln_2")?,
             mlp: Mlp::new(vb.pp("mlp"), cfg, proj_std)?,
         })
     }
@@ -140,7 +139,7 @@ impl Block {
         Ok((x, w))
     }
 
-    /// The block's parameters by name (shared with the fused engine and its block op).
+    /// The block's parameters by name: every weight the block has, the same tensors.
     pub fn params(&self) -> BlockParams<Tensor> {
         let affine = |weight: &Tensor, bias: &Option<Tensor>| Affine {
             weight: weight.clone(),
@@ -160,5 +159,64 @@ impl Block {
             fc: affine(&self.mlp.c_fc.weight, &self.mlp.c_fc.bias),
             mlp_proj: affine(&self.mlp.c_proj.weight, &self.mlp.c_proj.bias),
         }
+    }
+}
+
+/// A weight `(out, in)` (PyTorch's layout) or a normalisation's gain `(C)`, and its optional bias.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine<T> {
+    pub weight: T,
+    pub bias: Option<T>,
+}
+
+/// The parameters of one transformer block, by name, generic over what each one holds (the
+/// model's tensors, their gradients). Biases are `None` in a model without them; W_Q, W_K, W_V
+/// have them only with `model.qkv_bias` (GPT-2's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockParams<T> {
+    /// The normalisation before attention: gain `(C)` and bias.
+    pub ln_1: Affine<T>,
+    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (and their biases
+    /// `(C)`).
+    pub w_q: Affine<T>,
+    pub w_k: Affine<T>,
+    pub w_v: Affine<T>,
+    /// Attention output projection `(C, C)`.
+    pub attn_proj: Affine<T>,
+    /// The normalisation before the MLP.
+    pub ln_2: Affine<T>,
+    /// MLP expansion `(4C, C)`.
+    pub fc: Affine<T>,
+    /// MLP projection `(C, 4C)`.
+    pub mlp_proj: Affine<T>,
+}
+
+impl<T> BlockParams<T> {
+    /// Every parameter present, with its name inside the block as the model's checkpoints
+    /// spell it (`ln_1.weight`, `attn.w_q.weight`, `attn.c_proj.bias`, `mlp.c_fc.weight`, …),
+    /// in a fixed order.
+    pub fn named(self) -> Vec<(&'static str, T)> {
+        fn affine<T>(v: &mut Vec<(&'static str, T)>, names: [&'static str; 2], a: Affine<T>) {
+            v.push((names[0], a.weight));
+            v.extend(a.bias.map(|b| (names[1], b)));
+        }
+        let mut v = Vec::with_capacity(16);
+        affine(&mut v, ["ln_1.weight", "ln_1.bias"], self.ln_1);
+        affine(&mut v, ["attn.w_q.weight", "attn.w_q.bias"], self.w_q);
+        affine(&mut v, ["attn.w_k.weight", "attn.w_k.bias"], self.w_k);
+        affine(&mut v, ["attn.w_v.weight", "attn.w_v.bias"], self.w_v);
+        affine(
+            &mut v,
+            ["attn.c_proj.weight", "attn.c_proj.bias"],
+            self.attn_proj,
+        );
+        affine(&mut v, ["ln_2.weight", "ln_2.bias"], self.ln_2);
+        affine(&mut v, ["mlp.c_fc.weight", "mlp.c_fc.bias"], self.fc);
+        affine(
+            &mut v,
+            ["mlp.c_proj.weight", "mlp.c_proj.bias"],
+            self.mlp_proj,
+        );
+        v
     }
 }

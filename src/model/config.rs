@@ -2,11 +2,29 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::kernels::activation::Activation;
-use crate::kernels::Kernels;
+/// Standard deviation of the fresh weight matrices and embeddings (GPT-2's; the residual
+/// projections start smaller, see `block.rs`).
+pub const INIT_STD: f64 = 0.02;
+
+/// ε of every normalisation layer: it keeps a constant row from dividing by zero.
+pub const NORM_EPS: f64 = 1e-5;
 
 fn yes() -> bool {
     true
+}
+
+/// The MLP's nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// x·Φ(x), exact (erf-based): nanoGPT's.
+    #[default]
+    Gelu,
+    /// max(x, 0)², from the GPT-2 speedrun: as cheap as ReLU.
+    Relu2,
+    /// GELU's tanh approximation, GPT-2's own (`gelu_new`); for imported GPT-2 weights.
+    #[serde(rename = "gelu_tanh")]
+    GeluTanh,
 }
 
 /// Where a model's positions come from.
@@ -65,8 +83,11 @@ pub struct ModelConfig {
     /// Logits pass through cap·tanh(logits / cap), bounding them to (−cap, cap); 0 = off.
     #[serde(default)]
     pub logit_softcap: f64,
-    /// Which engine runs the model: `reference` (this module's composed candle ops) or `fused`
-    /// (tinygpt's CPU kernels). Read where the engine is built, never by the model itself.
-    #[serde(default)]
-    pub kernels: Kernels,
+}
+
+impl ModelConfig {
+    /// Entries of each head's query, key and value: n_embd / n_head.
+    pub fn head_size(&self) -> usize {
+        self.n_embd / self.n_head
+    }
 }

@@ -1,5 +1,5 @@
-//! The whole model: token + position embeddings → n_layer blocks → final LayerNorm → LM head
-//! tied to the token embedding (the same matrix reads tokens in and scores them out).
+//! The whole model: token + position embeddings → n_layer blocks → final LayerNorm → LM head,
+//! by default tied to the token embedding (the same matrix reads tokens in and scores them out).
 //!
 //! Options of `[model]` change parts of this: rotary embeddings instead of the learned
 //! positions (`position = "rope"`), an LM head of its own (`tie_embeddings = false`), output
@@ -12,6 +12,7 @@ use super::attention::causal_mask;
 use super::block::Block;
 use super::config::ModelConfig;
 use super::config::Position;
+use super::config::INIT_STD;
 use super::kv_cache::KvCache;
 use super::layers::{dropout, LayerNorm};
 use super::params::{Init, VarBuilder};
@@ -24,7 +25,7 @@ use crate::rng::Rng;
 pub struct Gpt {
     pub cfg: ModelConfig,
     pub vocab_size: usize,
-    /// Token embedding and (tied) LM head: `(V, C)`.
+    /// Token embedding `(V, C)`, and the LM head's matrix too when tied.
     pub wte: Tensor,
     /// Learned position embedding: `(block_size, C)`; none with rotary embeddings.
     pub wpe: Option<Tensor>,
@@ -43,7 +44,7 @@ impl Gpt {
         let c = cfg.n_embd;
         let normal = Init::Randn {
             mean: 0.0,
-            stdev: 0.02,
+            stdev: INIT_STD,
         };
         let wte = vb
             .pp("wte")
@@ -179,24 +180,46 @@ impl Gpt {
         prev: Option<&[u32]>,
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
-        let (b, t) = idx.dims2()?;
-        check_positions(offset, t, self.cfg.block_size)?;
-        let tok = self.wte.index_select(&idx.flatten_all()?, 0)?; // (B·T, C)
-        let tok = tok.reshape((b, t, self.cfg.n_embd))?;
-        let x = match &self.wpe {
-            Some(wpe) => tok.broadcast_add(&wpe.narrow(0, offset, t)?)?, // + (T, C)
-            None => tok,
+        let parts = self.embedding_parts(idx, offset, prev)?;
+        let x = match &parts.positions {
+            Some(pos) => parts.tokens.broadcast_add(pos)?, // + (T, C)
+            None => parts.tokens,
         };
-        let x = match &self.bigram {
-            Some(table) => {
-                let ids = bigram_ids(idx, prev, self.vocab_size, table.dim(0)?)?;
-                (x + table
-                    .index_select(&ids, 0)?
-                    .reshape((b, t, self.cfg.n_embd))?)?
-            }
+        let x = match parts.bigram {
+            Some(rows) => (x + rows)?,
             None => x,
         };
         dropout(&x, self.cfg.dropout, rng)
+    }
+
+    /// The rows [`Gpt::embed`] adds up, before dropout (an engine may add them its own way).
+    pub fn embedding_parts(
+        &self,
+        idx: &Tensor,
+        offset: usize,
+        prev: Option<&[u32]>,
+    ) -> Result<Embedding> {
+        let (b, t) = idx.dims2()?;
+        check_positions(offset, t, self.cfg.block_size)?;
+        let c = self.cfg.n_embd;
+        let tokens = self.wte.index_select(&idx.flatten_all()?, 0)?; // (B·T, C)
+        let tokens = tokens.reshape((b, t, c))?;
+        let positions = match &self.wpe {
+            Some(wpe) => Some(wpe.narrow(0, offset, t)?),
+            None => None,
+        };
+        let bigram = match &self.bigram {
+            Some(table) => {
+                let ids = bigram_ids(idx, prev, self.vocab_size, table.dim(0)?)?;
+                Some(table.index_select(&ids, 0)?.reshape((b, t, c))?)
+            }
+            None => None,
+        };
+        Ok(Embedding {
+            tokens,
+            positions,
+            bigram,
+        })
     }
 
     /// The LM head's matrix `(V, C)`: its own, or the token embedding when tied.
@@ -214,6 +237,17 @@ impl Gpt {
             .reshape((b, t, self.vocab_size))
             .map_err(Into::into)
     }
+}
+
+/// What the input embedding of `(B, T)` token ids is made of ([`Gpt::embedding_parts`]).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// The tokens' rows of `wte`: `(B, T, C)`.
+    pub tokens: Tensor,
+    /// The positions' rows of `wpe`, `(T, C)`; none with rotary embeddings.
+    pub positions: Option<Tensor>,
+    /// Each position's bigram feature row, `(B, T, C)`, when the model has them.
+    pub bigram: Option<Tensor>,
 }
 
 /// The bigram feature rows of `idx` `(B, T)`, flattened `(B·T)` ([`bigram_row`]): position t

@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::Module;
 
+use super::config::NORM_EPS;
 use super::params::{Init, VarBuilder};
 use crate::error::Result;
 use crate::rng::Rng;
@@ -75,7 +76,7 @@ impl LayerNorm {
         Ok(LayerNorm {
             weight,
             bias,
-            eps: 1e-5,
+            eps: NORM_EPS,
         })
     }
 }

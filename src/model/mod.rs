@@ -12,6 +12,7 @@ pub mod params;
 pub mod rope;
 
 pub use attention::{Head, MultiHeadAttention};
+pub use block::{Affine, BlockParams};
 pub use config::ModelConfig;
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;

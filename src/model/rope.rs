@@ -1,12 +1,36 @@
-//! Rotary position embeddings on tensors: with `model.position = "rope"` each head's queries
-//! and keys are turned by an angle proportional to their position (see [`crate::kernels::rope`]
-//! for the math and the shared table), instead of adding a learned position embedding to the
-//! input.
+//! Rotary position embeddings (RoPE, Su et al. 2021): with `model.position = "rope"` each head's
+//! queries and keys are turned by an angle proportional to their position, instead of adding a
+//! learned position embedding to the input. A head's vector of `hs` entries is `hs / 2` pairs
+//! (i, i + hs/2) (the "rotate half" layout of GPT-NeoX and Llama), and the pair at position
+//! `pos` turns by pos·θᵢ, θᵢ = 10000^(−2i/hs):
+//!
+//! ```text
+//! a' = a·cos − b·sin,   b' = b·cos + a·sin
+//! ```
+//!
+//! so q·k depends on the distance between query and key only. [`rope_table`] is the one
+//! definition of the angles; engines that rotate on slices are handed this table.
 
 use candle_core::{Device, Tensor, D};
 
 use crate::error::Result;
-use crate::kernels::rope::rope_table;
+
+/// The rotations of positions `0..positions` for heads of `head_size` entries: cos and sin,
+/// `(positions, head_size / 2)` each, row by row, rounded once from f64.
+pub fn rope_table(positions: usize, head_size: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_size / 2;
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for pos in 0..positions {
+        for i in 0..half {
+            let theta = 10000f64.powf(-2.0 * i as f64 / head_size as f64);
+            let angle = pos as f64 * theta;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
 
 /// The rotations of every position of a block, `(block_size, hs / 2)` cos and sin.
 #[derive(Debug, Clone)]
@@ -38,33 +62,5 @@ impl Rope {
         let a2 = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
         let b2 = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
         Ok(Tensor::cat(&[a2, b2], D::Minus1)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::rope::{rotate, RopeTable};
-
-    #[test]
-    fn tensor_rotation_equals_the_kernels_bit_for_bit() {
-        let (t, hs, offset) = (5, 6, 3);
-        let data: Vec<f32> = (0..2 * t * hs).map(|i| (i as f32 * 0.37).sin()).collect();
-        let x = Tensor::from_vec(data.clone(), (2, t, hs), &Device::Cpu).unwrap();
-        let got = Rope::new(16, hs, &Device::Cpu)
-            .unwrap()
-            .apply(&x, offset)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let table = RopeTable::new(16, hs);
-        let mut want = data;
-        for (r, head) in want.chunks_exact_mut(hs).enumerate() {
-            let (cos, sin) = table.at(offset + r % t);
-            rotate(head, cos, sin);
-        }
-        assert_eq!(got, want);
     }
 }

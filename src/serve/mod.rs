@@ -11,7 +11,7 @@ pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -24,16 +24,49 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
+use crate::engine::{Decode, Engine};
 use crate::error::{Error, Result};
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
 const STYLE_CSS: &str = include_str!("page/style.css");
 
-/// What every request reads: the checkpoint (loaded once) and the run's metrics.csv.
+/// What every request reads: the checkpoint and its engine (loaded once), the run's
+/// metrics.csv, and decoders kept between requests.
 pub struct Served {
     pub ck: Checkpoint,
+    pub engine: Engine,
     pub metrics: Option<PathBuf>,
+    /// Decoders of finished requests, each taken by one request at a time: building one copies
+    /// and packs every weight, which for a large model costs more than the request itself.
+    decoders: Mutex<Vec<Box<dyn Decode + Send>>>,
+}
+
+impl Served {
+    /// Serves `ck` on `engine` (made for `ck.model`).
+    pub fn new(ck: Checkpoint, engine: Engine, metrics: Option<PathBuf>) -> Served {
+        Served {
+            ck,
+            engine,
+            metrics,
+            decoders: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with a decoder of the model: one kept from an earlier request, or a new one
+    /// (concurrent requests each get their own); it is kept afterwards.
+    pub fn with_decoder<R>(&self, f: impl FnOnce(&mut dyn Decode) -> Result<R>) -> Result<R> {
+        let kept = self.decoders.lock().ok().and_then(|mut d| d.pop());
+        let mut decoder = match kept {
+            Some(d) => d,
+            None => self.engine.decoder()?,
+        };
+        let result = f(decoder.as_mut());
+        if let Ok(mut pool) = self.decoders.lock() {
+            pool.push(decoder);
+        }
+        result
+    }
 }
 
 type Shared = Arc<Served>;
@@ -178,14 +211,14 @@ pub fn router(served: Served) -> Router {
             "/api/next",
             post_json(|s, r: SampleReq| {
                 let p = views::prompt(&s.ck, &r.prompt)?;
-                Ok(views::next_token(&s.ck, &p, &r.sampling)?.to_string())
+                Ok(views::next_token(s, &p, &r.sampling)?.to_string())
             }),
         )
         .route(
             "/api/sample",
             post_json(|s, r: SampleReq| {
                 let p = views::prompt(&s.ck, &r.prompt)?;
-                Ok(views::sample(&s.ck, &r.prompt, &p, &r.sampling)?.to_string())
+                Ok(views::sample(s, &r.prompt, &p, &r.sampling)?.to_string())
             }),
         )
         .route(
@@ -237,8 +270,6 @@ pub fn router(served: Served) -> Router {
 /// Serves `served` on `host:port` (port 0: any free one) until Ctrl-C or SIGTERM, printing the
 /// URL first.
 pub fn run(served: Served, host: &str, port: u16) -> Result<()> {
-    // Requests decode side by side: one core each, no partner threads spinning for a second.
-    crate::engine::decoder::allow_partner_threads(false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,13 +8,14 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::Served;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::attention::{simple_self_attention, softmax_last_dim};
 use crate::model::block::SelfAttention;
 use crate::model::Gpt;
 use crate::rng::seeded;
-use crate::sample::{candidates, generate, next_logits, SampleOptions};
+use crate::sample::{candidates, generate_with, next_logits_with, SampleOptions};
 use crate::viz::loss::Curves;
 use crate::viz::maps::{AttentionMaps, HeadSel, LayerSel};
 
@@ -57,8 +58,12 @@ pub fn prompt(ck: &Checkpoint, text: &str) -> Result<Prompt> {
 /// The model's shape and run: what the page needs to build its pickers.
 pub fn model_info(ck: &Checkpoint, metrics: Option<&Path>) -> Value {
     let m = &ck.config.model;
+    let defaults = SampleOptions::default();
+    // Relative to the working directory when under it: the page shows no path of the machine.
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let shown = ck.dir.strip_prefix(&cwd).unwrap_or(&ck.dir);
     json!({
-        "checkpoint": ck.dir.display().to_string(),
+        "checkpoint": shown.display().to_string(),
         "n_layer": m.n_layer,
         "n_head": m.n_head,
         "n_embd": m.n_embd,
@@ -71,6 +76,12 @@ pub fn model_info(ck: &Checkpoint, metrics: Option<&Path>) -> Value {
         "step": ck.state.as_ref().map(|s| s.step),
         "best_val_loss": ck.state.as_ref().and_then(|s| s.best_val_loss),
         "metrics": metrics.is_some(),
+        "sampling": {
+            "temperature": defaults.temperature,
+            "top_k": defaults.top_k,
+            "top_p": defaults.top_p,
+            "seed": defaults.seed,
+        },
     })
 }
 
@@ -234,7 +245,7 @@ pub fn trace(
 pub struct Sampling {
     #[serde(default = "default_temperature")]
     pub temperature: f64,
-    #[serde(default)]
+    #[serde(default = "default_top_k")]
     pub top_k: Option<usize>,
     #[serde(default)]
     pub top_p: Option<f64>,
@@ -243,11 +254,15 @@ pub struct Sampling {
 }
 
 fn default_temperature() -> f64 {
-    0.8
+    SampleOptions::default().temperature
+}
+
+fn default_top_k() -> Option<usize> {
+    SampleOptions::default().top_k
 }
 
 fn default_seed() -> u64 {
-    1337
+    SampleOptions::default().seed
 }
 
 impl Sampling {
@@ -258,8 +273,8 @@ impl Sampling {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-            use_cache: true,
-            repetition_penalty: 1.0,
+            seed: self.seed,
+            ..SampleOptions::default()
         };
         opts.validate_named(|name| name.replace('-', "_"))?;
         Ok(opts)
@@ -268,9 +283,10 @@ impl Sampling {
 
 /// The next token's distribution under `s`, most likely first (at most [`TOP_ROWS`] rows),
 /// from the logits `tinygpt generate` samples from.
-pub fn next_token(ck: &Checkpoint, p: &Prompt, s: &Sampling) -> Result<Value> {
+pub fn next_token(served: &Served, p: &Prompt, s: &Sampling) -> Result<Value> {
+    let ck = &served.ck;
     let opts = s.options()?;
-    let logits = next_logits(&ck.model, &p.ids, true)?;
+    let logits = served.with_decoder(|d| next_logits_with(&served.engine, Some(d), &p.ids))?;
     let all = candidates(&logits, &opts);
     let rows: Vec<Value> = all
         .iter()
@@ -284,10 +300,15 @@ pub fn next_token(ck: &Checkpoint, p: &Prompt, s: &Sampling) -> Result<Value> {
 
 /// One token sampled as `tinygpt generate --prompt P --seed S --max-new-tokens 1` (with the
 /// same temperature, top-k and top-p) samples it, and the prompt's text with it appended.
-pub fn sample(ck: &Checkpoint, text: &str, p: &Prompt, s: &Sampling) -> Result<Value> {
+pub fn sample(served: &Served, text: &str, p: &Prompt, s: &Sampling) -> Result<Value> {
+    let ck = &served.ck;
     let opts = s.options()?;
-    let mut rng = seeded(s.seed);
-    let ids = generate(&ck.model, &p.ids, &opts, &mut rng, |_| Ok(true))?;
+    let mut rng = seeded(opts.seed);
+    let ids = served.with_decoder(|d| {
+        generate_with(&served.engine, Some(d), &p.ids, &opts, &mut rng, |_| {
+            Ok(true)
+        })
+    })?;
     let id = ids[0];
     // The text the token adds after this prompt (a byte-level token may only complete a
     // character together with the tokens before it).

@@ -47,8 +47,9 @@ struct Slot {
     v: Vec<f32>,
 }
 
-/// The optimizer over a fixed, named set of parameters.
-pub struct AdamW {
+/// The optimizer over a fixed, named set of parameters: AdamW for each, or Muon for the
+/// blocks' 2-D weights when `training.optimizer = "muon"`.
+pub struct Optimizer {
     slots: Vec<Slot>,
     step: u64,
     beta1: f64,
@@ -62,10 +63,10 @@ pub struct AdamW {
     muon_momentum_warmup: usize,
 }
 
-impl AdamW {
+impl Optimizer {
     /// Zero moments for `vars` (name order fixes the update order). With `cfg.optimizer` =
     /// `muon`, the blocks' 2-D weights (`h.*`) go to Muon.
-    pub fn new(vars: &std::collections::BTreeMap<String, Var>, cfg: &TrainingConfig) -> AdamW {
+    pub fn new(vars: &std::collections::BTreeMap<String, Var>, cfg: &TrainingConfig) -> Optimizer {
         let muon = cfg.optimizer == OptimizerKind::Muon;
         let slots = vars
             .iter()
@@ -78,7 +79,7 @@ impl AdamW {
                 v: vec![0.0; var.elem_count()],
             })
             .collect();
-        AdamW {
+        Optimizer {
             slots,
             step: 0,
             beta1: cfg.beta1,
@@ -111,7 +112,7 @@ impl AdamW {
         self.step
     }
 
-    /// Applies one update with gradients `grads` (one per parameter, in [`AdamW::names`] order;
+    /// Applies one update with gradients `grads` (one per parameter, in [`Optimizer::names`] order;
     /// `None` counts as zero) times `grad_scale` (gradient clipping), at learning rate `lr`.
     /// Parameters are updated in place by the vectorised kernel of [`crate::kernels::adamw`].
     pub fn step(&mut self, grads: &[Option<Tensor>], grad_scale: f32, lr: f64) -> Result<()> {
@@ -189,7 +190,7 @@ impl AdamW {
         })
     }
 
-    /// Restores moments and step saved by [`AdamW::state`] (names already checked by the loader).
+    /// Restores moments and step saved by [`Optimizer::state`] (names already checked by the loader).
     pub fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         self.step = state.step;
         for s in &mut self.slots {
@@ -237,8 +238,9 @@ mod tests {
             muon_momentum_warmup: 0,
             lr_schedule: Default::default(),
             cooldown_iters: 0,
+            engine: Default::default(),
         };
-        let mut opt = AdamW::new(&vars, &cfg);
+        let mut opt = Optimizer::new(&vars, &cfg);
         let grads = [
             Some(Tensor::new(&[0.4f32, -0.8], &dev).unwrap()),
             Some(Tensor::new(&[[2.0f32, 0.0], [-2.0, 4.0]], &dev).unwrap()),
@@ -269,7 +271,7 @@ mod tests {
         );
         // state round trip
         let st = opt.state(&dev).unwrap();
-        let mut opt2 = AdamW::new(&vars, &cfg);
+        let mut opt2 = Optimizer::new(&vars, &cfg);
         opt2.load_state(&st).unwrap();
         assert_eq!(opt2.steps(), 1);
         assert_eq!(opt2.slots[1].v, opt.slots[1].v);
@@ -283,13 +285,16 @@ mod tests {
         )
         .unwrap()
         .training;
-        let opt = AdamW::new(&BTreeMap::new(), &cfg);
+        let opt = Optimizer::new(&BTreeMap::new(), &cfg);
         let at = |t| opt.muon_momentum_at(t);
         assert!((at(0) - 0.85).abs() < 1e-12);
         assert!((at(5) - 0.90).abs() < 1e-12);
         assert!((at(10) - 0.95).abs() < 1e-12 && (at(500) - 0.95).abs() < 1e-12);
         cfg.muon_momentum_warmup = 0;
-        assert_eq!(AdamW::new(&BTreeMap::new(), &cfg).muon_momentum_at(1), 0.95);
+        assert_eq!(
+            Optimizer::new(&BTreeMap::new(), &cfg).muon_momentum_at(1),
+            0.95
+        );
     }
 
     #[test]
@@ -312,7 +317,7 @@ mod tests {
         .unwrap()
         .training;
         cfg.muon_momentum = 0.5;
-        let mut opt = AdamW::new(&vars, &cfg);
+        let mut opt = Optimizer::new(&vars, &cfg);
         let g: Vec<f32> = (0..12).map(|i| (i as f32 * 0.3).cos()).collect();
         let gt = Tensor::from_vec(g.clone(), (4, 3), &dev).unwrap();
         let (h0, w0) = (values(&h), values(&wte));

@@ -11,12 +11,12 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::optimizer::{global_norm, AdamW};
+use super::optimizer::{global_norm, Optimizer};
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
 use crate::data::{read_corpus, Dataset, Split};
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
@@ -60,10 +60,10 @@ pub struct Trainer {
     pub tokenizer: Tokenizer,
     /// The reference model, whose weights are the run's parameters.
     pub model: Gpt,
-    /// What runs `model` for training and evaluation, chosen once from `model.kernels`.
+    /// What runs `model` for training and evaluation, chosen once from `training.engine`.
     pub engine: Engine,
     pub params: Params,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
     pub state: TrainState,
     pub dataset: Dataset,
     device: Device,
@@ -147,11 +147,11 @@ impl Trainer {
         let mut params = Params::fresh(rng.clone(), device);
         let vocab = tokenizer.vocab_size();
         let model = params.build(|vb| Gpt::new(&config.model, vocab, vb))?;
-        let engine = engine_for(&model, &config);
+        let engine = engine_for(&model, &config)?;
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
-        let optimizer = AdamW::new(params.vars(), &config.training);
+        let optimizer = Optimizer::new(params.vars(), &config.training);
         let state = TrainState {
             format_version: FORMAT_VERSION,
             step: 0,
@@ -176,7 +176,7 @@ impl Trainer {
     /// A new run of `config` that starts from the weights of checkpoint `dir` (fine-tuning):
     /// the checkpoint's tokenizer encodes the corpus, the optimizer starts fresh. The config's
     /// `[model]` must describe the checkpoint's model; only `dropout`, `zero_init` (which
-    /// changes nothing once weights are given) and `kernels` may differ.
+    /// changes nothing once weights are given) may differ.
     pub fn init_from(
         mut config: Config,
         dir: &Path,
@@ -186,7 +186,7 @@ impl Trainer {
         let ck = checkpoint::load(dir, device)?;
         let mut want = ck.config.model.clone();
         let m = &config.model;
-        (want.dropout, want.zero_init, want.kernels) = (m.dropout, m.zero_init, m.kernels);
+        (want.dropout, want.zero_init) = (m.dropout, m.zero_init);
         if want != config.model {
             let ours = toml::to_string(&config.model).unwrap_or_default();
             let theirs = toml::to_string(&want).unwrap_or_default();
@@ -253,11 +253,11 @@ impl Trainer {
         let text = read_corpus(&config.data.path)?;
         let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
         drop(text);
-        let mut optimizer = AdamW::new(ck.params.vars(), &config.training);
+        let mut optimizer = Optimizer::new(ck.params.vars(), &config.training);
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
         optimizer.load_state(&opt_state)?;
         let model = ck.model;
-        let engine = engine_for(&model, &config);
+        let engine = engine_for(&model, &config)?;
         Ok(Trainer {
             config,
             tokenizer: ck.tokenizer,
@@ -495,10 +495,12 @@ impl Trainer {
     }
 }
 
-/// The engine a run of `config` trains `model` with.
-fn engine_for(model: &Gpt, config: &Config) -> Engine {
+/// The engine a run of `config` trains `model` with: `training.engine` resolved for the model
+/// (the CLI has printed the note of a fallback already).
+fn engine_for(model: &Gpt, config: &Config) -> Result<Engine> {
+    let (kind, _note) = config.training.engine.resolve(&config.model)?;
     let recompute = config.training.recompute_activations;
-    Engine::new(model, config.model.kernels, recompute)
+    EngineOptions::new(kind).engine(model, recompute)
 }
 
 fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {

@@ -15,7 +15,8 @@ const $ = (id) => document.getElementById(id);
 // The page's state; the URL holds it, so a reload or a shared link restores the view.
 const state = {
   view: 'head', prompt: '', layer: 0, head: '0', query: null, locked: null,
-  temperature: 0.8, top_k: '', top_p: '', seed: 1337, token: 'e',
+  // Sampling settings start as the server's defaults (/api/model's `sampling`).
+  temperature: null, top_k: null, top_p: null, seed: null, token: 'e',
 };
 let model = null;          // /api/model
 let promptInfo = null;     // /api/prompt for state.prompt
@@ -588,6 +589,9 @@ async function start() {
   $('head').value = state.head;
   if (!state.prompt) state.prompt = model.tokenizer === 'char' ? 'To be or not to be' : 'The meaning of';
   $('prompt').value = state.prompt;
+  for (const k of ['temperature', 'top_k', 'top_p', 'seed']) {
+    if (state[k] === null) state[k] = model.sampling[k] ?? '';
+  }
   for (const k of ['temperature', 'seed']) $(k).value = state[k];
   $('top-k').value = state.top_k;
   $('top-p').value = state.top_p;
