@@ -791,9 +791,38 @@ fn stop_strings_and_the_repetition_penalty() {
 fn the_engine_is_a_run_option() {
     let ws = Workspace::new(4000);
     let dir = ws.path("");
-    // Every command that runs a model takes --engine, and each engine runs it.
-    let (run, _) = train_tiny(&ws, "run", 6);
-    let ck = run.to_str().unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            "tiny.toml",
+            "--out",
+            out,
+            "--set",
+            "training.max_iters=6",
+            "--set",
+            "model.norm=\"rms\"",
+        ];
+        args.extend(extra);
+        tinygpt(&args, &dir)
+    };
+    // An option the fused path lacks: `auto` says so in one line and trains on the reference.
+    let o = train("rms", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let notes: Vec<String> = stderr(&o)
+        .lines()
+        .filter(|l| l.contains("fused engine"))
+        .map(String::from)
+        .collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("model.norm = \"rms\"") && notes[0].contains("reference engine (slower)")
+    );
+    // `--engine fused` refuses it, naming the key, before anything is written.
+    fails_with(&train("rms-fused", &["--engine", "fused"]), "model.norm");
+    assert!(!dir.join("rms-fused").exists());
+    // Every command that runs a model takes --engine.
+    let ck = "rms";
     for cmd in [
         vec![
             "generate",
@@ -808,20 +837,36 @@ fn the_engine_is_a_run_option() {
         vec!["logits", "--checkpoint", ck, "--prompt", "the"],
         vec!["attention", "--checkpoint", ck, "--prompt", "the"],
     ] {
-        for engine in ["fused", "reference", "auto"] {
-            let mut args = cmd.clone();
-            args.extend(["--engine", engine]);
-            let o = tinygpt(&args, &dir);
-            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-            assert!(
-                !stderr(&o).contains("fused engine"),
-                "{args:?}: no fallback"
-            );
-        }
+        let mut fused = cmd.clone();
+        fused.extend(["--engine", "fused"]);
+        fails_with(
+            &tinygpt(&fused, &dir),
+            "--engine fused does not support model.norm",
+        );
+        let mut reference = cmd.clone();
+        reference.extend(["--engine", "reference"]);
+        let o = tinygpt(&reference, &dir);
+        assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("fused engine"),
+            "no note when asked for the reference"
+        );
     }
+    // Export names what GPT-2 cannot express.
     fails_with(
-        &tinygpt(&["eval", "--checkpoint", ck, "--engine", "fast"], &dir),
-        "invalid value 'fast'",
+        &tinygpt(
+            &[
+                "export",
+                "--checkpoint",
+                ck,
+                "--format",
+                "hf",
+                "--out",
+                "hf",
+            ],
+            &dir,
+        ),
+        "model.norm = \"rms\"",
     );
 
     // A checkpoint written before the engine was a run option carries `model.kernels`: it

@@ -15,7 +15,8 @@ use tinygpt::engine::Decode;
 use tinygpt::engine::{EngineKind as Kernels, Runner};
 use tinygpt::kernels::block::GradSlot;
 use tinygpt::kernels::{self, attention::AttentionDropout};
-use tinygpt::model::{LayerNorm, Linear};
+use tinygpt::model::config::NormKind;
+use tinygpt::model::{Linear, Norm};
 use tinygpt::train::{ProgressMode, Trainer};
 
 use common::Workspace;
@@ -151,10 +152,11 @@ fn layer_norm_matches_composition() {
             inputs.push(random(&[c], 0.5, 20 + i as u64));
         }
         let reference = |v: &[Tensor]| {
-            let l = LayerNorm {
+            let l = Norm {
                 weight: v[1].clone(),
                 bias: v.get(2).cloned(),
                 eps: 1e-5,
+                kind: NormKind::LayerNorm,
             };
             l.forward(&v[0]).unwrap()
         };

@@ -25,6 +25,7 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         zero_init: false,
         logit_softcap: 0.0,
         bigram_buckets: 0,
+        norm: Default::default(),
     }
 }
 
@@ -279,5 +280,131 @@ fn rotary_positions_need_an_even_head_size() {
     assert!(
         err.contains("head size n_embd / n_head = 1 is odd"),
         "{err}"
+    );
+}
+
+/// Central finite differences of `f` (a scalar function of `x`'s entries) at `x`, in f64.
+fn finite_differences(x: &Tensor, f: impl Fn(&Tensor) -> f64) -> Vec<f64> {
+    let v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let h = 1e-6;
+    (0..v.len())
+        .map(|i| {
+            let at = |d: f64| {
+                let mut w = v.clone();
+                w[i] += d;
+                f(&Tensor::from_vec(w, x.shape(), x.device()).unwrap())
+            };
+            (at(h) - at(-h)) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Asserts candle's gradient `got` of a scalar function equals finite differences `want`.
+fn assert_gradient(what: &str, got: &Tensor, want: &[f64]) {
+    let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+            "{what}: d/dx[{i}] autograd {g} vs finite differences {w}"
+        );
+    }
+}
+
+fn random64(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = seeded(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| rand::Rng::random::<f64>(&mut rng) * 2.0 - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn rms_norm_is_its_formula_and_its_gradient_is_right() {
+    use candle_core::Var;
+    use candle_nn::Module;
+    use tinygpt::model::config::NormKind;
+    use tinygpt::model::Norm;
+    let (x, w, r) = (
+        random64(&[2, 3, 6], 1),
+        random64(&[6], 2),
+        random64(&[2, 3, 6], 3),
+    );
+    let norm = |w: &Tensor| Norm {
+        weight: w.clone(),
+        bias: None,
+        eps: 1e-5,
+        kind: NormKind::Rms,
+    };
+    // Values: x / √(mean(x²) + ε) · w, row by row.
+    let y = norm(&w).forward(&x).unwrap().to_vec3::<f64>().unwrap();
+    let (xs, ws) = (x.to_vec3::<f64>().unwrap(), w.to_vec1::<f64>().unwrap());
+    for (yb, xb) in y.iter().zip(&xs) {
+        for (yr, xr) in yb.iter().zip(xb) {
+            let rms = (xr.iter().map(|a| a * a).sum::<f64>() / 6.0 + 1e-5).sqrt();
+            for ((yv, xv), wv) in yr.iter().zip(xr).zip(&ws) {
+                assert!(
+                    (yv - xv / rms * wv).abs() < 1e-12,
+                    "{yv} vs {}",
+                    xv / rms * wv
+                );
+            }
+        }
+    }
+    // Gradients of Σ y·r with respect to the input and the scale.
+    let loss = |x: &Tensor, w: &Tensor| {
+        (norm(w).forward(x).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    let g = (norm(wv.as_tensor()).forward(xv.as_tensor()).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = finite_differences(&x, |x| loss(x, &w));
+    assert_gradient("RMSNorm input", g.get(xv.as_tensor()).unwrap(), &dx);
+    let dw = finite_differences(&w, |w| loss(&x, w));
+    assert_gradient("RMSNorm scale", g.get(wv.as_tensor()).unwrap(), &dw);
+}
+
+#[test]
+fn norm_options_are_written_once_and_run_everywhere() {
+    // RMSNorm (no biases in its layers): the KV cache gives the full pass's logits, and the
+    // fused path declares it unsupported.
+    use tinygpt::engine::{EngineChoice, EngineKind, FusedGpt};
+    use tinygpt::model::config::NormKind;
+    let cfg = ModelConfig {
+        norm: NormKind::Rms,
+        ..modern_cfg(3)
+    };
+    let (m, p) = model_with(&cfg, 40, 9);
+    assert!(!p
+        .vars()
+        .keys()
+        .any(|n| n.starts_with("ln_f.bias") || n.contains("ln_1.bias")));
+    let seq = [3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+    let full = m.forward(&ids(&seq), None).unwrap();
+    let mut cache = m.new_cache();
+    let a = m.forward_cached(&ids(&seq[..4]), &mut cache).unwrap();
+    let b = m.forward_cached(&ids(&seq[4..]), &mut cache).unwrap();
+    let cached = Tensor::cat(&[a, b], 1).unwrap();
+    assert!(max_abs_diff(&full, &cached) < 1e-5);
+    let e = FusedGpt::supports(&cfg).unwrap_err();
+    assert_eq!(e.to_string(), "model.norm = \"rms\"");
+    let (kind, note) = EngineChoice::Auto.resolve(&cfg).unwrap();
+    assert_eq!(kind, EngineKind::Reference);
+    assert!(note.unwrap().contains("model.norm = \"rms\""));
+    let e = EngineChoice::Fused.resolve(&cfg).unwrap_err();
+    assert!(e.to_string().contains("model.norm = \"rms\""), "{e}");
+    assert_eq!(
+        EngineChoice::Auto.resolve(&model_cfg(2)).unwrap(),
+        (EngineKind::Fused, None)
     );
 }

@@ -120,6 +120,13 @@ fn resume_continues_exactly() {
     for kernels in ["reference", "fused"] {
         resume_continues_exactly_on(kernels, &arch, kernels);
     }
+    // Options written in the model only: `auto` runs them on the reference engine.
+    let norms = [
+        "model.norm=\"rms\"",
+        "model.position=\"rope\"",
+        "training.optimizer=\"muon\"",
+    ];
+    resume_continues_exactly_on("auto", &norms, "reference");
 }
 
 /// Trains 20 steps on `engine` (which `auto` must resolve to `runs_on`), and 10 + 10 with a

@@ -28,14 +28,14 @@ use crate::kernels::block::{
     Affine as KernelAffine, BlockDropout, BlockOp, BlockWeights, GradSlot,
 };
 use crate::kernels::rope::RopeTable;
-use crate::model::config::{Activation, Position};
+use crate::model::config::{Activation, NormKind, Position};
 use crate::model::gpt::softcap;
 use crate::model::rope::rope_table;
 use crate::model::{Affine, BlockParams, Gpt, ModelConfig};
 use crate::rng::Rng;
 
 /// A model option the fused kernels do not compute, as the config spells it
-/// (`model.KEY = value`).
+/// (`model.norm = "rms"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsupported {
     pub key: &'static str,
@@ -113,7 +113,14 @@ impl FusedGpt {
             zero_init: _,
             bigram_buckets: _,
             logit_softcap: _,
+            norm,
         } = cfg;
+        if *norm != NormKind::LayerNorm {
+            return Err(Unsupported {
+                key: "model.norm",
+                value: "\"rms\"".into(),
+            });
+        }
         Ok(())
     }
 

@@ -263,6 +263,7 @@ fn model_config(dir: &Path, v: &Value) -> Result<(ModelConfig, usize)> {
         zero_init: false,
         bigram_buckets: 0,
         logit_softcap: 0.0,
+        norm: Default::default(),
     };
     if n_embd % n_head != 0 {
         return Err(bad(format!(

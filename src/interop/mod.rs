@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, Position};
+use crate::model::config::{Activation, NormKind, Position};
 use crate::model::{Affine, BlockParams};
 use crate::model::{Gpt, ModelConfig};
 
@@ -74,6 +74,9 @@ pub fn check_exportable(cfg: &ModelConfig, target: &str) -> Result<()> {
     }
     if cfg.logit_softcap != 0.0 {
         return refuse(format!("model.logit_softcap = {}", cfg.logit_softcap));
+    }
+    if cfg.norm == NormKind::Rms {
+        return refuse("model.norm = \"rms\" (RMSNorm)".into());
     }
     Ok(())
 }

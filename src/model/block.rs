@@ -5,7 +5,7 @@ use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::attention::{Head, MultiHeadAttention};
 use super::config::{Activation, ModelConfig, INIT_STD};
-use super::layers::{dropout, LayerNorm, Linear};
+use super::layers::{dropout, Linear, Norm};
 use super::params::VarBuilder;
 use super::rope::Rope;
 use crate::error::Result;
@@ -98,9 +98,9 @@ impl SelfAttention {
 /// One transformer block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub ln_1: LayerNorm,
+    pub ln_1: Norm,
     pub attn: SelfAttention,
-    pub ln_2: LayerNorm,
+    pub ln_2: Norm,
     pub mlp: Mlp,
 }
 
@@ -114,7 +114,7 @@ impl Block {
             true => 0.0,
             false => INIT_STD / (2.0 * cfg.n_layer as f64).sqrt(),
         };
-        let norm = |name: &str| LayerNorm::new(vb.pp(name), cfg.n_embd, cfg.bias);
+        let norm = |name: &str| Norm::new(vb.pp(name), cfg.n_embd, cfg.bias, cfg.norm);
         Ok(Block {
             ln_1: norm("ln_1")?,
             attn: SelfAttention::new(vb.pp("attn"), cfg, proj_std, rope)?,

@@ -27,6 +27,17 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// The normalisation before each block's attention and MLP, and before the LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// (x − mean) / √(var + ε) · w (+ b): GPT-2's LayerNorm.
+    #[default]
+    LayerNorm,
+    /// x / √(mean(x²) + ε) · w: RMSNorm (Llama's), a learnable scale and no bias.
+    Rms,
+}
+
 /// Where a model's positions come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +94,9 @@ pub struct ModelConfig {
     /// Logits pass through cap·tanh(logits / cap), bounding them to (−cap, cap); 0 = off.
     #[serde(default)]
     pub logit_softcap: f64,
+    /// The normalisation layers: `layernorm` (GPT-2's; the default) or `rms` (RMSNorm).
+    #[serde(default)]
+    pub norm: NormKind,
 }
 
 impl ModelConfig {

@@ -3,8 +3,8 @@
 //!
 //! Options of `[model]` change parts of this: rotary embeddings instead of the learned
 //! positions (`position = "rope"`), an LM head of its own (`tie_embeddings = false`), output
-//! projections that start at zero (`zero_init`), and logits capped by cap·tanh(x / cap)
-//! (`logit_softcap`).
+//! projections that start at zero (`zero_init`), logits capped by cap·tanh(x / cap)
+//! (`logit_softcap`), and RMSNorm for every LayerNorm (`norm = "rms"`).
 
 use candle_core::{DType, Tensor};
 
@@ -14,7 +14,7 @@ use super::config::ModelConfig;
 use super::config::Position;
 use super::config::INIT_STD;
 use super::kv_cache::KvCache;
-use super::layers::{dropout, LayerNorm};
+use super::layers::{dropout, Norm};
 use super::params::{Init, VarBuilder};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -30,7 +30,7 @@ pub struct Gpt {
     /// Learned position embedding: `(block_size, C)`; none with rotary embeddings.
     pub wpe: Option<Tensor>,
     pub blocks: Vec<Block>,
-    pub ln_f: LayerNorm,
+    pub ln_f: Norm,
     /// The LM head's own `(V, C)` matrix when it is not tied to `wte`.
     pub lm_head: Option<Tensor>,
     /// Bigram features `(bigram_buckets, C)` ([`bigram_ids`]), when on.
@@ -65,7 +65,7 @@ impl Gpt {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(vb.pp("h").pp(i), cfg, rope.as_ref()))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(vb.pp("ln_f"), c, cfg.bias)?;
+        let ln_f = Norm::new(vb.pp("ln_f"), c, cfg.bias, cfg.norm)?;
         let head_init = match cfg.zero_init {
             true => Init::Const(0.0),
             false => normal,

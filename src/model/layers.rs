@@ -1,4 +1,4 @@
-//! The small layers the blocks are made of: Linear, LayerNorm and dropout, on candle's
+//! The small layers the blocks are made of: Linear, LayerNorm (or RMSNorm) and dropout, on candle's
 //! composed (differentiable) ops. Linear and LayerNorm are candle-nn [`Module`]s, so a forward
 //! reads `x.apply(&self.ln_1)?`. Ours rather than candle-nn's: its `Linear` runs a batched
 //! matmul (other rounding than one 2-D product), its fast `LayerNorm` has no backward, and its
@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::Module;
 
-use super::config::NORM_EPS;
+use super::config::{NormKind, NORM_EPS};
 use super::params::{Init, VarBuilder};
 use crate::error::Result;
 use crate::rng::Rng;
@@ -57,43 +57,59 @@ impl Module for Linear {
     }
 }
 
-/// Layer normalisation over the last dimension (C), with a gain and an optional bias.
+/// A normalisation over the last dimension (C) with a gain `weight` `(C)`: LayerNorm (with an
+/// optional bias) or RMSNorm (no bias), as `model.norm` says.
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
+pub struct Norm {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub eps: f64,
+    pub kind: NormKind,
 }
 
-impl LayerNorm {
-    /// `vb`'s gain `weight` `(dim)` (fresh: ones) and optional `bias` (zeros).
-    pub fn new(vb: VarBuilder, dim: usize, bias: bool) -> Result<LayerNorm> {
+impl Norm {
+    /// `vb`'s gain `weight` `(dim)` (fresh: ones) and, for a LayerNorm with `bias`, its bias
+    /// (zeros).
+    pub fn new(vb: VarBuilder, dim: usize, bias: bool, kind: NormKind) -> Result<Norm> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
-        let bias = match bias {
+        let bias = match bias && kind == NormKind::LayerNorm {
             true => Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?),
             false => None,
         };
-        Ok(LayerNorm {
+        Ok(Norm {
             weight,
             bias,
             eps: NORM_EPS,
+            kind,
         })
     }
 }
 
-impl Module for LayerNorm {
-    /// `(B, T, C)` → `(B, T, C)`: (x − mean) / √(var + ε) · w + b.
+impl Module for Norm {
+    /// `(…, C)` → `(…, C)`: LayerNorm (x − mean) / √(var + ε) · w + b, or RMSNorm
+    /// x / √(mean(x²) + ε) · w.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xhat = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xhat = match self.kind {
+            NormKind::LayerNorm => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+            }
+            NormKind::Rms => rms_normalize(x, self.eps)?,
+        };
         let y = xhat.broadcast_mul(&self.weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// x / √(mean(x²) + ε) over the last dimension, no gain: RMSNorm's core.
+pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)
 }
 
 /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1−p).

@@ -16,5 +16,5 @@ pub use block::{Affine, BlockParams};
 pub use config::ModelConfig;
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
-pub use layers::{LayerNorm, Linear};
+pub use layers::{Linear, Norm};
 pub use params::{Init, Params, VarBuilder};
