@@ -117,8 +117,8 @@ impl Report {
         let _ = writeln!(s, "checkpoint   {}", self.checkpoint);
         let _ = writeln!(
             s,
-            "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, activation {:?}, norm {:?}",
-            m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.activation, m.norm
+            "model        {} layers, {} heads, n_embd {}, block_size {}, dropout {}, bias {}, activation {:?}, norm {:?}, qk_norm {}",
+            m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias, m.activation, m.norm, m.qk_norm
         );
         let _ = writeln!(
             s,

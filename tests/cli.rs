@@ -802,6 +802,8 @@ fn the_engine_is_a_run_option() {
             "training.max_iters=6",
             "--set",
             "model.norm=\"rms\"",
+            "--set",
+            "model.qk_norm=true",
         ];
         args.extend(extra);
         tinygpt(&args, &dir)
@@ -867,6 +869,23 @@ fn the_engine_is_a_run_option() {
             &dir,
         ),
         "model.norm = \"rms\"",
+    );
+    let o = train("qk", &["--set", "model.norm=\"layernorm\""]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fails_with(
+        &tinygpt(
+            &[
+                "export",
+                "--checkpoint",
+                "qk",
+                "--format",
+                "gguf",
+                "--out",
+                "qk.gguf",
+            ],
+            &dir,
+        ),
+        "model.qk_norm = true",
     );
 
     // A checkpoint written before the engine was a run option carries `model.kernels`: it

@@ -26,6 +26,7 @@ fn model_cfg(n_head: usize) -> ModelConfig {
         logit_softcap: 0.0,
         bigram_buckets: 0,
         norm: Default::default(),
+        qk_norm: false,
     }
 }
 
@@ -375,13 +376,84 @@ fn rms_norm_is_its_formula_and_its_gradient_is_right() {
 }
 
 #[test]
+fn qk_norm_attention_is_its_formula_and_its_gradient_is_right() {
+    use candle_core::{DType, Var};
+    use tinygpt::model::attention::scaled_dot_product_attention;
+    use tinygpt::model::Linear;
+    let (c, hs, t) = (6, 4, 5);
+    let x = random64(&[2, t, c], 4);
+    let r = random64(&[2, t, hs], 5);
+    let (wq, wk, wv) = (
+        random64(&[hs, c], 6),
+        random64(&[hs, c], 7),
+        random64(&[hs, c], 8),
+    );
+    let mask = causal_mask(t, t, 0, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let head = |wq: &Tensor| Head {
+        w_q: Linear {
+            weight: wq.clone(),
+            bias: None,
+        },
+        w_k: Linear {
+            weight: wk.clone(),
+            bias: None,
+        },
+        w_v: Linear {
+            weight: wv.clone(),
+            bias: None,
+        },
+        dropout: 0.0,
+        rope: None,
+        qk_norm: true,
+    };
+    // Values: the textbook formula on q/‖q‖_rms and k/‖k‖_rms.
+    let (y, _) = head(&wq).forward(&x, &mask, None, None).unwrap();
+    let unit = |m: &Tensor| {
+        let p = x.broadcast_matmul(&m.t().unwrap()).unwrap();
+        let ms = p.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        p.broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+    };
+    let v = x.broadcast_matmul(&wv.t().unwrap()).unwrap();
+    let (want, _) = scaled_dot_product_attention(&unit(&wq), &unit(&wk), &v, Some(&mask)).unwrap();
+    let diff = (&y - &want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    // Gradients of Σ y·r with respect to the input and W_Q.
+    let loss = |x: &Tensor, wq: &Tensor| {
+        let (y, _) = head(wq).forward(x, &mask, None, None).unwrap();
+        (y * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (xv, qv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&wq).unwrap(),
+    );
+    let (y, _) = head(qv.as_tensor())
+        .forward(xv.as_tensor(), &mask, None, None)
+        .unwrap();
+    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = finite_differences(&x, |x| loss(x, &wq));
+    assert_gradient("qk_norm head input", g.get(xv.as_tensor()).unwrap(), &dx);
+    let dq = finite_differences(&wq, |w| loss(&x, w));
+    assert_gradient("qk_norm head W_Q", g.get(qv.as_tensor()).unwrap(), &dq);
+}
+
+#[test]
 fn norm_options_are_written_once_and_run_everywhere() {
-    // RMSNorm (no biases in its layers): the KV cache gives the full pass's logits, and the
-    // fused path declares it unsupported.
+    // RMSNorm (no biases in its layers) and QK-norm: the KV cache gives the full pass's logits,
+    // and the fused path declares them unsupported.
     use tinygpt::engine::{EngineChoice, EngineKind, FusedGpt};
     use tinygpt::model::config::NormKind;
     let cfg = ModelConfig {
         norm: NormKind::Rms,
+        qk_norm: true,
         ..modern_cfg(3)
     };
     let (m, p) = model_with(&cfg, 40, 9);
@@ -398,11 +470,19 @@ fn norm_options_are_written_once_and_run_everywhere() {
     assert!(max_abs_diff(&full, &cached) < 1e-5);
     let e = FusedGpt::supports(&cfg).unwrap_err();
     assert_eq!(e.to_string(), "model.norm = \"rms\"");
+    let only_qk = ModelConfig {
+        qk_norm: true,
+        ..model_cfg(2)
+    };
+    assert_eq!(
+        FusedGpt::supports(&only_qk).unwrap_err().key,
+        "model.qk_norm"
+    );
     let (kind, note) = EngineChoice::Auto.resolve(&cfg).unwrap();
     assert_eq!(kind, EngineKind::Reference);
     assert!(note.unwrap().contains("model.norm = \"rms\""));
-    let e = EngineChoice::Fused.resolve(&cfg).unwrap_err();
-    assert!(e.to_string().contains("model.norm = \"rms\""), "{e}");
+    let e = EngineChoice::Fused.resolve(&only_qk).unwrap_err();
+    assert!(e.to_string().contains("model.qk_norm = true"), "{e}");
     assert_eq!(
         EngineChoice::Auto.resolve(&model_cfg(2)).unwrap(),
         (EngineKind::Fused, None)

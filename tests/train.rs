@@ -123,10 +123,12 @@ fn resume_continues_exactly() {
     // Options written in the model only: `auto` runs them on the reference engine.
     let norms = [
         "model.norm=\"rms\"",
+        "model.qk_norm=true",
         "model.position=\"rope\"",
         "training.optimizer=\"muon\"",
     ];
     resume_continues_exactly_on("auto", &norms, "reference");
+    resume_continues_exactly_on("auto", &norms[1..2], "reference");
 }
 
 /// Trains 20 steps on `engine` (which `auto` must resolve to `runs_on`), and 10 + 10 with a

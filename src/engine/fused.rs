@@ -114,11 +114,18 @@ impl FusedGpt {
             bigram_buckets: _,
             logit_softcap: _,
             norm,
+            qk_norm,
         } = cfg;
         if *norm != NormKind::LayerNorm {
             return Err(Unsupported {
                 key: "model.norm",
                 value: "\"rms\"".into(),
+            });
+        }
+        if *qk_norm {
+            return Err(Unsupported {
+                key: "model.qk_norm",
+                value: "true".into(),
             });
         }
         Ok(())

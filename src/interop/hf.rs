@@ -264,6 +264,7 @@ fn model_config(dir: &Path, v: &Value) -> Result<(ModelConfig, usize)> {
         bigram_buckets: 0,
         logit_softcap: 0.0,
         norm: Default::default(),
+        qk_norm: false,
     };
     if n_embd % n_head != 0 {
         return Err(bad(format!(

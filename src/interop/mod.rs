@@ -78,6 +78,9 @@ pub fn check_exportable(cfg: &ModelConfig, target: &str) -> Result<()> {
     if cfg.norm == NormKind::Rms {
         return refuse("model.norm = \"rms\" (RMSNorm)".into());
     }
+    if cfg.qk_norm {
+        return refuse("model.qk_norm = true".into());
+    }
     Ok(())
 }
 

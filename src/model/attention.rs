@@ -18,8 +18,8 @@
 use candle_core::{Device, Tensor, D};
 use candle_nn::kv_cache::KvCache as LayerKv;
 
-use super::config::INIT_STD;
-use super::layers::{dropout, Linear};
+use super::config::{INIT_STD, NORM_EPS};
+use super::layers::{dropout, rms_normalize, Linear};
 use super::params::VarBuilder;
 use super::rope::Rope;
 use crate::error::Result;
@@ -97,16 +97,21 @@ pub fn simple_self_attention(inputs: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// The queries `(…, T, d)` and the keys and values `(…, T_k, d)` to attend over: with a cache,
 /// `k` and `v` appended to the cached ones (candle-nn's KV cache); without, `k` and `v`
-/// themselves. With `rope`, the new queries and keys are first turned by their positions (after
-/// the cached ones).
+/// themselves. With `qk_norm`, the new queries and keys are first RMS-normalised (each head's
+/// vector on its own); with `rope`, then turned by their positions (after the cached ones).
 fn with_cache(
     cache: Option<&mut LayerKv>,
+    qk_norm: bool,
     rope: Option<&Rope>,
     q: Tensor,
     k: Tensor,
     v: Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let offset = cache.as_ref().map_or(0, |c| c.current_seq_len());
+    let (q, k) = match qk_norm {
+        true => (rms_normalize(&q, NORM_EPS)?, rms_normalize(&k, NORM_EPS)?),
+        false => (q, k),
+    };
     let (q, k) = match rope {
         Some(r) => (r.apply(&q, offset)?, r.apply(&k, offset)?),
         None => (q, k),
@@ -128,6 +133,8 @@ pub struct Head {
     pub dropout: f64,
     /// Rotary position embeddings of queries and keys (`model.position = "rope"`).
     pub rope: Option<Rope>,
+    /// Queries and keys RMS-normalised before their dot product (`model.qk_norm`).
+    pub qk_norm: bool,
 }
 
 impl Head {
@@ -147,6 +154,7 @@ impl Head {
             w_v: w("w_v")?,
             dropout,
             rope: None,
+            qk_norm: false,
         })
     }
 
@@ -162,7 +170,7 @@ impl Head {
         let q = x.apply(&self.w_q)?; // (B, T, hs)
         let k = x.apply(&self.w_k)?;
         let v = x.apply(&self.w_v)?;
-        let (q, k, v) = with_cache(cache, self.rope.as_ref(), q, k, v)?; // k, v: (B, T_k, hs)
+        let (q, k, v) = with_cache(cache, self.qk_norm, self.rope.as_ref(), q, k, v)?; // k, v: (B, T_k, hs)
         attend(&q, &k, &v, Some(mask), self.dropout, rng)
     }
 }
@@ -179,6 +187,8 @@ pub struct MultiHeadAttention {
     pub dropout: f64,
     /// Rotary position embeddings of queries and keys (`model.position = "rope"`).
     pub rope: Option<Rope>,
+    /// Queries and keys RMS-normalised before their dot product (`model.qk_norm`).
+    pub qk_norm: bool,
 }
 
 impl MultiHeadAttention {
@@ -205,6 +215,7 @@ impl MultiHeadAttention {
             n_head,
             dropout,
             rope: None,
+            qk_norm: false,
         })
     }
 
@@ -227,7 +238,7 @@ impl MultiHeadAttention {
         let q = split(x.apply(&self.w_q)?)?;
         let k = split(x.apply(&self.w_k)?)?;
         let v = split(x.apply(&self.w_v)?)?;
-        let (q, k, v) = with_cache(cache, self.rope.as_ref(), q, k, v)?; // k, v: (B, nh, T_k, hs)
+        let (q, k, v) = with_cache(cache, self.qk_norm, self.rope.as_ref(), q, k, v)?; // k, v: (B, nh, T_k, hs)
         let (y, weights) = attend(&q, &k, &v, Some(mask), self.dropout, rng.as_deref_mut())?;
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): heads side by side
         let y = dropout(&y.apply(&self.c_proj)?, self.dropout, rng)?;

@@ -68,10 +68,12 @@ impl SelfAttention {
             let mut mha =
                 MultiHeadAttention::new(vb, c, cfg.n_head, p, cfg.bias, cfg.qkv_bias, proj_std)?;
             mha.rope = rope.cloned();
+            mha.qk_norm = cfg.qk_norm;
             return Ok(SelfAttention::Multi(mha));
         }
         let mut head = Head::new(vb.clone(), c, c, p, cfg.qkv_bias)?;
         head.rope = rope.cloned();
+        head.qk_norm = cfg.qk_norm;
         let c_proj = Linear::new(vb.pp("c_proj"), c, c, cfg.bias, proj_std)?;
         Ok(SelfAttention::Single { head, c_proj })
     }

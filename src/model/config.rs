@@ -97,6 +97,10 @@ pub struct ModelConfig {
     /// The normalisation layers: `layernorm` (GPT-2's; the default) or `rms` (RMSNorm).
     #[serde(default)]
     pub norm: NormKind,
+    /// Queries and keys are RMS-normalised per head (no learnable scale) before their dot
+    /// product, as modded-nanogpt does: scores stay bounded however large W_Q and W_K grow.
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {

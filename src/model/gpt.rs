@@ -4,7 +4,8 @@
 //! Options of `[model]` change parts of this: rotary embeddings instead of the learned
 //! positions (`position = "rope"`), an LM head of its own (`tie_embeddings = false`), output
 //! projections that start at zero (`zero_init`), logits capped by cap·tanh(x / cap)
-//! (`logit_softcap`), and RMSNorm for every LayerNorm (`norm = "rms"`).
+//! (`logit_softcap`), RMSNorm for every LayerNorm (`norm = "rms"`) and normalised queries and
+//! keys (`qk_norm`, in [`super::attention`]).
 
 use candle_core::{DType, Tensor};
 

@@ -106,7 +106,8 @@ impl Module for Norm {
     }
 }
 
-/// x / √(mean(x²) + ε) over the last dimension, no gain: RMSNorm's core.
+/// x / √(mean(x²) + ε) over the last dimension, no gain: RMSNorm's core, and what
+/// `model.qk_norm` does to each head's queries and keys.
 pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)
