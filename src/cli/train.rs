@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use candle_core::Device;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::config::Config;
 use crate::engine::{EngineChoice, EngineOptions};
@@ -53,11 +53,10 @@ pub struct TrainArgs {
     engine: Option<EngineChoice>,
 }
 
-/// `--engine` as a `--set` override of the run's config.
+/// `--engine` as a `--set` override of the run's config (spelled as the flag takes it).
 fn engine_override(e: EngineChoice) -> String {
-    let name = serde_json::to_value(e).ok();
-    let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("auto");
-    format!("training.engine=\"{name}\"")
+    let name = e.to_possible_value().map(|v| v.get_name().to_string());
+    format!("training.engine=\"{}\"", name.unwrap_or_default())
 }
 
 /// Ctrl-C or SIGTERM: the first sets `stop` (training saves and exits 130/143); a second

@@ -172,7 +172,7 @@ pub trait Decode {
 }
 
 /// The reference model with candle-nn's KV cache.
-pub struct CachedDecoder {
+struct CachedDecoder {
     model: Gpt,
     cache: KvCache,
 }
@@ -213,11 +213,8 @@ impl Engine {
                 recompute,
             },
             EngineKind::Fused => {
-                FusedGpt::supports(&model.cfg).map_err(|u| {
-                    Error::Usage(format!(
-                        "the fused engine does not support {u}; use the reference engine"
-                    ))
-                })?;
+                // The refusal `--engine fused` gives, for options built by hand.
+                EngineChoice::Fused.resolve(&model.cfg)?;
                 Runner::Fused(FusedGpt::new(model, recompute))
             }
         };
