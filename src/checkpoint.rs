@@ -280,10 +280,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     }
 }
 
-/// One read of the checkpoint in `dir`, which may race a save ([`load`] checks).
-fn load_once(dir: &Path, device: &Device) -> Result<Checkpoint> {
-    let requested = dir;
-    let dir = resolve(dir);
+/// Refuses a checkpoint path that names no directory, before anything is read (or locked).
+pub fn check_is_dir(requested: &Path) -> Result<()> {
+    let dir = resolve(requested);
     if !dir.exists() {
         return Err(Error::checkpoint(
             requested,
@@ -296,6 +295,13 @@ fn load_once(dir: &Path, device: &Device) -> Result<Checkpoint> {
             "is not a directory; pass the checkpoint directory, not a file in it",
         ));
     }
+    Ok(())
+}
+
+/// One read of the checkpoint in `dir`, which may race a save ([`load`] checks).
+fn load_once(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    check_is_dir(dir)?;
+    let dir = resolve(dir);
     let config_bytes = read_file(&dir, "config.toml")?;
     let config_text = String::from_utf8(config_bytes)
         .map_err(|_| Error::checkpoint(&dir, "config.toml is not UTF-8 text"))?;

@@ -928,3 +928,15 @@ fn the_engine_is_a_run_option() {
     assert!(resumed.contains("engine = \"reference\""), "{resumed}");
     assert!(!resumed.contains("kernels"), "{resumed}");
 }
+
+#[test]
+fn resuming_a_missing_checkpoint_locks_nothing() {
+    let ws = Workspace::new(1000);
+    let dir = ws.path("");
+    let o = tinygpt(&["train", "--resume", "no-such-run/last"], &dir);
+    fails_with(&o, "does not exist");
+    assert!(
+        !dir.join(tinygpt::lock::LOCK_FILE).exists() && !dir.join("no-such-run").exists(),
+        "a mistyped --resume left a lock file behind"
+    );
+}

@@ -82,6 +82,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // The run directory's lock, held to the end: a second writer fails at once.
     let (mut trainer, out, resumed, _lock) = if let Some(resume) = &args.resume {
         let (ck_dir, run_dir) = resume_paths(resume);
+        // A mistyped path must not leave a lock file in whatever directory holds it.
+        crate::checkpoint::check_is_dir(&ck_dir)?;
         let out = args.out.clone().unwrap_or(run_dir);
         let lock = RunLock::acquire(&out)?;
         let mut overrides = args.set.clone();
