@@ -6,9 +6,11 @@
 //!   that the OS or the allocator slows down;
 //! - generation: tokens per second for `gen_tokens` new tokens at temperature 0.8, top-k 200,
 //!   with and without the KV cache;
-//! - peak RSS: the process's high-water mark after training (`getrusage`);
-//! - MFU: model flops per second over the sgemm peak measured on the spot, with nanoGPT's
-//!   count of flops per token, 6·N + 12·L·T·C (N: parameters without the position embedding).
+//! - peak RSS: the process's high-water mark after training (`getrusage`); on a GPU also the
+//!   memory pool's high-water mark;
+//! - MFU: model flops per second over the peak (the sgemm peak measured on the spot on the
+//!   CPU, the data sheet's for the dtype on a GPU), with nanoGPT's count of flops per token,
+//!   6·N + 12·L·T·C (N: parameters without the position embedding).
 
 use std::path::Path;
 use std::time::Instant;
@@ -35,12 +37,18 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// New tokens per generation measurement.
     pub gen_tokens: usize,
+    /// Where to run.
+    pub device: Device,
 }
 
 /// The measurements; `--json` prints this struct.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub engine: String,
+    /// `cpu`, or the GPU's name.
+    pub device: String,
+    /// The matrix products' dtype.
+    pub dtype: String,
     pub data: String,
     pub threads: usize,
     pub parameters: usize,
@@ -54,9 +62,15 @@ pub struct BenchReport {
     pub generate_tokens_per_s: f64,
     pub generate_tokens_per_s_no_cache: f64,
     pub peak_rss_mb: f64,
+    /// The GPU memory pool's high-water mark (`None` on the CPU).
+    pub peak_device_memory_mb: Option<f64>,
     pub flops_per_token: f64,
+    /// This machine's CPU sgemm peak, measured on the spot.
     pub sgemm_gflops: f64,
-    pub mfu: f64,
+    /// The denominator of MFU in GFLOP/s: the sgemm peak on the CPU, the GPU's data-sheet
+    /// peak for the dtype on a GPU (`None` for a GPU not in [`crate::device::gpu_peak_flops`]).
+    pub peak_gflops: Option<f64>,
+    pub mfu: Option<f64>,
 }
 
 /// The process's peak resident set size so far, in MB.
@@ -147,7 +161,7 @@ pub fn run(
             "--iters and --gen-tokens must be at least 1".into(),
         ));
     }
-    let device = Device::Cpu;
+    let device = opts.device.clone();
     let mut trainer = match data {
         Some(p) => {
             config.data.path = p.to_path_buf();
@@ -165,12 +179,16 @@ pub fn run(
     for _ in 0..opts.warmup {
         trainer.train_step()?;
     }
+    device.synchronize()?;
     let mut times = Vec::with_capacity(opts.iters);
     for _ in 0..opts.iters {
         let t = Instant::now();
         trainer.train_step()?;
+        // A GPU runs the step's last kernels after train_step returns: wait for them.
+        device.synchronize()?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+    let peak_device_memory_mb = crate::device::peak_memory(&device).map(|b| b as f64 / 1e6);
     let peak_rss_mb = peak_rss_mb();
     let min = times.iter().cloned().fold(f64::MAX, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
@@ -201,8 +219,15 @@ pub fn run(
     let flops_per_token =
         6.0 * n_params as f64 + 12.0 * (m.n_layer * m.block_size * m.n_embd) as f64;
     let train_tokens_per_s = tokens_per_iter / (ms / 1000.0);
+    let device_name = crate::device::describe(&device);
+    let peak_gflops = match device.is_cpu() {
+        true => Some(sgemm_gflops),
+        false => crate::device::gpu_peak_flops(&device_name, cfg.training.dtype).map(|f| f / 1e9),
+    };
     Ok(BenchReport {
         engine: trainer.engine.kind().name().to_string(),
+        device: device_name,
+        dtype: cfg.training.dtype.name().to_string(),
         data: data.map_or("random tokens".into(), |p| p.display().to_string()),
         threads: rayon::current_num_threads(),
         parameters: trainer.params.count(),
@@ -216,9 +241,11 @@ pub fn run(
         generate_tokens_per_s,
         generate_tokens_per_s_no_cache,
         peak_rss_mb,
+        peak_device_memory_mb,
         flops_per_token,
         sgemm_gflops,
-        mfu: flops_per_token * train_tokens_per_s / (sgemm_gflops * 1e9),
+        peak_gflops,
+        mfu: peak_gflops.map(|p| flops_per_token * train_tokens_per_s / (p * 1e9)),
     })
 }
 
@@ -227,6 +254,7 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let rows = [
             ("engine", self.engine.clone()),
+            ("device", format!("{} ({})", self.device, self.dtype)),
             ("data", self.data.clone()),
             ("threads", self.threads.to_string()),
             ("parameters", self.parameters.to_string()),
@@ -253,13 +281,21 @@ impl BenchReport {
             ("sgemm peak", format!("{:.1} GFLOP/s", self.sgemm_gflops)),
             (
                 "MFU",
-                format!(
-                    "{:.1}% ({:.2} MFLOP/token)",
-                    self.mfu * 100.0,
-                    self.flops_per_token / 1e6
-                ),
+                match (self.mfu, self.peak_gflops) {
+                    (Some(mfu), Some(peak)) => format!(
+                        "{:.1}% ({:.2} MFLOP/token, peak {:.0} GFLOP/s)",
+                        mfu * 100.0,
+                        self.flops_per_token / 1e6,
+                        peak
+                    ),
+                    _ => "unknown (a GPU without a data-sheet peak in tinygpt)".into(),
+                },
             ),
         ];
+        let mut rows = rows.to_vec();
+        if let Some(mb) = self.peak_device_memory_mb {
+            rows.insert(9, ("peak GPU memory", format!("{mb:.0} MB")));
+        }
         rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
     }
 }

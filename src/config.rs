@@ -10,6 +10,7 @@ pub use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
 pub use crate::model::config::Position;
 pub use crate::model::ModelConfig;
+pub use crate::model::Precision;
 pub use crate::tokenizer::TokenizerKind;
 
 /// How text becomes token ids.
@@ -97,6 +98,11 @@ pub struct TrainingConfig {
     /// `fused`. A run's checkpoints keep it, so a resumed run stays on its engine.
     #[serde(default)]
     pub engine: EngineChoice,
+    /// The dtype of the matrix products: `f32`, or `bf16` (bf16 operands, f32 results, f32
+    /// weights and optimizer state: PyTorch's autocast), which runs on the reference engine.
+    /// Checkpoints stay f32 either way.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 /// What updates the blocks' 2-D weights.

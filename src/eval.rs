@@ -14,7 +14,7 @@
 //! Bits per byte compare models with different tokenizers (a char and a BPE model of the same
 //! text): the sum of their token losses is the bits they need to encode the same bytes.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::data::{Dataset, Split};
@@ -80,7 +80,7 @@ pub fn evaluate(
             data.tokens(split, s..s + t, &mut x);
             data.tokens(split, s + 1..s + t + 1, &mut y);
         }
-        let idx = Tensor::from_vec(x, (starts.len(), *t), &Device::Cpu)?;
+        let idx = Tensor::from_vec(x, (starts.len(), *t), engine.device())?;
         let logits = engine.forward(&idx)?; // (B, T, V)
         let v = logits.dim(2)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;

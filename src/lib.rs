@@ -3,7 +3,8 @@
 //! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
 //! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint, [`interop`]
 //! exports to transformers and llama.cpp and imports GPT-2, [`serve`] shows a checkpoint in the
-//! browser, and [`lock`] keeps a run directory to one writer.
+//! browser, and [`lock`] keeps a run directory to one writer; [`device`] says where a run's tensors
+//! live (the CPU, or a GPU through candle's CUDA backend).
 //!
 //! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] / [`interop`] /
 //! [`serve`] → [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the
@@ -14,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -594,6 +594,7 @@ fn recomputed_blocks_give_the_same_steps_and_the_same_dropout() {
             mask: mask.clone(),
             dropout_seed: Some(seed),
             grads: grads.clone(),
+            precision: tinygpt::model::Precision::F32,
         })
         .unwrap()
     };

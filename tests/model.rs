@@ -222,6 +222,7 @@ fn config_files_in_the_repo_parse() {
     for f in [
         "shakespeare-char",
         "shakespeare-char-10m",
+        "shakespeare-char-10m-h200",
         "shakespeare-bpe",
         "shakespeare-char-speedrun",
         "shakespeare-char-speedrun-15m",

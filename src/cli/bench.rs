@@ -6,8 +6,10 @@ use clap::Args;
 
 use crate::bench::{self, BenchOptions};
 use crate::config::Config;
+use crate::device::DeviceChoice;
 use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
+use crate::model::Precision;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -36,6 +38,12 @@ pub struct BenchArgs {
     /// training.engine, itself `auto` unless set).
     #[arg(long, value_enum)]
     engine: Option<EngineChoice>,
+    /// Where to measure: `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when there is one).
+    #[arg(long, default_value_t = DeviceChoice::Auto, value_name = "DEVICE")]
+    device: DeviceChoice,
+    /// The matrix products' dtype (default: the config's training.dtype, `f32` unless set).
+    #[arg(long, value_enum)]
+    dtype: Option<Precision>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -43,11 +51,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(e) = args.engine {
         config.training.engine = e;
     }
-    EngineOptions::choose(config.training.engine, &config.model)?;
+    if let Some(d) = args.dtype {
+        config.training.dtype = d;
+    }
+    let device = args.device.resolve()?;
+    let t = &config.training;
+    EngineOptions::choose_on(t.engine, &config.model, &device, t.dtype)?;
     let opts = BenchOptions {
         iters: args.iters,
         warmup: args.warmup,
         gen_tokens: args.gen_tokens,
+        device,
     };
     let json = args.json;
     let report = bench::run(config, args.data.as_deref(), &opts, |s| {

@@ -19,8 +19,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::checkpoint::Checkpoint;
+use crate::device::DeviceChoice;
 use crate::engine::{Engine, EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
+use crate::model::Precision;
 
 /// Train, sample and inspect a tiny GPT.
 #[derive(Debug, Parser)]
@@ -134,20 +136,27 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
     crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
 }
 
-/// `--engine`, on every command that runs a model.
+/// `--engine` and `--device`, on every command that runs a model.
 #[derive(Debug, Clone, Copy, Args)]
 pub(crate) struct EngineArg {
     /// What runs the model: `fused` (tinygpt's CPU kernels), `reference` (candle's composed
     /// ops) or `auto` (fused when it supports every option of the model, else reference).
     #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
     pub engine: EngineChoice,
+    /// Where the model runs: `cpu`, `cuda` (the first GPU), `cuda:N`, or `auto` (a GPU when
+    /// this binary has CUDA and one answers, else the CPU).
+    #[arg(long, default_value_t = DeviceChoice::Auto, value_name = "DEVICE")]
+    pub device: DeviceChoice,
 }
 
-/// Loads the checkpoint a user named and the engine `arg` resolves to for it (once per run:
-/// a note when `auto` passes over the fused kernels, the thread counts set).
+/// Loads the checkpoint a user named onto the device `arg` asks for, with the engine it
+/// resolves to (once per run: a note when `auto` passes over the fused kernels, the thread
+/// counts set). The device is resolved first: a GPU that does not answer fails before any
+/// file is read.
 pub(crate) fn load_with_engine(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, Engine)> {
-    let ck = load_checkpoint(dir)?;
-    let opts = EngineOptions::choose(arg.engine, &ck.config.model)?;
+    let device = arg.device.resolve()?;
+    let ck = crate::checkpoint::load(&checkpoint_dir(dir), &device)?;
+    let opts = EngineOptions::choose_on(arg.engine, &ck.config.model, &device, Precision::F32)?;
     let engine = opts.engine(&ck.model, false)?;
     Ok((ck, engine))
 }

@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::engine::EngineOptions;
 use crate::error::Result;
+use crate::model::Precision;
 use crate::serve::{run, Served};
 
 #[derive(Debug, Args)]
@@ -27,8 +28,14 @@ pub struct ServeArgs {
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let dir = super::checkpoint_dir(&args.checkpoint);
-    let ck = super::load_checkpoint(&args.checkpoint)?;
-    let mut opts = EngineOptions::choose(args.engine.engine, &ck.config.model)?;
+    let device = args.engine.device.resolve()?;
+    let ck = crate::checkpoint::load(&dir, &device)?;
+    let mut opts = EngineOptions::choose_on(
+        args.engine.engine,
+        &ck.config.model,
+        &device,
+        Precision::F32,
+    )?;
     // Requests decode side by side: one core each, no partner threads spinning for a second.
     opts.partner_threads = false;
     let engine = opts.engine(&ck.model, false)?;

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
-use candle_core::Device;
 use clap::{Args, ValueEnum};
 
 use crate::config::Config;
+use crate::device::DeviceChoice;
 use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
@@ -51,6 +51,11 @@ pub struct TrainArgs {
     /// config's training.engine (`auto` unless set; a resumed run keeps its own).
     #[arg(long, value_enum)]
     engine: Option<EngineChoice>,
+    /// Where to train: `cpu`, `cuda` (the first GPU), `cuda:N`, or `auto` (a GPU when this
+    /// binary has CUDA and one answers, else the CPU). Checkpoints are the same on either, so
+    /// a run may resume on another device.
+    #[arg(long, default_value_t = DeviceChoice::Auto, value_name = "DEVICE")]
+    device: DeviceChoice,
 }
 
 /// `--engine` as a `--set` override of the run's config (spelled as the flag takes it).
@@ -76,7 +81,8 @@ fn install_signal_handlers() -> Result<Arc<AtomicUsize>> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let device = Device::Cpu;
+    // First: a GPU that does not answer fails before anything is read or written.
+    let device = args.device.resolve()?;
     let stop = install_signal_handlers()?;
     let progress = ProgressMode::detect(args.quiet);
     // The run directory's lock, held to the end: a second writer fails at once.
@@ -90,7 +96,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.extend(args.engine.map(engine_override));
         let trainer =
             Trainer::resume(&ck_dir, &overrides, args.data.as_deref(), &device, progress)?;
-        EngineOptions::choose(trainer.config.training.engine, &trainer.config.model)?;
+        let t = &trainer.config.training;
+        EngineOptions::choose_on(t.engine, &trainer.config.model, &device, t.dtype)?;
         (trainer, out, true, lock)
     } else {
         let path = args
@@ -101,7 +108,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let Some(e) = args.engine {
             config.training.engine = e;
         }
-        EngineOptions::choose(config.training.engine, &config.model)?;
+        let t = &config.training;
+        EngineOptions::choose_on(t.engine, &config.model, &device, t.dtype)?;
         if let Some(d) = &args.data {
             config.data.path = d.clone();
         }
@@ -155,12 +163,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let c = &trainer.config;
     say(format!(
-        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, run dir {}{}",
+        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}",
         trainer.params.count(),
         format!("{:?}", c.tokenizer.kind).to_lowercase(),
         trainer.tokenizer.vocab_size(),
         trainer.dataset.len(crate::data::Split::Train),
         trainer.dataset.len(crate::data::Split::Val),
+        trainer.engine.kind().name(),
+        crate::device::name(&device),
+        c.training.dtype.name(),
         out.display(),
         if resumed {
             format!(", resuming at step {}", trainer.state.step)

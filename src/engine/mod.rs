@@ -14,7 +14,7 @@ pub mod fused;
 pub mod recompute;
 
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,7 @@ use crate::kernels;
 use crate::kernels::block::GradSlot;
 use crate::model::attention::causal_mask;
 use crate::model::gpt::cross_entropy;
-use crate::model::{BlockParams, Gpt, KvCache, ModelConfig};
+use crate::model::{autocast, BlockParams, Gpt, KvCache, ModelConfig, Precision};
 use crate::rng::Rng;
 use recompute::RecomputedBlock;
 
@@ -61,20 +61,47 @@ impl EngineKind {
 }
 
 impl EngineChoice {
-    /// The engine that runs a model of `cfg`, and, when `auto` passed over the fused kernels,
-    /// the one line that says why. `fused` on a model they do not support is refused, naming
-    /// the key.
+    /// The engine that runs a model of `cfg` on the CPU in f32 ([`EngineChoice::resolve_on`]).
     pub fn resolve(self, cfg: &ModelConfig) -> Result<(EngineKind, Option<String>)> {
-        match (self, FusedGpt::supports(cfg)) {
+        self.resolve_on(cfg, &Device::Cpu, Precision::F32)
+    }
+
+    /// The engine that runs a model of `cfg` on `device` with matrix products in `precision`,
+    /// and, when `auto` passed over the fused kernels for a reason the user may not expect,
+    /// the one line that says why. The fused kernels run on the CPU in f32 only: `auto` on a
+    /// GPU is the reference engine without a note; `fused` on what they do not support is
+    /// refused, naming it.
+    pub fn resolve_on(
+        self,
+        cfg: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<(EngineKind, Option<String>)> {
+        if !device.is_cpu() {
+            return match self {
+                EngineChoice::Fused => Err(Error::Usage(format!(
+                    "--engine fused runs on the CPU only; use --engine reference (or auto) with --device {}, or --device cpu",
+                    crate::device::name(device)
+                ))),
+                _ => Ok((EngineKind::Reference, None)),
+            };
+        }
+        let unsupported = match (precision, FusedGpt::supports(cfg)) {
+            (Precision::Bf16, _) => Some("training.dtype = \"bf16\"".to_string()),
+            // TF32 is a GPU's; on the CPU it is f32.
+            (Precision::F32 | Precision::Tf32, Err(u)) => Some(u.to_string()),
+            (Precision::F32 | Precision::Tf32, Ok(())) => None,
+        };
+        match (self, unsupported) {
             (EngineChoice::Reference, _) => Ok((EngineKind::Reference, None)),
-            (EngineChoice::Auto | EngineChoice::Fused, Ok(())) => Ok((EngineKind::Fused, None)),
-            (EngineChoice::Auto, Err(u)) => Ok((
+            (EngineChoice::Auto | EngineChoice::Fused, None) => Ok((EngineKind::Fused, None)),
+            (EngineChoice::Auto, Some(u)) => Ok((
                 EngineKind::Reference,
                 Some(format!(
                     "note: the fused engine does not support {u}; running on the reference engine (slower)"
                 )),
             )),
-            (EngineChoice::Fused, Err(u)) => Err(Error::Usage(format!(
+            (EngineChoice::Fused, Some(u)) => Err(Error::Usage(format!(
                 "--engine fused does not support {u}; use --engine reference (or auto)"
             ))),
         }
@@ -86,6 +113,8 @@ impl EngineChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     pub kind: EngineKind,
+    /// The dtype of the reference engine's matrix products ([`crate::model::precision`]).
+    pub precision: Precision,
     /// Whether a fused decoder of a small model may keep a partner thread ([`Decoder`]). A
     /// server decoding for many requests at once turns them off: each request then keeps to
     /// one core. The bits are the same either way.
@@ -93,10 +122,11 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    /// Options for `kind` with partner threads allowed.
+    /// Options for `kind` in f32 with partner threads allowed.
     pub fn new(kind: EngineKind) -> EngineOptions {
         EngineOptions {
             kind,
+            precision: Precision::F32,
             partner_threads: true,
         }
     }
@@ -105,12 +135,27 @@ impl EngineOptions {
     /// (if any) on stderr, and sets the thread counts for the engine ([`configure_threads`]).
     /// Call it once per run, before the first tensor op.
     pub fn choose(choice: EngineChoice, cfg: &ModelConfig) -> Result<EngineOptions> {
-        let (kind, note) = choice.resolve(cfg)?;
+        EngineOptions::choose_on(choice, cfg, &Device::Cpu, Precision::F32)
+    }
+
+    /// [`EngineOptions::choose`] for a model on `device` with products in `precision`
+    /// ([`EngineChoice::resolve_on`]).
+    pub fn choose_on(
+        choice: EngineChoice,
+        cfg: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<EngineOptions> {
+        let (kind, note) = choice.resolve_on(cfg, device, precision)?;
         if let Some(note) = note {
             eprintln!("{note}");
         }
         configure_threads(kind);
-        Ok(EngineOptions::new(kind))
+        crate::model::precision::set_tf32(precision == Precision::Tf32);
+        Ok(EngineOptions {
+            precision,
+            ..EngineOptions::new(kind)
+        })
     }
 
     /// The engine for `model`; `recompute`: training passes keep only each block's input and
@@ -143,6 +188,7 @@ pub struct BlockRun {
 #[derive(Debug, Clone)]
 pub struct Engine {
     runner: Runner,
+    precision: Precision,
     partner_threads: bool,
 }
 
@@ -175,12 +221,16 @@ pub trait Decode {
 struct CachedDecoder {
     model: Gpt,
     cache: KvCache,
+    precision: Precision,
 }
 
 impl Decode for CachedDecoder {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let idx = Tensor::from_slice(tokens, (1, tokens.len()), self.model.wte.device())?;
-        last_row(&self.model.forward_cached(&idx, &mut self.cache)?)
+        let logits = autocast(self.precision, || {
+            self.model.forward_cached(&idx, &mut self.cache)
+        })?;
+        last_row(&logits)
     }
 
     fn len(&self) -> usize {
@@ -207,6 +257,12 @@ impl Engine {
     /// and recompute the rest in backward. A model the fused kernels do not support is refused
     /// on them, naming the key.
     pub fn new(model: &Gpt, opts: &EngineOptions, recompute: bool) -> Result<Engine> {
+        if recompute && !model.wte.device().is_cpu() {
+            return Err(Error::Usage(format!(
+                "training.recompute_activations runs on the CPU only; set it to false for --device {}",
+                crate::device::name(model.wte.device())
+            )));
+        }
         let runner = match opts.kind {
             EngineKind::Reference => Runner::Reference {
                 model: model.clone(),
@@ -214,12 +270,13 @@ impl Engine {
             },
             EngineKind::Fused => {
                 // The refusal `--engine fused` gives, for options built by hand.
-                EngineChoice::Fused.resolve(&model.cfg)?;
+                EngineChoice::Fused.resolve_on(&model.cfg, model.wte.device(), opts.precision)?;
                 Runner::Fused(FusedGpt::new(model, recompute))
             }
         };
         Ok(Engine {
             runner,
+            precision: opts.precision,
             partner_threads: opts.partner_threads,
         })
     }
@@ -250,10 +307,17 @@ impl Engine {
         self.model().wte.device()
     }
 
+    /// The dtype of the reference engine's matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Logits `(B, T, V)` of `idx` `(B, T)`, dropout off.
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
         match &self.runner {
-            Runner::Reference { model, .. } => model.forward(idx, None),
+            Runner::Reference { model, .. } => {
+                autocast(self.precision, || model.forward(idx, None))
+            }
             Runner::Fused(f) => Ok(f.forward(idx, None)?.0),
         }
     }
@@ -263,7 +327,9 @@ impl Engine {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<f64> {
         kernels::in_pool(idx.elem_count(), || {
             let loss = match &self.runner {
-                Runner::Reference { model, .. } => model.loss(idx, targets, None)?,
+                Runner::Reference { model, .. } => {
+                    autocast(self.precision, || model.loss(idx, targets, None))?
+                }
                 Runner::Fused(f) => f.loss(idx, targets, None)?.0,
             };
             Ok(loss.to_scalar::<f32>()? as f64)
@@ -281,10 +347,12 @@ impl Engine {
     ) -> Result<(f64, GradStore)> {
         kernels::in_pool(idx.elem_count(), || {
             let (loss, runs) = match &self.runner {
-                Runner::Reference { model, recompute } => match recompute {
-                    true => recomputed_loss(model, idx, targets, rng)?,
-                    false => (model.loss(idx, targets, Some(rng))?, Vec::new()),
-                },
+                Runner::Reference { model, recompute } => {
+                    autocast(self.precision, || match recompute {
+                        true => recomputed_loss(model, idx, targets, rng, self.precision),
+                        false => Ok((model.loss(idx, targets, Some(rng))?, Vec::new())),
+                    })?
+                }
                 Runner::Fused(f) => f.loss(idx, targets, Some(rng))?,
             };
             let value = loss.to_scalar::<f32>()? as f64;
@@ -317,6 +385,7 @@ impl Engine {
             Runner::Reference { model, .. } => Box::new(CachedDecoder {
                 model: model.clone(),
                 cache: model.new_cache(),
+                precision: self.precision,
             }),
             Runner::Fused(f) => Box::new(Decoder::new(f, self.partner_threads)?),
         })
@@ -329,6 +398,7 @@ fn recomputed_loss(
     idx: &Tensor,
     targets: &Tensor,
     rng: &mut Rng,
+    precision: Precision,
 ) -> Result<(Tensor, Vec<BlockRun>)> {
     let mut x = model.embed(idx, 0, None, Some(&mut *rng))?;
     let t = x.dim(1)?;
@@ -341,6 +411,7 @@ fn recomputed_loss(
             mask: mask.clone(),
             dropout_seed: (model.cfg.dropout > 0.0).then(|| rng.random()),
             grads: grads.clone(),
+            precision,
         };
         x = x.contiguous()?.apply_op1(op)?;
         runs.push(BlockRun {

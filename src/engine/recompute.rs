@@ -18,6 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 use crate::kernels::block::GradSlot;
 use crate::kernels::f32_slice;
 use crate::model::block::Block;
+use crate::model::{autocast, Precision};
 use crate::rng::seeded;
 
 /// One block run as a single op whose intermediates are recomputed in backward.
@@ -30,15 +31,18 @@ pub struct RecomputedBlock {
     /// Where backward leaves the gradients of the block's parameters, in
     /// [`crate::model::BlockParams::named`] order.
     pub grads: GradSlot<Vec<Tensor>>,
+    /// The matrix products' dtype, the same in the recomputation as in the first run.
+    pub precision: Precision,
 }
 
 impl RecomputedBlock {
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut rng = self.dropout_seed.map(seeded);
-        self.block
-            .forward(x, &self.mask, rng.as_mut(), None)
-            .map(|(y, _)| y)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        autocast(self.precision, || {
+            self.block.forward(x, &self.mask, rng.as_mut(), None)
+        })
+        .map(|(y, _)| y)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 

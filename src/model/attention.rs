@@ -21,6 +21,7 @@ use candle_nn::kv_cache::KvCache as LayerKv;
 use super::config::{INIT_STD, NORM_EPS};
 use super::layers::{dropout, rms_normalize, Linear};
 use super::params::VarBuilder;
+use super::precision::matmul;
 use super::rope::Rope;
 use crate::error::Result;
 use crate::rng::Rng;
@@ -75,14 +76,14 @@ pub(crate) fn attend(
     rng: Option<&mut Rng>,
 ) -> Result<(Tensor, Tensor)> {
     let d_k = q.dim(D::Minus1)?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d_k as f64).sqrt()))?;
+    let scores = (matmul(q, &k.t()?)? * (1.0 / (d_k as f64).sqrt()))?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
     let weights = softmax_last_dim(&scores)?;
     let dropped = dropout(&weights, p, rng)?;
-    let out = dropped.matmul(v)?;
+    let out = matmul(&dropped, v)?;
     Ok((out, weights))
 }
 

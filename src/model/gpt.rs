@@ -233,7 +233,7 @@ impl Gpt {
     pub fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let x = x.apply(&self.ln_f)?.reshape((b * t, c))?;
-        let logits = x.matmul(&self.head_weight().t()?)?;
+        let logits = super::precision::matmul(&x, &self.head_weight().t()?)?;
         softcap(&logits, self.cfg.logit_softcap)?
             .reshape((b, t, self.vocab_size))
             .map_err(Into::into)

@@ -9,11 +9,13 @@ use candle_nn::Module;
 
 use super::config::{NormKind, NORM_EPS};
 use super::params::{Init, VarBuilder};
+use super::precision::matmul;
 use crate::error::Result;
 use crate::rng::Rng;
 use rand::Rng as _;
 
-/// y = x·Wᵀ + b over the last dimension; W is `(out, in)` as in PyTorch.
+/// y = x·Wᵀ + b over the last dimension; W is `(out, in)` as in PyTorch. The product runs in
+/// the scope's [`super::precision`].
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -44,9 +46,8 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
-        let y = x
-            .reshape((x.elem_count() / d_in, d_in))?
-            .matmul(&self.weight.t()?)?;
+        let y = x.reshape((x.elem_count() / d_in, d_in))?;
+        let y = matmul(&y, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -114,13 +115,21 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 }
 
 /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1−p).
-/// Masks are drawn from the run's RNG so training stays reproducible. Without an RNG (eval,
-/// sampling) or with p = 0 it is the identity.
+/// Masks are drawn from the run's RNG so training stays reproducible: on the CPU element by
+/// element; on a GPU by the device's own generator, seeded with one number from the run's RNG
+/// (drawing millions of numbers on the host and copying them over would take longer than the
+/// step). Without an RNG (eval, sampling) or with p = 0 it is the identity.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
     let Some(rng) = rng.filter(|_| p > 0.0) else {
         return Ok(x.clone());
     };
     let scale = (1.0 / (1.0 - p)) as f32;
+    if !x.device().is_cpu() {
+        x.device().set_seed(rng.random())?;
+        let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?;
+        let mask = (keep.to_dtype(DType::F32)? * scale as f64)?;
+        return Ok(x.mul(&mask)?);
+    }
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
         .collect();

@@ -9,6 +9,7 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod layers;
 pub mod params;
+pub mod precision;
 pub mod rope;
 
 pub use attention::{Head, MultiHeadAttention};
@@ -18,3 +19,4 @@ pub use gpt::Gpt;
 pub use kv_cache::KvCache;
 pub use layers::{Linear, Norm};
 pub use params::{Init, Params, VarBuilder};
+pub use precision::{autocast, Precision};

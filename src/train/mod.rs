@@ -2,6 +2,7 @@
 
 pub mod optimizer;
 pub mod schedule;
+pub mod tensor_update;
 pub mod trainer;
 
 pub use crate::progress::ProgressMode;

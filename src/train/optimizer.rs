@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
 
+use super::tensor_update;
 use crate::checkpoint::OptimizerState;
 use crate::config::{OptimizerKind, TrainingConfig};
 use crate::error::Result;
@@ -28,12 +29,29 @@ use crate::kernels::with_f32;
 /// The global L2 norm of `grads` (`None` counts as zero), for gradient clipping. Each
 /// gradient's Σg² side by side (most are too small to split), added in order.
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    if grads.iter().flatten().any(|g| !g.device().is_cpu()) {
+        return device_global_norm(grads);
+    }
     let sums = grads
         .par_iter()
         .flatten()
         .map(|g| with_f32(g, "gradient norm", sum_of_squares))
         .collect::<candle_core::Result<Vec<f64>>>()?;
     Ok(sums.iter().sum::<f64>().sqrt())
+}
+
+/// [`global_norm`] on a GPU: one device scalar per gradient, added there, one number back.
+fn device_global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let sums = grads
+        .iter()
+        .flatten()
+        .map(tensor_update::sum_of_squares)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok((total as f64).sqrt())
 }
 
 /// One parameter's optimizer slot.
@@ -43,8 +61,30 @@ struct Slot {
     decay: bool,
     /// Updated by Muon (m is its momentum buffer) instead of AdamW.
     muon: bool,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    moments: Moments,
+}
+
+/// A parameter's first and second moments: host vectors for the CPU kernels, or tensors on
+/// the parameter's device (a GPU), updated there.
+enum Moments {
+    Host { m: Vec<f32>, v: Vec<f32> },
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    /// Zeros on the host or (`on_device`) beside `var`.
+    fn zeros(var: &Var, on_device: bool) -> Result<Moments> {
+        Ok(match !on_device {
+            true => Moments::Host {
+                m: vec![0.0; var.elem_count()],
+                v: vec![0.0; var.elem_count()],
+            },
+            false => Moments::Device {
+                m: var.zeros_like()?,
+                v: var.zeros_like()?,
+            },
+        })
+    }
 }
 
 /// The optimizer over a fixed, named set of parameters: AdamW for each, or Muon for the
@@ -66,20 +106,35 @@ pub struct Optimizer {
 impl Optimizer {
     /// Zero moments for `vars` (name order fixes the update order). With `cfg.optimizer` =
     /// `muon`, the blocks' 2-D weights (`h.*`) go to Muon.
-    pub fn new(vars: &std::collections::BTreeMap<String, Var>, cfg: &TrainingConfig) -> Optimizer {
+    pub fn new(
+        vars: &std::collections::BTreeMap<String, Var>,
+        cfg: &TrainingConfig,
+    ) -> Result<Optimizer> {
+        let on_device = vars.values().any(|v| !v.device().is_cpu());
+        Optimizer::with_moments(vars, cfg, on_device)
+    }
+
+    /// [`Optimizer::new`] with the moments as host vectors for the CPU kernels, or
+    /// (`on_device`) as tensors updated by tensor ops, the GPU's path.
+    fn with_moments(
+        vars: &std::collections::BTreeMap<String, Var>,
+        cfg: &TrainingConfig,
+        on_device: bool,
+    ) -> Result<Optimizer> {
         let muon = cfg.optimizer == OptimizerKind::Muon;
         let slots = vars
             .iter()
-            .map(|(name, var)| Slot {
-                name: name.clone(),
-                var: var.clone(),
-                decay: var.rank() >= 2,
-                muon: muon && var.rank() == 2 && name.starts_with("h."),
-                m: vec![0.0; var.elem_count()],
-                v: vec![0.0; var.elem_count()],
+            .map(|(name, var)| {
+                Ok(Slot {
+                    name: name.clone(),
+                    var: var.clone(),
+                    decay: var.rank() >= 2,
+                    muon: muon && var.rank() == 2 && name.starts_with("h."),
+                    moments: Moments::zeros(var, on_device)?,
+                })
             })
-            .collect();
-        Optimizer {
+            .collect::<Result<_>>()?;
+        Ok(Optimizer {
             slots,
             step: 0,
             beta1: cfg.beta1,
@@ -90,7 +145,7 @@ impl Optimizer {
             muon_lr: cfg.muon_learning_rate,
             muon_momentum: cfg.muon_momentum,
             muon_momentum_warmup: cfg.muon_momentum_warmup,
-        }
+        })
     }
 
     /// Muon's momentum at step `t` (from 1): from 0.85 up to `muon_momentum` over the warm-up.
@@ -149,39 +204,51 @@ impl Optimizer {
                     grad_scale,
                 };
                 let param = slot.var.as_tensor();
-                let zeros = || vec![0.0f32; slot.m.len()];
-                if slot.muon {
-                    match g {
-                        Some(g) => with_f32(g, "muon", |g| {
-                            muon_update_tensor(param, g, &mut slot.m, &muon)
-                        })??,
-                        None => muon_update_tensor(param, &zeros(), &mut slot.m, &muon)?,
+                match &mut slot.moments {
+                    Moments::Device { m, v } => {
+                        let g = match g {
+                            Some(g) => g.clone(),
+                            None => param.zeros_like()?,
+                        };
+                        match slot.muon {
+                            true => tensor_update::muon(&slot.var, &g, m, &muon)?,
+                            false => tensor_update::adamw(&slot.var, &g, m, v, &step)?,
+                        }
                     }
-                    return Ok(());
-                }
-                match g {
-                    Some(g) => with_f32(g, "adamw", |g| {
-                        adamw_update_tensor(param, g, &mut slot.m, &mut slot.v, &step)
-                    })??,
-                    None => adamw_update_tensor(param, &zeros(), &mut slot.m, &mut slot.v, &step)?,
+                    Moments::Host { m, v } => {
+                        let zeros = || vec![0.0f32; m.len()];
+                        match (slot.muon, g) {
+                            (true, Some(g)) => {
+                                with_f32(g, "muon", |g| muon_update_tensor(param, g, m, &muon))??
+                            }
+                            (true, None) => muon_update_tensor(param, &zeros(), m, &muon)?,
+                            (false, Some(g)) => with_f32(g, "adamw", |g| {
+                                adamw_update_tensor(param, g, m, v, &step)
+                            })??,
+                            (false, None) => adamw_update_tensor(param, &zeros(), m, v, &step)?,
+                        }
+                    }
                 }
                 Ok(())
             })
     }
 
-    /// The moments and step, for `optimizer.safetensors`.
-    pub fn state(&self, device: &Device) -> Result<OptimizerState> {
+    /// The moments and step, for `optimizer.safetensors` (on the CPU, whatever the device).
+    pub fn state(&self) -> Result<OptimizerState> {
         let mut m = HashMap::new();
         let mut v = HashMap::new();
         for s in &self.slots {
-            m.insert(
-                s.name.clone(),
-                Tensor::from_slice(&s.m, s.var.shape(), device)?,
-            );
-            v.insert(
-                s.name.clone(),
-                Tensor::from_slice(&s.v, s.var.shape(), device)?,
-            );
+            let (sm, sv) = match &s.moments {
+                Moments::Host { m, v } => (
+                    Tensor::from_slice(m, s.var.shape(), &Device::Cpu)?,
+                    Tensor::from_slice(v, s.var.shape(), &Device::Cpu)?,
+                ),
+                Moments::Device { m, v } => {
+                    (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?)
+                }
+            };
+            m.insert(s.name.clone(), sm);
+            v.insert(s.name.clone(), sv);
         }
         Ok(OptimizerState {
             step: self.step,
@@ -190,13 +257,25 @@ impl Optimizer {
         })
     }
 
-    /// Restores moments and step saved by [`Optimizer::state`] (names already checked by the loader).
+    /// Restores moments and step saved by [`Optimizer::state`] (names already checked by the
+    /// loader), onto each parameter's device.
     pub fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         self.step = state.step;
         for s in &mut self.slots {
             if let (Some(m), Some(v)) = (state.m.get(&s.name), state.v.get(&s.name)) {
-                s.m = m.flatten_all()?.to_vec1::<f32>()?;
-                s.v = v.flatten_all()?.to_vec1::<f32>()?;
+                s.moments = match &s.moments {
+                    Moments::Host { .. } => Moments::Host {
+                        m: m.flatten_all()?.to_vec1::<f32>()?,
+                        v: v.flatten_all()?.to_vec1::<f32>()?,
+                    },
+                    Moments::Device { .. } => {
+                        let dev = s.var.device();
+                        Moments::Device {
+                            m: m.reshape(s.var.shape())?.to_device(dev)?,
+                            v: v.reshape(s.var.shape())?.to_device(dev)?,
+                        }
+                    }
+                };
             }
         }
         Ok(())
@@ -239,8 +318,9 @@ mod tests {
             lr_schedule: Default::default(),
             cooldown_iters: 0,
             engine: Default::default(),
+            dtype: Default::default(),
         };
-        let mut opt = Optimizer::new(&vars, &cfg);
+        let mut opt = Optimizer::new(&vars, &cfg).unwrap();
         let grads = [
             Some(Tensor::new(&[0.4f32, -0.8], &dev).unwrap()),
             Some(Tensor::new(&[[2.0f32, 0.0], [-2.0, 4.0]], &dev).unwrap()),
@@ -270,11 +350,11 @@ mod tests {
             "{b:?}"
         );
         // state round trip
-        let st = opt.state(&dev).unwrap();
-        let mut opt2 = Optimizer::new(&vars, &cfg);
+        let st = opt.state().unwrap();
+        let mut opt2 = Optimizer::new(&vars, &cfg).unwrap();
         opt2.load_state(&st).unwrap();
         assert_eq!(opt2.steps(), 1);
-        assert_eq!(opt2.slots[1].v, opt.slots[1].v);
+        assert_eq!(host(&opt2.slots[1]).1, host(&opt.slots[1]).1);
     }
 
     #[test]
@@ -285,14 +365,16 @@ mod tests {
         )
         .unwrap()
         .training;
-        let opt = Optimizer::new(&BTreeMap::new(), &cfg);
+        let opt = Optimizer::new(&BTreeMap::new(), &cfg).unwrap();
         let at = |t| opt.muon_momentum_at(t);
         assert!((at(0) - 0.85).abs() < 1e-12);
         assert!((at(5) - 0.90).abs() < 1e-12);
         assert!((at(10) - 0.95).abs() < 1e-12 && (at(500) - 0.95).abs() < 1e-12);
         cfg.muon_momentum_warmup = 0;
         assert_eq!(
-            Optimizer::new(&BTreeMap::new(), &cfg).muon_momentum_at(1),
+            Optimizer::new(&BTreeMap::new(), &cfg)
+                .unwrap()
+                .muon_momentum_at(1),
             0.95
         );
     }
@@ -317,7 +399,7 @@ mod tests {
         .unwrap()
         .training;
         cfg.muon_momentum = 0.5;
-        let mut opt = Optimizer::new(&vars, &cfg);
+        let mut opt = Optimizer::new(&vars, &cfg).unwrap();
         let g: Vec<f32> = (0..12).map(|i| (i as f32 * 0.3).cos()).collect();
         let gt = Tensor::from_vec(g.clone(), (4, 3), &dev).unwrap();
         let (h0, w0) = (values(&h), values(&wte));
@@ -338,6 +420,84 @@ mod tests {
         for ((&a, &b), &g) in values(&wte).iter().zip(&w0).zip(&g) {
             let want = b - (cfg.learning_rate / 2.0) as f32 * g.signum();
             assert!((a - want).abs() < 1e-6, "adamw: {a} vs {want}");
+        }
+    }
+
+    fn host(slot: &Slot) -> (Vec<f32>, Vec<f32>) {
+        match &slot.moments {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v } => (
+                m.flatten_all().unwrap().to_vec1().unwrap(),
+                v.flatten_all().unwrap().to_vec1().unwrap(),
+            ),
+        }
+    }
+
+    /// The GPU's path (moments as tensors, updates as tensor ops), run here on the CPU, takes
+    /// the same steps as the CPU kernels, AdamW and Muon alike, and saves the same state.
+    #[test]
+    fn the_tensor_path_matches_the_kernels() {
+        let dev = Device::Cpu;
+        for optimizer in ["adamw", "muon"] {
+            let make = || {
+                let var = |n: usize, shape: &[usize], k: f32| {
+                    let v: Vec<f32> = (0..n).map(|i| ((i as f32 + k) * 0.37).sin()).collect();
+                    Var::from_vec(v, shape, &dev).unwrap()
+                };
+                BTreeMap::from([
+                    ("h.0.mlp.c_fc.weight".to_string(), var(24, &[6, 4], 0.0)),
+                    ("h.0.ln_1.weight".to_string(), var(4, &[4], 1.0)),
+                    ("wte.weight".to_string(), var(12, &[3, 4], 2.0)),
+                ])
+            };
+            let cfg = crate::config::Config::parse(
+                include_str!("../../configs/shakespeare-char.toml"),
+                &[format!("training.optimizer=\"{optimizer}\"")],
+            )
+            .unwrap()
+            .training;
+            let (va, vb) = (make(), make());
+            let mut a = Optimizer::with_moments(&va, &cfg, false).unwrap();
+            let mut b = Optimizer::with_moments(&vb, &cfg, true).unwrap();
+            for step in 0..4 {
+                let grads: Vec<Option<Tensor>> = va
+                    .values()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let n = v.elem_count();
+                        let g: Vec<f32> = (0..n)
+                            .map(|j| ((j * 7 + i * 3 + step) as f32 * 0.91).cos())
+                            .collect();
+                        // One parameter without a gradient at step 2: zeros on both paths.
+                        (step != 2 || i != 1).then(|| Tensor::from_vec(g, v.shape(), &dev).unwrap())
+                    })
+                    .collect();
+                let (na, nb) = (
+                    global_norm(&grads).unwrap(),
+                    device_global_norm(&grads).unwrap(),
+                );
+                assert!((na - nb).abs() < 1e-5 * na, "{na} vs {nb}");
+                a.step(&grads, 0.7, 1e-2).unwrap();
+                b.step(&grads, 0.7, 1e-2).unwrap();
+            }
+            for ((name, x), y) in va.iter().zip(vb.values()) {
+                for (p, q) in values(x).iter().zip(values(y)) {
+                    assert!((p - q).abs() < 1e-5, "{optimizer} {name}: {p} vs {q}");
+                }
+            }
+            let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
+            for name in va.keys() {
+                let m =
+                    |s: &OptimizerState| s.m[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (p, q) in m(&sa).iter().zip(m(&sb)) {
+                    assert!((p - q).abs() < 1e-5, "{optimizer} {name} m: {p} vs {q}");
+                }
+            }
+            // The device path restores its state as tensors.
+            let mut c = Optimizer::with_moments(&make(), &cfg, true).unwrap();
+            c.load_state(&sb).unwrap();
+            assert_eq!(host(&c.slots[0]), host(&b.slots[0]));
+            assert_eq!(c.steps(), 4);
         }
     }
 

@@ -151,7 +151,7 @@ impl Trainer {
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
-        let optimizer = Optimizer::new(params.vars(), &config.training);
+        let optimizer = Optimizer::new(params.vars(), &config.training)?;
         let state = TrainState {
             format_version: FORMAT_VERSION,
             step: 0,
@@ -253,7 +253,7 @@ impl Trainer {
         let text = read_corpus(&config.data.path)?;
         let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
         drop(text);
-        let mut optimizer = Optimizer::new(ck.params.vars(), &config.training);
+        let mut optimizer = Optimizer::new(ck.params.vars(), &config.training)?;
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
         optimizer.load_state(&opt_state)?;
         let model = ck.model;
@@ -358,7 +358,7 @@ impl Trainer {
     }
 
     fn save_inner(&self, dir: &Path) -> Result<()> {
-        let opt = self.optimizer.state(&self.device)?;
+        let opt = self.optimizer.state()?;
         checkpoint::save(
             dir,
             &self.config,
@@ -495,12 +495,17 @@ impl Trainer {
     }
 }
 
-/// The engine a run of `config` trains `model` with: `training.engine` resolved for the model
-/// (the CLI has printed the note of a fallback already).
+/// The engine a run of `config` trains `model` with: `training.engine` resolved for the model,
+/// its device and `training.dtype` (the CLI has printed the note of a fallback already).
 fn engine_for(model: &Gpt, config: &Config) -> Result<Engine> {
-    let (kind, _note) = config.training.engine.resolve(&config.model)?;
-    let recompute = config.training.recompute_activations;
-    EngineOptions::new(kind).engine(model, recompute)
+    let t = &config.training;
+    let device = model.wte.device();
+    let (kind, _note) = t.engine.resolve_on(&config.model, device, t.dtype)?;
+    let opts = EngineOptions {
+        precision: t.dtype,
+        ..EngineOptions::new(kind)
+    };
+    opts.engine(model, t.recompute_activations)
 }
 
 fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
