@@ -336,6 +336,26 @@ fn one_line(s: &str) -> String {
 
 /// Applies one `section.key=value` override to the raw TOML table. The value is read as TOML
 /// (`100`, `1e-3`, `true`, `"bpe"`); a bare word that is not valid TOML is taken as a string.
+impl TokenizerConfig {
+    /// A `[tokenizer]` table from `tokenizer.*` overrides alone (`char` unless they say
+    /// otherwise), for commands that take no whole config.
+    pub fn from_overrides(overrides: &[String]) -> Result<TokenizerConfig> {
+        let mut table: toml::Table = toml::from_str("[tokenizer]\nkind = \"char\"\n")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        for ov in overrides {
+            if !ov.starts_with("tokenizer.") {
+                return Err(Error::Config(format!(
+                    "override `{ov}`: without --config only tokenizer.* keys apply here"
+                )));
+            }
+            apply_override(&mut table, ov)?;
+        }
+        let t = table.remove("tokenizer").unwrap_or_else(|| toml::Value::Table(Default::default()));
+        t.try_into()
+            .map_err(|e: toml::de::Error| Error::Config(one_line(&e.to_string())))
+    }
+}
+
 fn apply_override(table: &mut toml::Table, ov: &str) -> Result<()> {
     let (key, raw) = ov.split_once('=').ok_or_else(|| {
         Error::Config(format!(

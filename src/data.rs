@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::Rng;
+use crate::shards::{Prepared, ShardSet};
 use crate::tokenizer::Tokenizer;
 
 /// Reads a UTF-8 text file, with a message that names the problem and the fix.
@@ -46,6 +47,40 @@ pub fn read_corpus(path: &Path) -> Result<String> {
             format!("is not valid UTF-8 (first bad byte at offset {at}, line {line}); convert it to UTF-8 first"),
         )
     })
+}
+
+/// The dataset at `path` for a model whose tokenizer is `tokenizer`: a prepared folder
+/// (`tinygpt prepare`; refused when it was prepared with another tokenizer, naming both), or a
+/// text file, read and tokenized now and split at `val_fraction`.
+pub fn load_for(
+    tokenizer: &Tokenizer,
+    path: &Path,
+    val_fraction: f64,
+    block_size: usize,
+    progress: ProgressMode,
+) -> Result<Dataset> {
+    if !crate::shards::is_prepared(path) {
+        let text = read_corpus(path)?;
+        return Dataset::from_text(tokenizer, &text, path, val_fraction, block_size, progress);
+    }
+    let prepared = Prepared::open(path)?;
+    let theirs = prepared.tokenizer()?;
+    if theirs.to_json()? != tokenizer.to_json()? {
+        return Err(Error::data(
+            path,
+            format!(
+                "was prepared with another tokenizer ({}) than the model's ({}); prepare it again with --tokenizer CHECKPOINT",
+                describe(&theirs),
+                describe(tokenizer)
+            ),
+        ));
+    }
+    Dataset::from_prepared(prepared, block_size)
+}
+
+/// `bpe, 8192 tokens`.
+pub fn describe(t: &Tokenizer) -> String {
+    format!("{}, {} tokens", format!("{:?}", t.kind()).to_lowercase(), t.vocab_size())
 }
 
 /// Token ids in the narrowest integer type that holds the vocabulary.
@@ -149,11 +184,16 @@ pub enum Split {
     Val,
 }
 
-/// The tokenized corpus, split by position: the first `1 - val_fraction` trains, the tail
-/// validates.
+/// The tokenized corpus, split in two: in memory, split by position (the first
+/// `1 - val_fraction` trains, the tail validates), or a prepared folder's shards, read from disk
+/// as batches need them ([`crate::shards`]).
 pub struct Dataset {
-    tokens: TokenIds,
-    split_at: usize,
+    store: Store,
+}
+
+enum Store {
+    Memory { tokens: TokenIds, split_at: usize },
+    Shards { train: ShardSet, val: ShardSet },
 }
 
 impl Dataset {
@@ -180,7 +220,30 @@ impl Dataset {
                 ),
             ));
         }
-        Ok(Dataset { tokens, split_at })
+        Ok(Dataset {
+            store: Store::Memory { tokens, split_at },
+        })
+    }
+
+    /// A prepared folder's splits, as `tinygpt prepare` made them; both must hold at least one
+    /// window of `block_size + 1` tokens.
+    pub fn from_prepared(prepared: Prepared, block_size: usize) -> Result<Dataset> {
+        let need = (block_size + 1) as u64;
+        let (n_train, n_val) = (prepared.train.len(), prepared.val.len());
+        if n_train < need || n_val < need {
+            return Err(Error::data(
+                &prepared.dir,
+                format!(
+                    "holds {n_train} training and {n_val} validation tokens, but each split needs at least block_size + 1 = {need}; prepare more text, or use a smaller model.block_size"
+                ),
+            ));
+        }
+        Ok(Dataset {
+            store: Store::Shards {
+                train: prepared.train,
+                val: prepared.val,
+            },
+        })
     }
 
     /// `text` (the corpus read from `path`) tokenized by `tokenizer` and split: a corpus the
@@ -200,20 +263,38 @@ impl Dataset {
 
     /// Tokens in a split.
     pub fn len(&self, split: Split) -> usize {
-        match split {
-            Split::Train => self.split_at,
-            Split::Val => self.tokens.len() - self.split_at,
+        match (&self.store, split) {
+            (Store::Memory { split_at, .. }, Split::Train) => *split_at,
+            (Store::Memory { tokens, split_at }, Split::Val) => tokens.len() - split_at,
+            (Store::Shards { train, .. }, Split::Train) => train.len() as usize,
+            (Store::Shards { val, .. }, Split::Val) => val.len() as usize,
         }
     }
 
     /// Appends tokens `range` of `split` (positions within the split) to `out`.
-    pub fn tokens(&self, split: Split, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
-        let lo = match split {
-            Split::Train => 0,
-            Split::Val => self.split_at,
-        };
-        self.tokens
-            .extend_into(lo + range.start..lo + range.end, out);
+    pub fn tokens(
+        &self,
+        split: Split,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        match &self.store {
+            Store::Memory { tokens, split_at } => {
+                let lo = match split {
+                    Split::Train => 0,
+                    Split::Val => *split_at,
+                };
+                tokens.extend_into(lo + range.start..lo + range.end, out);
+                Ok(())
+            }
+            Store::Shards { train, val } => {
+                let set = match split {
+                    Split::Train => train,
+                    Split::Val => val,
+                };
+                set.read(range.start as u64..range.end as u64, out)
+            }
+        }
     }
 
     /// A batch of `batch_size` random windows: inputs `x` and next-token targets `y`, both
@@ -226,17 +307,16 @@ impl Dataset {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let (lo, hi) = match split {
-            Split::Train => (0, self.split_at),
-            Split::Val => (self.split_at, self.tokens.len()),
-        };
-        let max_start = hi - lo - block_size - 1;
+        let max_start = self.len(split) - block_size - 1;
         let mut x = Vec::with_capacity(batch_size * block_size);
         let mut y = Vec::with_capacity(batch_size * block_size);
+        let mut window = Vec::with_capacity(block_size + 1);
         for _ in 0..batch_size {
-            let s = lo + rng.random_range(0..=max_start);
-            self.tokens.extend_into(s..s + block_size, &mut x);
-            self.tokens.extend_into(s + 1..s + block_size + 1, &mut y);
+            let s = rng.random_range(0..=max_start);
+            window.clear();
+            self.tokens(split, s..s + block_size + 1, &mut window)?;
+            x.extend_from_slice(&window[..block_size]);
+            y.extend_from_slice(&window[1..]);
         }
         let x = Tensor::from_vec(x, (batch_size, block_size), device)?;
         let y = Tensor::from_vec(y, (batch_size, block_size), device)?;

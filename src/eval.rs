@@ -77,8 +77,8 @@ pub fn evaluate(
     for (k, (starts, t)) in passes.iter().enumerate() {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for &s in starts {
-            data.tokens(split, s..s + t, &mut x);
-            data.tokens(split, s + 1..s + t + 1, &mut y);
+            data.tokens(split, s..s + t, &mut x)?;
+            data.tokens(split, s + 1..s + t + 1, &mut y)?;
         }
         let idx = Tensor::from_vec(x, (starts.len(), *t), engine.device())?;
         let logits = engine.forward(&idx)?; // (B, T, V)

@@ -285,6 +285,34 @@ impl Tokenizer {
         }
     }
 
+    /// The end of the longest prefix of `text` that encodes the same alone as followed by the
+    /// rest (so a stream can be encoded piece by piece): all of it for `char`; for byte-level
+    /// BPE, just after the last newline that follows a non-space and precedes a letter (0 when
+    /// there is none).
+    pub fn safe_cut(&self, text: &str) -> usize {
+        if self.kind == TokenizerKind::Char {
+            return text.len();
+        }
+        let b = text.as_bytes();
+        (1..b.len().saturating_sub(1))
+            .rev()
+            .find(|&i| {
+                b[i] == b'\n'
+                    && text[..i].chars().next_back().is_some_and(|c| !c.is_whitespace())
+                    && text[i + 1..].chars().next().is_some_and(char::is_alphabetic)
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The token that ends a document in a prepared corpus: `<|endoftext|>` for BPE, a newline
+    /// for char (when the vocabulary has one).
+    pub fn end_of_document(&self) -> Option<u32> {
+        match self.kind {
+            TokenizerKind::Char => self.newline_id(),
+            TokenizerKind::Bpe => self.inner.token_to_id(SPECIAL_TOKENS[0]),
+        }
+    }
+
     /// The text of `ids`; special tokens are left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.check_ids(ids)?;

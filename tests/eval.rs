@@ -48,8 +48,8 @@ fn whole_split_loss_is_the_mean_over_every_token_once() {
         for s in (0..n - 1).step_by(block) {
             let len = block.min(n - 1 - s);
             let (mut x, mut y) = (Vec::new(), Vec::new());
-            t.dataset.tokens(split, s..s + len, &mut x);
-            t.dataset.tokens(split, s + 1..s + len + 1, &mut y);
+            t.dataset.tokens(split, s..s + len, &mut x).unwrap();
+            t.dataset.tokens(split, s + 1..s + len + 1, &mut y).unwrap();
             let x = Tensor::from_vec(x, (1, len), &Device::Cpu).unwrap();
             let y = Tensor::from_vec(y, (1, len), &Device::Cpu).unwrap();
             let l = t

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use crate::data::{read_corpus, Dataset, Split};
+use crate::data::{load_for, Split};
 use crate::error::{Error, Result};
 use crate::eval::evaluate;
 use crate::progress::ProgressMode;
@@ -41,11 +41,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let cfg = &ck.config;
     let path = args.data.clone().unwrap_or_else(|| cfg.data.path.clone());
     let progress = ProgressMode::detect(args.quiet || args.json);
-    let text = read_corpus(&path)?;
     let block = cfg.model.block_size;
     let val_fraction = cfg.training.val_fraction;
-    let data = Dataset::from_text(&ck.tokenizer, &text, &path, val_fraction, block, progress)?;
-    drop(text);
+    let data = load_for(&ck.tokenizer, &path, val_fraction, block, progress)?;
     let split = match args.split {
         SplitArg::Train => Split::Train,
         SplitArg::Val => Split::Val,

@@ -9,6 +9,7 @@ mod import;
 mod inspect;
 mod logits;
 pub mod plot;
+mod prepare;
 mod serve;
 mod tokenize;
 mod train;
@@ -35,7 +36,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train a model on a text corpus (or resume a run).
+    /// Tokenize files, folders, globs, .gz and JSON Lines once into token shards to train on.
+    Prepare(prepare::PrepareArgs),
+    /// Train a model on a text corpus or a prepared folder (or resume a run).
     Train(train::TrainArgs),
     /// Loss, perplexity and bits per byte of a checkpoint on every token of a split.
     Eval(eval::EvalArgs),
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Prepare(a) => prepare::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),

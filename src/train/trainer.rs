@@ -15,7 +15,9 @@ use super::optimizer::{global_norm, Optimizer};
 use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
-use crate::data::{read_corpus, Dataset, Split};
+use crate::data::{load_for, read_corpus, Dataset, Split};
+use crate::shards::Prepared;
+use crate::tokenizer::TokenizerKind;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
@@ -126,8 +128,32 @@ impl Trainer {
     }
 
     /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
+    /// A prepared folder (`tinygpt prepare`) brings its own tokenizer, which must be of the
+    /// config's kind (and, for BPE, size).
     pub fn new(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
-        let text = read_corpus(&config.data.path)?;
+        let path = &config.data.path;
+        if crate::shards::is_prepared(path) {
+            let prepared = Prepared::open(path)?;
+            let tokenizer = prepared.tokenizer()?;
+            let (want, got) = (&config.tokenizer, &prepared.manifest.tokenizer);
+            if want.kind != got.kind
+                || (want.kind == TokenizerKind::Bpe && want.vocab_size != got.vocab_size)
+            {
+                return Err(Error::Config(format!(
+                    "{} was prepared with a {} tokenizer of {} tokens, but the config asks for {}; set tokenizer.kind (and tokenizer.vocab_size) to match, or prepare it again",
+                    path.display(),
+                    format!("{:?}", got.kind).to_lowercase(),
+                    got.vocab_size,
+                    match want.kind {
+                        TokenizerKind::Bpe => format!("bpe of {} tokens", want.vocab_size),
+                        TokenizerKind::Char => "char".into(),
+                    }
+                )));
+            }
+            let dataset = Dataset::from_prepared(prepared, config.model.block_size)?;
+            return Trainer::from_parts(config, tokenizer, dataset, device);
+        }
+        let text = read_corpus(path)?;
         let tokenizer =
             Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
         let dataset = make_dataset(&config, &tokenizer, &text, progress)?;
@@ -212,9 +238,7 @@ impl Trainer {
             )));
         }
         config.tokenizer = ck.config.tokenizer.clone();
-        let text = read_corpus(&config.data.path)?;
-        let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
-        drop(text);
+        let dataset = dataset_for(&config, &ck.tokenizer, progress)?;
         let trainer = Trainer::from_parts(config, ck.tokenizer, dataset, device)?;
         for (name, var) in trainer.params.vars() {
             // Same names and shapes: the configs agree and both checkpoints were built by Gpt::new.
@@ -250,9 +274,7 @@ impl Trainer {
         if let Some(p) = data {
             config.data.path = p.to_path_buf();
         }
-        let text = read_corpus(&config.data.path)?;
-        let dataset = make_dataset(&config, &ck.tokenizer, &text, progress)?;
-        drop(text);
+        let dataset = dataset_for(&config, &ck.tokenizer, progress)?;
         let mut optimizer = Optimizer::new(ck.params.vars(), &config.training)?;
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
         optimizer.load_state(&opt_state)?;
@@ -514,6 +536,12 @@ fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
         what,
         learning_rate,
     }
+}
+
+/// The run's data for a model whose tokenizer is `tokenizer` ([`load_for`]).
+fn dataset_for(config: &Config, tokenizer: &Tokenizer, progress: ProgressMode) -> Result<Dataset> {
+    let (t, m) = (&config.training, &config.model);
+    load_for(tokenizer, &config.data.path, t.val_fraction, m.block_size, progress)
 }
 
 fn make_dataset(
