@@ -350,7 +350,9 @@ impl TokenizerConfig {
             }
             apply_override(&mut table, ov)?;
         }
-        let t = table.remove("tokenizer").unwrap_or_else(|| toml::Value::Table(Default::default()));
+        let t = table
+            .remove("tokenizer")
+            .unwrap_or_else(|| toml::Value::Table(Default::default()));
         t.try_into()
             .map_err(|e: toml::de::Error| Error::Config(one_line(&e.to_string())))
     }

@@ -114,8 +114,12 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::data(&path, format!("is not a manifest ({e}); run tinygpt prepare again")))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::data(
+                &path,
+                format!("is not a manifest ({e}); run tinygpt prepare again"),
+            )
+        })?;
         let version = value.get("format_version").and_then(|v| v.as_u64());
         if version != Some(FORMAT_VERSION as u64) {
             return Err(Error::data(
@@ -126,8 +130,12 @@ impl Manifest {
                 ),
             ));
         }
-        serde_json::from_value(value)
-            .map_err(|e| Error::data(&path, format!("is not a valid manifest ({e}); run tinygpt prepare again")))
+        serde_json::from_value(value).map_err(|e| {
+            Error::data(
+                &path,
+                format!("is not a valid manifest ({e}); run tinygpt prepare again"),
+            )
+        })
     }
 
     /// Writes the manifest to `dir` atomically (a temporary file renamed into place).
@@ -173,7 +181,9 @@ impl ShardWriter {
     pub fn write(&mut self, ids: &[u32]) -> Result<()> {
         let mut buf = Vec::with_capacity(ids.len() * self.width as usize);
         match self.width {
-            2 => ids.iter().for_each(|&i| buf.extend((i as u16).to_le_bytes())),
+            2 => ids
+                .iter()
+                .for_each(|&i| buf.extend((i as u16).to_le_bytes())),
             _ => ids.iter().for_each(|&i| buf.extend(i.to_le_bytes())),
         }
         self.file
@@ -241,11 +251,20 @@ impl Shard {
     pub fn open(path: &Path, vocab_size: usize, tokens: u64) -> Result<Shard> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut h = [0u8; HEADER_BYTES as usize];
-        file.read_exact_at(&mut h, 0)
-            .map_err(|_| Error::data(path, "is not a token shard (shorter than its header); run tinygpt prepare again"))?;
+        file.read_exact_at(&mut h, 0).map_err(|_| {
+            Error::data(
+                path,
+                "is not a token shard (shorter than its header); run tinygpt prepare again",
+            )
+        })?;
         let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
         let count = u64::from_le_bytes(h[24..32].try_into().unwrap());
-        let bad = |msg: String| Err(Error::data(path, format!("{msg}; run tinygpt prepare again")));
+        let bad = |msg: String| {
+            Err(Error::data(
+                path,
+                format!("{msg}; run tinygpt prepare again"),
+            ))
+        };
         if &h[0..8] != MAGIC {
             return bad("is not a tinygpt token shard (wrong magic bytes)".into());
         }
@@ -383,7 +402,9 @@ impl Prepared {
                 other => {
                     return Err(Error::data(
                         dir,
-                        format!("manifest lists a shard of split `{other}`; run tinygpt prepare again"),
+                        format!(
+                            "manifest lists a shard of split `{other}`; run tinygpt prepare again"
+                        ),
                     ))
                 }
             }
@@ -445,9 +466,17 @@ mod tests {
             let e = Shard::open(&p, 100, 5).unwrap_err().to_string();
             assert!(e.contains("the manifest says 100"), "{e}");
             // Cut short: refused, naming the file.
-            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 1).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len - 1)
+                .unwrap();
             let e = Shard::open(&p, vocab, 5).unwrap_err().to_string();
-            assert!(e.contains(&p.display().to_string()) && e.contains("its header promises"), "{e}");
+            assert!(
+                e.contains(&p.display().to_string()) && e.contains("its header promises"),
+                "{e}"
+            );
         }
     }
 
@@ -455,7 +484,10 @@ mod tests {
     fn a_shard_set_reads_across_shard_boundaries() {
         let dir = tempfile::tempdir().unwrap();
         let mut shards = Vec::new();
-        for (i, ids) in [vec![0u32, 1, 2], vec![], vec![3, 4], vec![5]].iter().enumerate() {
+        for (i, ids) in [vec![0u32, 1, 2], vec![], vec![3, 4], vec![5]]
+            .iter()
+            .enumerate()
+        {
             let p = dir.path().join(format!("{i}.bin"));
             let mut w = ShardWriter::create(&p, 10).unwrap();
             w.write(ids).unwrap();

@@ -298,8 +298,14 @@ impl Tokenizer {
             .rev()
             .find(|&i| {
                 b[i] == b'\n'
-                    && text[..i].chars().next_back().is_some_and(|c| !c.is_whitespace())
-                    && text[i + 1..].chars().next().is_some_and(char::is_alphabetic)
+                    && text[..i]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| !c.is_whitespace())
+                    && text[i + 1..]
+                        .chars()
+                        .next()
+                        .is_some_and(char::is_alphabetic)
             })
             .map_or(0, |i| i + 1)
     }

@@ -67,7 +67,10 @@ pub fn run(args: PrepareArgs) -> Result<()> {
                 true => super::checkpoint_dir(ck).join("tokenizer.json"),
                 false => ck.clone(),
             };
-            (TokenizerSource::Given(Tokenizer::load(&path)?), None)
+            (
+                TokenizerSource::Given(Box::new(Tokenizer::load(&path)?)),
+                None,
+            )
         }
         (None, Some(cfg)) => {
             let c = Config::load(cfg, &args.set)?;
@@ -119,7 +122,10 @@ pub fn run(args: PrepareArgs) -> Result<()> {
             r.seconds,
             r.bytes as f64 / 1e6 / r.seconds.max(1e-9),
         );
-        println!("train on it: tinygpt train --config CONFIG --data {}", args.out.display());
+        println!(
+            "train on it: tinygpt train --config CONFIG --data {}",
+            args.out.display()
+        );
     }
     Ok(())
 }

@@ -58,7 +58,9 @@ pub fn collect(args: &[PathBuf], extensions: &[String]) -> Result<Vec<Source>> {
             let walk = walkdir::WalkDir::new(arg)
                 .follow_links(true)
                 .into_iter()
-                .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+                .filter_entry(|e| {
+                    e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
+                });
             for entry in walk {
                 let entry = entry.map_err(|e| {
                     let p = e.path().unwrap_or(arg).to_path_buf();
@@ -73,7 +75,10 @@ pub fn collect(args: &[PathBuf], extensions: &[String]) -> Result<Vec<Source>> {
         } else if arg.is_file() {
             paths.push(arg.clone());
         } else {
-            return Err(Error::data(arg, "not found; pass files, folders or quoted globs to --data"));
+            return Err(Error::data(
+                arg,
+                "not found; pass files, folders or quoted globs to --data",
+            ));
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -95,7 +100,11 @@ pub fn collect(args: &[PathBuf], extensions: &[String]) -> Result<Vec<Source>> {
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_secs());
-            let name = path.file_name().unwrap_or_default().to_string_lossy().to_lowercase();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_lowercase();
             let gzip = name.ends_with(".gz");
             let base = name.strip_suffix(".gz").unwrap_or(&name);
             Ok(Source {
@@ -110,7 +119,11 @@ pub fn collect(args: &[PathBuf], extensions: &[String]) -> Result<Vec<Source>> {
 }
 
 fn has_extension(path: &Path, extensions: &[String]) -> bool {
-    let name = path.file_name().unwrap_or_default().to_string_lossy().to_lowercase();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_lowercase();
     let base = name.strip_suffix(".gz").unwrap_or(&name);
     extensions
         .iter()
@@ -180,7 +193,12 @@ pub fn read_documents(
     Ok(crate::shards::hex(&hashing.hasher.finalize()))
 }
 
-fn bad(path: &Path, on_bad: OnBad, msg: String, emit: &mut dyn FnMut(Event) -> Result<()>) -> Result<()> {
+fn bad(
+    path: &Path,
+    on_bad: OnBad,
+    msg: String,
+    emit: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<()> {
     match on_bad {
         OnBad::Fail => Err(Error::data(
             path,
@@ -214,7 +232,12 @@ fn read_jsonl(
         let value: serde_json::Value = match serde_json::from_slice(&line) {
             Ok(v) => v,
             Err(e) => {
-                bad(path, on_bad, format!("line {number} is not JSON ({e})"), emit)?;
+                bad(
+                    path,
+                    on_bad,
+                    format!("line {number} is not JSON ({e})"),
+                    emit,
+                )?;
                 continue;
             }
         };
@@ -251,9 +274,12 @@ fn read_text(
         pending.resize(before + want, 0);
         let mut filled = before;
         while filled < pending.len() {
-            let n = reader
-                .read(&mut pending[filled..])
-                .map_err(|e| Error::data(path, format!("cannot be read at byte {}: {e}", offset + filled as u64)))?;
+            let n = reader.read(&mut pending[filled..]).map_err(|e| {
+                Error::data(
+                    path,
+                    format!("cannot be read at byte {}: {e}", offset + filled as u64),
+                )
+            })?;
             if n == 0 {
                 eof = true;
                 break;
@@ -269,11 +295,16 @@ fn read_text(
                 let at = offset + e.valid_up_to() as u64;
                 let msg = match first && eof {
                     true => format!("is not valid UTF-8 (first bad byte at offset {at})"),
-                    false => format!("is not valid UTF-8 at byte offset {at}; the text before it was kept"),
+                    false => format!(
+                        "is not valid UTF-8 at byte offset {at}; the text before it was kept"
+                    ),
                 };
                 bad(path, on_bad, msg, emit)?;
                 if !first {
-                    emit(Event::Text { text: String::new(), last: true })?;
+                    emit(Event::Text {
+                        text: String::new(),
+                        last: true,
+                    })?;
                 }
                 return Ok(());
             }
@@ -351,7 +382,13 @@ mod tests {
         let d = dir.path();
         std::fs::create_dir_all(d.join("notes/sub")).unwrap();
         std::fs::create_dir_all(d.join("notes/.git")).unwrap();
-        for f in ["notes/a.md", "notes/sub/b.MD", "notes/c.png", "notes/.git/x.md", "notes/d.jsonl.gz"] {
+        for f in [
+            "notes/a.md",
+            "notes/sub/b.MD",
+            "notes/c.png",
+            "notes/.git/x.md",
+            "notes/d.jsonl.gz",
+        ] {
             std::fs::write(d.join(f), "x").unwrap();
         }
         let ext: Vec<String> = DEFAULT_EXTENSIONS.iter().map(|s| s.to_string()).collect();
@@ -365,9 +402,16 @@ mod tests {
         assert!(src[0].jsonl && src[0].gzip);
         let got = collect(&[d.join("notes/*.md"), d.join("notes/a.md")], &ext).unwrap();
         assert_eq!(got.len(), 1, "a file named twice is read once");
-        let e = collect(&[d.join("notes")], &["rs".into()]).unwrap_err().to_string();
-        assert!(e.contains("no input files") && e.contains("notes") && e.contains("rs"), "{e}");
-        let e = collect(&[d.join("missing.txt")], &ext).unwrap_err().to_string();
+        let e = collect(&[d.join("notes")], &["rs".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no input files") && e.contains("notes") && e.contains("rs"),
+            "{e}"
+        );
+        let e = collect(&[d.join("missing.txt")], &ext)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.txt") && e.contains("not found"), "{e}");
     }
 
@@ -380,10 +424,16 @@ mod tests {
         std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
         std::fs::write(&p, gz.finish().unwrap()).unwrap();
         let e = read(&p, OnBad::Fail).unwrap_err().to_string();
-        assert!(e.contains("d.jsonl.gz") && e.contains("line 4 has no string field \"text\""), "{e}");
+        assert!(
+            e.contains("d.jsonl.gz") && e.contains("line 4 has no string field \"text\""),
+            "{e}"
+        );
         let docs = read(&p, OnBad::Skip).unwrap();
         assert_eq!(docs[..2], ["one", "two\nlines"]);
-        assert!(docs[2].contains("line 4") && docs[3].contains("line 5 is not JSON"), "{docs:?}");
+        assert!(
+            docs[2].contains("line 4") && docs[3].contains("line 5 is not JSON"),
+            "{docs:?}"
+        );
     }
 
     #[test]
@@ -392,9 +442,15 @@ mod tests {
         let p = dir.path().join("bad.txt");
         std::fs::write(&p, b"hello \xff world").unwrap();
         let e = read(&p, OnBad::Fail).unwrap_err().to_string();
-        assert!(e.contains("bad.txt") && e.contains("offset 6") && e.contains("--on-bad skip"), "{e}");
+        assert!(
+            e.contains("bad.txt") && e.contains("offset 6") && e.contains("--on-bad skip"),
+            "{e}"
+        );
         let docs = read(&p, OnBad::Skip).unwrap();
         assert_eq!(docs.len(), 1);
-        assert!(docs[0].starts_with("skipped: is not valid UTF-8"), "{docs:?}");
+        assert!(
+            docs[0].starts_with("skipped: is not valid UTF-8"),
+            "{docs:?}"
+        );
     }
 }

@@ -46,8 +46,8 @@ const PIECE_BYTES: usize = 1 << 20;
 pub enum TokenizerSource {
     /// Trained on the corpus, as the config's `[tokenizer]` says.
     Train(TokenizerConfig),
-    /// Given (a checkpoint's), described for the manifest.
-    Given(Tokenizer),
+    /// Given (a checkpoint's).
+    Given(Box<Tokenizer>),
 }
 
 /// What `tinygpt prepare` does.
@@ -106,10 +106,11 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let options = options_json(opts);
     let old = check_out_dir(&opts.out)?;
     if let Some(old) = &old {
-        let same_inputs = old.inputs.len() == sources.len()
-            && old.inputs.iter().zip(&sources).all(|(a, b)| {
-                a.path == b.path && a.bytes == b.bytes && a.modified == b.modified
-            });
+        let same_inputs =
+            old.inputs.len() == sources.len()
+                && old.inputs.iter().zip(&sources).all(|(a, b)| {
+                    a.path == b.path && a.bytes == b.bytes && a.modified == b.modified
+                });
         if same_inputs && old.options == options {
             return Ok(PrepareReport {
                 manifest: old.clone(),
@@ -121,16 +122,21 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     }
     let total: u64 = sources.iter().map(|s| s.bytes).sum();
     let (tokenizer, trained_on) = match &opts.tokenizer {
-        TokenizerSource::Given(t) => (t.clone(), 0),
+        TokenizerSource::Given(t) => ((**t).clone(), 0),
         TokenizerSource::Train(cfg) => train_tokenizer(cfg, &sources, opts, total)?,
     };
     let eot = tokenizer.end_of_document().ok_or_else(|| {
-        Error::Tokenizer("the tokenizer has no end-of-document token (<|endoftext|> or a newline)".into())
+        Error::Tokenizer(
+            "the tokenizer has no end-of-document token (<|endoftext|> or a newline)".into(),
+        )
     })?;
     let vocab = tokenizer.vocab_size();
 
     // Leftovers of interrupted runs: never listed by a manifest, so never read; removed here.
-    for entry in std::fs::read_dir(&opts.out).map_err(|e| Error::io(&opts.out, e))?.flatten() {
+    for entry in std::fs::read_dir(&opts.out)
+        .map_err(|e| Error::io(&opts.out, e))?
+        .flatten()
+    {
         if entry.file_name().to_string_lossy().ends_with(".partial") {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -179,8 +185,18 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         documents: written.inputs.iter().map(|i| i.documents).sum(),
         val_documents,
         val_document_ids: (written.val_ids.len() <= 100_000).then(|| written.val_ids.clone()),
-        train_tokens: written.shards.iter().filter(|s| s.split == "train").map(|s| s.tokens).sum(),
-        val_tokens: written.shards.iter().filter(|s| s.split == "val").map(|s| s.tokens).sum(),
+        train_tokens: written
+            .shards
+            .iter()
+            .filter(|s| s.split == "train")
+            .map(|s| s.tokens)
+            .sum(),
+        val_tokens: written
+            .shards
+            .iter()
+            .filter(|s| s.split == "val")
+            .map(|s| s.tokens)
+            .sum(),
         shards: written
             .shards
             .iter()
@@ -194,7 +210,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     };
     manifest.save(&opts.out)?;
     // The previous preparation's shards, now listed by no manifest.
-    for entry in std::fs::read_dir(&opts.out).map_err(|e| Error::io(&opts.out, e))?.flatten() {
+    for entry in std::fs::read_dir(&opts.out)
+        .map_err(|e| Error::io(&opts.out, e))?
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().to_string();
         if name.starts_with("data-") && name != id && entry.path().is_dir() {
             let _ = std::fs::remove_dir_all(entry.path());
@@ -245,7 +264,8 @@ fn check_out_dir(out: &Path) -> Result<Option<Manifest>> {
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::Usage(format!("cannot create --out {}: {e}", out.display())))
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Usage(format!("cannot create --out {}: {e}", out.display())))
         .map(|_| None)
 }
 
@@ -284,11 +304,15 @@ fn stream_pieces(
                             if size >= batch_bytes {
                                 size = 0;
                                 let full = std::mem::take(&mut batch);
-                                tx.send(Ok(full)).map_err(|_| Error::Usage(STOPPED.into()))?;
+                                tx.send(Ok(full))
+                                    .map_err(|_| Error::Usage(STOPPED.into()))?;
                             }
                         }
                         inputs::Event::Skipped(why) => {
-                            eprintln!("warning: skipped a document of {}: {why}", src.path.display());
+                            eprintln!(
+                                "warning: skipped a document of {}: {why}",
+                                src.path.display()
+                            );
                             skipped.get_or_insert(why);
                         }
                     }
@@ -351,14 +375,20 @@ fn train_tokenizer(
             // Every character of the corpus (and a newline, which ends documents).
             let bar = Progress::new(opts.progress, "characters", total, 0);
             let mut chars = std::collections::BTreeSet::from(['\n']);
-            stream_pieces(sources, opts, |t| t.len(), raw.clone(), |batch| {
-                let found: Vec<std::collections::BTreeSet<char>> =
-                    batch.par_iter().map(|p| p.text.chars().collect()).collect();
-                found.into_iter().for_each(|s| chars.extend(s));
-                let done = raw.load(Ordering::Relaxed);
-                bar.update(done, &format!("{} characters", chars.len()), false);
-                Ok(())
-            })?;
+            stream_pieces(
+                sources,
+                opts,
+                |t| t.len(),
+                raw.clone(),
+                |batch| {
+                    let found: Vec<std::collections::BTreeSet<char>> =
+                        batch.par_iter().map(|p| p.text.chars().collect()).collect();
+                    found.into_iter().for_each(|s| chars.extend(s));
+                    let done = raw.load(Ordering::Relaxed);
+                    bar.update(done, &format!("{} characters", chars.len()), false);
+                    Ok(())
+                },
+            )?;
             bar.finish();
             let alphabet: String = chars.into_iter().collect();
             Ok((Tokenizer::train_char(&alphabet)?, 0))
@@ -369,22 +399,29 @@ fn train_tokenizer(
             let mut sample = String::new();
             let mut seen = 0u64;
             let bar = Progress::new(opts.progress, "sample", opts.sample_bytes.min(total), 0);
-            let res = stream_pieces(sources, opts, |t| t.len(), raw.clone(), |batch| {
-                for p in batch {
-                    if seen.is_multiple_of(stride) && (sample.len() as u64) < opts.sample_bytes {
-                        sample.push_str(&p.text);
-                        if p.last {
-                            sample.push('\n');
+            let res = stream_pieces(
+                sources,
+                opts,
+                |t| t.len(),
+                raw.clone(),
+                |batch| {
+                    for p in batch {
+                        if seen.is_multiple_of(stride) && (sample.len() as u64) < opts.sample_bytes
+                        {
+                            sample.push_str(&p.text);
+                            if p.last {
+                                sample.push('\n');
+                            }
                         }
+                        seen += 1;
                     }
-                    seen += 1;
-                }
-                bar.update(sample.len() as u64, "bytes sampled", false);
-                if sample.len() as u64 >= opts.sample_bytes {
-                    return Err(Error::Usage("sample complete".into()));
-                }
-                Ok(())
-            });
+                    bar.update(sample.len() as u64, "bytes sampled", false);
+                    if sample.len() as u64 >= opts.sample_bytes {
+                        return Err(Error::Usage("sample complete".into()));
+                    }
+                    Ok(())
+                },
+            );
             if let Err(e) = res {
                 if !e.to_string().contains("sample complete") {
                     return Err(e);
@@ -392,7 +429,9 @@ fn train_tokenizer(
             }
             bar.finish();
             if sample.is_empty() {
-                return Err(Error::Usage("the inputs hold no text to train a tokenizer on".into()));
+                return Err(Error::Usage(
+                    "the inputs hold no text to train a tokenizer on".into(),
+                ));
             }
             let n = sample.len() as u64;
             Ok((Tokenizer::train_bpe(&sample, cfg.vocab_size)?, n))
@@ -472,37 +511,43 @@ fn write_shards(
     let mut val_ids = Vec::new();
     let mut tokens = 0u64;
     let mut last_log = Instant::now();
-    let per_source = stream_pieces(sources, opts, |t| tokenizer.safe_cut(t), raw.clone(), |batch| {
-        let ids: Vec<Vec<u32>> = batch
-            .par_iter()
-            .map(|p| {
-                let mut v = Vec::with_capacity(p.text.len() / 2 + 1);
-                for chunk in tokenizer.corpus_chunks(&p.text, PIECE_BYTES) {
-                    v.extend(tokenizer.encode(chunk)?);
+    let per_source = stream_pieces(
+        sources,
+        opts,
+        |t| tokenizer.safe_cut(t),
+        raw.clone(),
+        |batch| {
+            let ids: Vec<Vec<u32>> = batch
+                .par_iter()
+                .map(|p| {
+                    let mut v = Vec::with_capacity(p.text.len() / 2 + 1);
+                    for chunk in tokenizer.corpus_chunks(&p.text, PIECE_BYTES) {
+                        v.extend(tokenizer.encode(chunk)?);
+                    }
+                    if p.last {
+                        v.push(eot);
+                    }
+                    Ok(v)
+                })
+                .collect::<Result<_>>()?;
+            for (p, ids) in batch.iter().zip(&ids) {
+                let val = is_val(p.doc, opts.val_fraction);
+                if val && p.last {
+                    val_ids.push(p.doc);
                 }
-                if p.last {
-                    v.push(eot);
-                }
-                Ok(v)
-            })
-            .collect::<Result<_>>()?;
-        for (p, ids) in batch.iter().zip(&ids) {
-            let val = is_val(p.doc, opts.val_fraction);
-            if val && p.last {
-                val_ids.push(p.doc);
+                writers[val as usize].write(ids)?;
+                tokens += ids.len() as u64;
             }
-            writers[val as usize].write(ids)?;
-            tokens += ids.len() as u64;
-        }
-        let done = raw.load(Ordering::Relaxed);
-        let mb_s = done as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9);
-        let log = last_log.elapsed().as_secs_f64() > 10.0;
-        if log {
-            last_log = Instant::now();
-        }
-        bar.update(done, &format!("{mb_s:.1} MB/s, {tokens} tokens"), log);
-        Ok(())
-    })?;
+            let done = raw.load(Ordering::Relaxed);
+            let mb_s = done as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9);
+            let log = last_log.elapsed().as_secs_f64() > 10.0;
+            if log {
+                last_log = Instant::now();
+            }
+            bar.update(done, &format!("{mb_s:.1} MB/s, {tokens} tokens"), log);
+            Ok(())
+        },
+    )?;
     bar.finish();
     for w in &mut writers {
         w.close()?;
@@ -559,7 +604,9 @@ fn move_tail(train: &mut SplitWriter, val: &mut SplitWriter, n: u64) -> Result<(
     let mut left = n;
     let mut tail: Vec<Vec<u32>> = Vec::new();
     while left > 0 {
-        let Some(rec) = train.done.last_mut() else { break };
+        let Some(rec) = train.done.last_mut() else {
+            break;
+        };
         let path = train.dir.join(&rec.file);
         let take = left.min(rec.tokens);
         let shard = Shard::open(&path, train.vocab, rec.tokens)?;

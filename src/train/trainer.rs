@@ -16,14 +16,14 @@ use super::schedule::learning_rate;
 use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
 use crate::config::Config;
 use crate::data::{load_for, read_corpus, Dataset, Split};
-use crate::shards::Prepared;
-use crate::tokenizer::TokenizerKind;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
+use crate::shards::Prepared;
 use crate::tokenizer::Tokenizer;
+use crate::tokenizer::TokenizerKind;
 
 /// Header of `metrics.csv`.
 pub const METRICS_HEADER: &str = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s";
@@ -136,9 +136,11 @@ impl Trainer {
             let prepared = Prepared::open(path)?;
             let tokenizer = prepared.tokenizer()?;
             let (want, got) = (&config.tokenizer, &prepared.manifest.tokenizer);
-            if want.kind != got.kind
-                || (want.kind == TokenizerKind::Bpe && want.vocab_size != got.vocab_size)
-            {
+            // A BPE vocabulary may come out smaller than asked for: either size matches.
+            let asked = prepared.manifest.options["tokenizer"]["train"]["vocab_size"].as_u64();
+            let size_ok =
+                want.vocab_size == got.vocab_size || Some(want.vocab_size as u64) == asked;
+            if want.kind != got.kind || (want.kind == TokenizerKind::Bpe && !size_ok) {
                 return Err(Error::Config(format!(
                     "{} was prepared with a {} tokenizer of {} tokens, but the config asks for {}; set tokenizer.kind (and tokenizer.vocab_size) to match, or prepare it again",
                     path.display(),
@@ -541,7 +543,13 @@ fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
 /// The run's data for a model whose tokenizer is `tokenizer` ([`load_for`]).
 fn dataset_for(config: &Config, tokenizer: &Tokenizer, progress: ProgressMode) -> Result<Dataset> {
     let (t, m) = (&config.training, &config.model);
-    load_for(tokenizer, &config.data.path, t.val_fraction, m.block_size, progress)
+    load_for(
+        tokenizer,
+        &config.data.path,
+        t.val_fraction,
+        m.block_size,
+        progress,
+    )
 }
 
 fn make_dataset(
