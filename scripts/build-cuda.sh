@@ -37,7 +37,7 @@ root="$py/nvidia/cu13"
 # The linker asks for unversioned names (-lcublas); the wheels ship only the versioned ones.
 for lib in cublas cublasLt curand nvrtc cudart; do
     versioned=$(cd "$root/lib" && ls "lib$lib.so."* | sort | head -n1)
-    ln -sf "$versioned" "$root/lib/lib$lib.so"
+    [ -e "$root/lib/lib$lib.so" ] || ln -s "$versioned" "$root/lib/lib$lib.so"
 done
 
 # A link-time stand-in for the driver API (libcuda.so.1 ships with the driver, not the toolkit):
@@ -49,7 +49,8 @@ import json, sys, os
 meta = json.load(sys.stdin)
 print(next(os.path.dirname(p["manifest_path"]) for p in meta["packages"] if p["name"] == "cudarc"))')
 mkdir -p "$root/lib/stubs"
-python3 - "$cudarc_src/src/driver/sys/mod.rs" "$root/lib/stubs/cuda_stub.c" <<'EOF'
+# (Rewritten only when it changes: a new file would make cargo rebuild the CUDA crates.)
+python3 - "$cudarc_src/src/driver/sys/mod.rs" "$root/lib/stubs/cuda_stub.c.new" <<'EOF'
 import re, sys
 names = sorted(set(re.findall(r"^\s+(?:pub )?fn (cu[A-Za-z0-9_]+)\(", open(sys.argv[1]).read(), re.M)))
 with open(sys.argv[2], "w") as f:
@@ -57,8 +58,13 @@ with open(sys.argv[2], "w") as f:
     for n in names:
         f.write(f"int {n}(void) {{ return 34; }}\n")
 EOF
-gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib/stubs/libcuda.so" "$root/lib/stubs/cuda_stub.c"
-ln -sf libcuda.so "$root/lib/stubs/libcuda.so.1"
+stubs="$root/lib/stubs"
+if ! cmp -s "$stubs/cuda_stub.c.new" "$stubs/cuda_stub.c" || [ ! -f "$stubs/libcuda.so" ]; then
+    mv "$stubs/cuda_stub.c.new" "$stubs/cuda_stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/cuda_stub.c"
+fi
+rm -f "$stubs/cuda_stub.c.new"
+[ -e "$stubs/libcuda.so.1" ] || ln -s libcuda.so "$stubs/libcuda.so.1"
 
 export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cargo build --release --features cuda "$@"

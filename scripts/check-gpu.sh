@@ -19,9 +19,10 @@ summary="$OUT/summary.md"
 : >"$log"
 say() { echo "$*" | tee -a "$summary"; }
 run() { echo "+ $*" >>"$log"; "$@" >>"$log" 2>&1; }
-bin=.gpu/tinygpt
 corpus=.gpu/tinyshakespeare.txt
-[ -x "$bin" ] || { echo "check-gpu: no $bin; run scripts/prepare-gpu-check.sh on the build machine and carry .gpu" >&2; exit 1; }
+[ -f .gpu/tinygpt.gz ] || { echo "check-gpu: no .gpu/tinygpt.gz; run scripts/prepare-gpu-check.sh on the build machine and carry .gpu" >&2; exit 1; }
+bin=$(mktemp -d)/tinygpt
+gunzip -c .gpu/tinygpt.gz >"$bin" && chmod +x "$bin"
 
 # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC, the runtime): PyTorch's wheels.
 if [ "$DEVICE" != cpu ]; then
@@ -41,7 +42,8 @@ say "$(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), 
 # dropout off: only the arithmetic differs), then the device's checkpoint resumed on the CPU.
 tmp=$(mktemp -d)
 small=(--config configs/shakespeare-char.toml --data "$corpus" --engine reference --quiet
-    --set model.dropout=0.0 --set training.max_iters=20 --set training.eval_interval=20
+    --set model.dropout=0.0 --set training.max_iters=20 --set training.warmup_iters=5
+    --set training.lr_decay_iters=25 --set training.eval_interval=20
     --set training.checkpoint_interval=20 --set training.eval_iters=5 --sample-tokens 0)
 run "$bin" train "${small[@]}" --device cpu --out "$tmp/cpu"
 run "$bin" train "${small[@]}" --device "$DEVICE" --out "$tmp/dev"
@@ -51,7 +53,10 @@ say ""
 say "## 1. Correctness: 20 steps on $DEVICE vs cpu, f32"
 python3 - "$tmp/cpu/metrics.csv" "$tmp/dev/metrics.csv" <<'EOF' | tee -a "$summary"
 import csv, sys
-rows = [{r["step"]: float(r["train_loss"]) for r in csv.DictReader(open(p)) if r["train_loss"]} for p in sys.argv[1:]]
+try:
+    rows = [{r["step"]: float(r["train_loss"]) for r in csv.DictReader(open(p)) if r["train_loss"]} for p in sys.argv[1:]]
+except OSError as e:
+    sys.exit(print(f"- FAIL: a run did not finish ({e}); see log.txt"))
 steps = [s for s in rows[0] if s in rows[1] and s != "0"]
 worst = max(abs(rows[0][s] - rows[1][s]) for s in steps)
 print(f"- {len(steps)} steps compared; largest train-loss difference {worst:.2e} (step 20: cpu {rows[0]['20']:.6f}, device {rows[1]['20']:.6f}): {'PASS' if worst < 2e-4 else 'FAIL'} (bar 2e-4)")

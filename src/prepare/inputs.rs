@@ -269,24 +269,15 @@ fn read_text(
     let mut eof = false;
     let mut first = true;
     while !eof {
-        let want = block;
+        // Up to `block` bytes more, in a buffer that grows only as far as the text goes.
         let before = pending.len();
-        pending.resize(before + want, 0);
-        let mut filled = before;
-        while filled < pending.len() {
-            let n = reader.read(&mut pending[filled..]).map_err(|e| {
-                Error::data(
-                    path,
-                    format!("cannot be read at byte {}: {e}", offset + filled as u64),
-                )
-            })?;
-            if n == 0 {
-                eof = true;
-                break;
-            }
-            filled += n;
+        let want = block.saturating_sub(before).max(1) as u64;
+        let n = Read::take(&mut *reader, want)
+            .read_to_end(&mut pending)
+            .map_err(|e| Error::data(path, format!("cannot be read at byte {}: {e}", offset + before as u64)))?;
+        if (n as u64) < want {
+            eof = true;
         }
-        pending.truncate(filled);
         let valid = match std::str::from_utf8(&pending) {
             Ok(_) => pending.len(),
             // An incomplete character at the end of a block: it completes in the next.

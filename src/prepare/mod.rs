@@ -382,7 +382,7 @@ fn train_tokenizer(
                 raw.clone(),
                 |batch| {
                     let found: Vec<std::collections::BTreeSet<char>> =
-                        batch.par_iter().map(|p| p.text.chars().collect()).collect();
+                        batch.par_iter().map(|p| char_set(&p.text)).collect();
                     found.into_iter().for_each(|s| chars.extend(s));
                     let done = raw.load(Ordering::Relaxed);
                     bar.update(done, &format!("{} characters", chars.len()), false);
@@ -437,6 +437,22 @@ fn train_tokenizer(
             Ok((Tokenizer::train_bpe(&sample, cfg.vocab_size)?, n))
         }
     }
+}
+
+/// The characters of `text` (ASCII through a table: most text is mostly ASCII).
+fn char_set(text: &str) -> std::collections::BTreeSet<char> {
+    let mut ascii = [false; 128];
+    let mut set = std::collections::BTreeSet::new();
+    for c in text.chars() {
+        match c.is_ascii() {
+            true => ascii[c as usize] = true,
+            false => {
+                set.insert(c);
+            }
+        }
+    }
+    set.extend((0u8..128).filter(|&b| ascii[b as usize]).map(char::from));
+    set
 }
 
 /// What the tokenizing pass wrote.
