@@ -55,6 +55,94 @@ pub struct Tokenizer {
     char_ids: HashMap<char, u32>,
     /// For `char`: ids of ASCII characters by code (`u32::MAX` when absent), the fast path.
     ascii_ids: [u32; 128],
+    /// The byte-level BPE encoder without the tokenizers crate's per-word bookkeeping, when the
+    /// tokenizer is one it reproduces exactly.
+    fast_bpe: Option<std::sync::Arc<FastBpe>>,
+}
+
+/// GPT-2's pre-tokenizer pattern, as the tokenizers crate's byte-level pre-tokenizer has it.
+const GPT2_SPLIT: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// Byte-level BPE encoding as the tokenizers crate does it (the same split, the same merges),
+/// without its offset bookkeeping, which allocates for every word and takes most of the time
+/// on large corpora; each thread keeps the ids of the words it has seen.
+struct FastBpe {
+    split: fancy_regex::Regex,
+    byte_chars: [char; 256],
+    /// Tells this tokenizer's cache entries from another's on the same thread.
+    id: u64,
+}
+
+thread_local! {
+    static WORD_IDS: std::cell::RefCell<HashMap<u64, HashMap<String, Vec<u32>>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+impl FastBpe {
+    /// For a tokenizer whose ids it reproduces: a byte-level pre-tokenizer with GPT-2's
+    /// split and no prefix space, no normalizer, a plain BPE model.
+    fn for_tokenizer(inner: &tokenizers::Tokenizer) -> Option<FastBpe> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let Some(PreTokenizerWrapper::ByteLevel(bl)) = inner.get_pre_tokenizer() else {
+            return None;
+        };
+        let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() else {
+            return None;
+        };
+        let plain = bpe.dropout.is_none()
+            && bpe.continuing_subword_prefix.is_none()
+            && bpe.end_of_word_suffix.is_none()
+            && !bpe.byte_fallback
+            && !bpe.ignore_merges;
+        if bl.add_prefix_space || !bl.use_regex || inner.get_normalizer().is_some() || !plain {
+            return None;
+        }
+        Some(FastBpe {
+            split: fancy_regex::Regex::new(GPT2_SPLIT).ok()?,
+            byte_chars: byte_chars(),
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// The ids of `text`, which holds no special token.
+    fn encode(&self, model: &BPE, text: &str) -> Result<Vec<u32>> {
+        use tokenizers::Model;
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        WORD_IDS.with(|cell| -> Result<()> {
+            let mut caches = cell.borrow_mut();
+            let cache = caches.entry(self.id).or_default();
+            let mut word = |piece: &str, out: &mut Vec<u32>| -> Result<()> {
+                if let Some(ids) = cache.get(piece) {
+                    out.extend_from_slice(ids);
+                    return Ok(());
+                }
+                let mapped: String = piece.bytes().map(|b| self.byte_chars[b as usize]).collect();
+                let tokens = model.tokenize(&mapped).map_err(tk_err)?;
+                let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+                out.extend_from_slice(&ids);
+                if cache.len() >= 1 << 20 {
+                    cache.clear();
+                }
+                cache.insert(piece.to_string(), ids);
+                Ok(())
+            };
+            let mut last = 0;
+            for m in self.split.find_iter(text) {
+                let m = m.map_err(tk_err)?;
+                if m.start() > last {
+                    word(&text[last..m.start()], &mut out)?;
+                }
+                word(m.as_str(), &mut out)?;
+                last = m.end();
+            }
+            if last < text.len() {
+                word(&text[last..], &mut out)?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }
 
 fn tk_err(e: impl std::fmt::Display) -> Error {
@@ -200,11 +288,16 @@ impl Tokenizer {
                 ascii_ids[c as usize] = id;
             }
         }
+        let fast_bpe = match kind {
+            TokenizerKind::Bpe => FastBpe::for_tokenizer(&inner).map(std::sync::Arc::new),
+            TokenizerKind::Char => None,
+        };
         Ok(Tokenizer {
             kind,
             inner,
             char_ids,
             ascii_ids,
+            fast_bpe,
         })
     }
 
@@ -244,13 +337,25 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self.kind {
             TokenizerKind::Char => self.encode_chars(text),
-            TokenizerKind::Bpe => Ok(self
-                .inner
-                .encode_fast(text, false)
-                .map_err(tk_err)?
-                .get_ids()
-                .to_vec()),
+            TokenizerKind::Bpe => match (&self.fast_bpe, self.inner.get_model()) {
+                (Some(fast), tokenizers::ModelWrapper::BPE(model))
+                    if !SPECIAL_TOKENS.iter().any(|t| text.contains(t)) =>
+                {
+                    fast.encode(model, text)
+                }
+                _ => self.encode_slow(text),
+            },
         }
+    }
+
+    /// The tokenizers crate's own encoding (the fast path's reference).
+    pub fn encode_slow(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
     }
 
     fn encode_chars(&self, text: &str) -> Result<Vec<u32>> {
@@ -512,6 +617,33 @@ fn split_for_bpe(text: &str, target: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast byte-level BPE encoder gives the tokenizers crate's own ids, on text and on
+    /// random strings from an alphabet of the pattern's corner cases (contractions, runs of
+    /// mixed whitespace, digits, marks, emoji, the special token).
+    #[test]
+    fn the_fast_bpe_encoder_gives_the_tokenizers_crate_ids() {
+        use proptest::prelude::*;
+        let text: String =
+            TEXT.repeat(30) + "It's 2026: we'll've 3.14 words,  \n\n  and  \t\r\n spaces ";
+        let tok = Tokenizer::train_bpe(&text, 320).unwrap();
+        assert!(tok.fast_bpe.is_some());
+        assert_eq!(tok.encode(&text).unwrap(), tok.encode_slow(&text).unwrap());
+        let with_special = "a <|endoftext|> b";
+        assert_eq!(
+            tok.encode(with_special).unwrap(),
+            tok.encode_slow(with_special).unwrap()
+        );
+        let alphabet: Vec<char> =
+            "aZeé ü\n\t\r  '’sltmdrvSLT0123٣!?.,—🙂ß\u{0301}\u{00a0}\u{2003}日語"
+                .chars()
+                .collect();
+        let strings = proptest::collection::vec(proptest::sample::select(alphabet), 0..40)
+            .prop_map(|v| v.into_iter().collect::<String>());
+        proptest!(ProptestConfig::with_cases(2000), |(s in strings)| {
+            prop_assert_eq!(tok.encode(&s).unwrap(), tok.encode_slow(&s).unwrap(), "{:?}", s);
+        });
+    }
 
     const TEXT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n  Ünïcödé — “quotes” ✓ 日本語 🎭\n";
 

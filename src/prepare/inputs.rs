@@ -274,7 +274,12 @@ fn read_text(
         let want = block.saturating_sub(before).max(1) as u64;
         let n = Read::take(&mut *reader, want)
             .read_to_end(&mut pending)
-            .map_err(|e| Error::data(path, format!("cannot be read at byte {}: {e}", offset + before as u64)))?;
+            .map_err(|e| {
+                Error::data(
+                    path,
+                    format!("cannot be read at byte {}: {e}", offset + before as u64),
+                )
+            })?;
         if (n as u64) < want {
             eof = true;
         }
