@@ -297,6 +297,18 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
     // A folder with other files is not written into.
     let o = tinygpt(&["prepare", "--data", "corpus.txt", "--out", "in"], dir);
     fails_with(&o, "is a folder with other files in it");
+    let train_on_prep = || {
+        let args = [
+            "train",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "prep",
+            "--out",
+            "r",
+        ];
+        tinygpt(&args, dir)
+    };
     // Another format version is refused naming both.
     let m_path = ws.path("prep/manifest.json");
     let text = std::fs::read_to_string(&m_path).unwrap();
@@ -305,18 +317,7 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
         text.replace("\"format_version\": 1", "\"format_version\": 7"),
     )
     .unwrap();
-    let o = tinygpt(
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "--data",
-            "prep",
-            "--out",
-            "r",
-        ],
-        dir,
-    );
+    let o = train_on_prep();
     fails_with(&o, "format version 7, this tinygpt reads version 1");
     std::fs::write(&m_path, text).unwrap();
     // A shard cut short (by hand; prepare itself never lists one) is refused, naming it.
@@ -330,18 +331,7 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
         .unwrap()
         .set_len(len - 2)
         .unwrap();
-    let o = tinygpt(
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "--data",
-            "prep",
-            "--out",
-            "r",
-        ],
-        dir,
-    );
+    let o = train_on_prep();
     fails_with(&o, "train-000.bin");
 }
 
@@ -352,18 +342,14 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
 fn interrupted_and_repeated_preparations() {
     let ws = Workspace::new(20_000);
     let dir = ws.dir.path();
-    let o = tinygpt(
-        &[
-            "prepare",
-            "--data",
-            "corpus.txt",
-            "--out",
-            "prep",
-            "--quiet",
-        ],
-        dir,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let prepare_corpus = || {
+        let o = tinygpt(
+            &["prepare", "--data", "corpus.txt", "--out", "prep", "-q"],
+            dir,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    prepare_corpus();
     let before = std::fs::read_to_string(ws.path("prep/manifest.json")).unwrap();
     let partial = ws.path("prep/data-99.partial");
     std::fs::create_dir_all(&partial).unwrap();
@@ -378,18 +364,7 @@ fn interrupted_and_repeated_preparations() {
         common::stdout(&o)
     );
     std::fs::write(ws.path("corpus.txt"), corpus(25_000)).unwrap();
-    let o = tinygpt(
-        &[
-            "prepare",
-            "--data",
-            "corpus.txt",
-            "--out",
-            "prep",
-            "--quiet",
-        ],
-        dir,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    prepare_corpus();
     assert!(!partial.exists(), "leftovers removed");
     let after = Manifest::load(&ws.path("prep")).unwrap();
     assert_ne!(serde_json::to_string_pretty(&after).unwrap(), before);
