@@ -7,8 +7,8 @@
 #
 #   scripts/prepare-gpu-check.sh [CORPUS] [NANOGPT_CLONE]
 #     CORPUS         default ../shared/data/tinyshakespeare.txt, else data/shakespeare.txt
-#     NANOGPT_CLONE  a checkout of https://github.com/karpathy/nanoGPT (default: cloned into
-#                    ~/.cache/tinygpt/nanoGPT)
+#     NANOGPT_CLONE  a checkout, or a bare git directory, of https://github.com/karpathy/nanoGPT
+#                    (default: cloned into ~/.cache/tinygpt/nanoGPT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,10 @@ if [ -z "$corpus" ]; then
 fi
 [ -f "${corpus:-}" ] || { echo "prepare-gpu-check: no corpus; run data/prepare.sh or pass its path" >&2; exit 1; }
 nanogpt=${2:-$HOME/.cache/tinygpt/nanoGPT}
-if [ ! -f "$nanogpt/train.py" ]; then
+nanogpt_file() { # a file of the checkout, or of a bare repository's HEAD
+    if [ -f "$nanogpt/$1" ]; then cat "$nanogpt/$1"; else git --git-dir="$nanogpt" show "HEAD:$1"; fi
+}
+if ! nanogpt_file train.py >/dev/null 2>&1; then
     git clone --depth 1 https://github.com/karpathy/nanoGPT "$nanogpt"
 fi
 
@@ -32,7 +35,7 @@ strip -o .gpu/tinygpt target/release/tinygpt
 gzip -6 .gpu/tinygpt
 cp "$corpus" .gpu/tinyshakespeare.txt
 for f in train.py model.py configurator.py config/train_shakespeare_char.py; do
-    cp "$nanogpt/$f" ".gpu/nanoGPT/$f"
+    nanogpt_file "$f" >".gpu/nanoGPT/$f"
 done
 python3 - .gpu/tinyshakespeare.txt .gpu/nanoGPT/data/shakespeare_char <<'EOF'
 import pickle, sys
