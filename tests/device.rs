@@ -10,17 +10,7 @@ use tinygpt::config::Config;
 use tinygpt::device::DeviceChoice;
 use tinygpt::engine::{EngineChoice, EngineKind};
 use tinygpt::model::Precision;
-use tinygpt::train::{ProgressMode, RunOptions, Trainer};
-
-fn opts(out: &std::path::Path, resume: bool) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        resume: resume.then(|| out.to_path_buf()),
-        force: false,
-        progress: ProgressMode::Quiet,
-        stop: None,
-    }
-}
+use tinygpt::train::{ProgressMode, Trainer};
 
 fn config(ws: &Workspace, steps: usize, extra: &[&str]) -> Config {
     let mut set: Vec<String> = vec![
@@ -74,12 +64,16 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
         ProgressMode::Quiet,
     )
     .unwrap();
-    f32_run.run(&opts(&ws.path("f32"), false)).unwrap();
+    f32_run
+        .run(&common::run_options(&ws.path("f32"), false))
+        .unwrap();
     let bf16 = ["training.dtype=\"bf16\"", engine];
     let mut whole =
         Trainer::new(config(&ws, 10, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
     assert_eq!(whole.engine.precision(), Precision::Bf16);
-    whole.run(&opts(&ws.path("whole"), false)).unwrap();
+    whole
+        .run(&common::run_options(&ws.path("whole"), false))
+        .unwrap();
     let (a, b) = (losses(&f32_run), losses(&whole));
     assert_eq!(a.len(), b.len());
     let mut differs = false;
@@ -97,19 +91,16 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
     assert!(map.values().all(|t| t.dtype() == DType::F32));
 
     let mut first = Trainer::new(config(&ws, 5, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
-    first.run(&opts(&ws.path("half"), false)).unwrap();
+    first
+        .run(&common::run_options(&ws.path("half"), false))
+        .unwrap();
     let resume = |dtype: &str| {
-        Trainer::resume(
-            &ws.path("half/last"),
-            &["training.max_iters=10".into(), dtype.into()],
-            None,
-            &Device::Cpu,
-            ProgressMode::Quiet,
-        )
-        .unwrap()
+        common::resume_on_cpu(&ws.path("half/last"), &["training.max_iters=10", dtype])
     };
     let mut second = resume("training.dtype=\"bf16\"");
-    second.run(&opts(&ws.path("half"), true)).unwrap();
+    second
+        .run(&common::run_options(&ws.path("half"), true))
+        .unwrap();
     assert_eq!(
         common::param_values(&whole.params),
         common::param_values(&second.params),
@@ -118,7 +109,9 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
     // The same checkpoint continues in f32 (as a GPU run continues on the CPU).
     let mut in_f32 = resume("training.dtype=\"f32\"");
     assert_eq!(in_f32.engine.precision(), Precision::F32);
-    in_f32.run(&opts(&ws.path("half"), true)).unwrap();
+    in_f32
+        .run(&common::run_options(&ws.path("half"), true))
+        .unwrap();
     assert_eq!(in_f32.state.step, 10);
 }
 
@@ -190,14 +183,7 @@ fn cuda_trains_like_the_cpu_and_its_checkpoints_resume_on_the_cpu() {
     }
     eprintln!("cuda vs cpu, 20 steps in f32: largest loss difference {worst:.2e}");
     cuda.save(&ws.path("gpu/last")).unwrap();
-    let mut back = Trainer::resume(
-        &ws.path("gpu/last"),
-        &["training.max_iters=25".into()],
-        None,
-        &Device::Cpu,
-        ProgressMode::Quiet,
-    )
-    .unwrap();
+    let mut back = common::resume_on_cpu(&ws.path("gpu/last"), &["training.max_iters=25"]);
     assert_eq!(back.state.step, 20);
     let l = back.train_step().unwrap();
     assert!(l.is_finite() && l < 4.0, "{l}");

@@ -12,7 +12,7 @@ use tinygpt::config::{Config, TokenizerConfig};
 use tinygpt::prepare::{prepare, OnBad, PrepareOptions, TokenizerSource, DEFAULT_EXTENSIONS};
 use tinygpt::shards::{Manifest, Prepared};
 use tinygpt::tokenizer::TokenizerKind;
-use tinygpt::train::{ProgressMode, RunOptions, Trainer};
+use tinygpt::train::{ProgressMode, Trainer};
 
 fn options(inputs: &[PathBuf], out: &Path, kind: TokenizerKind) -> PrepareOptions {
     PrepareOptions {
@@ -227,26 +227,18 @@ fn a_run_on_prepared_data_resumes_exactly() {
         )
         .unwrap()
     };
-    let opts = |dir: &Path, resume: bool| RunOptions {
-        out: dir.to_path_buf(),
-        resume: resume.then(|| dir.to_path_buf()),
-        force: false,
-        progress: ProgressMode::Quiet,
-        stop: None,
-    };
     let mut whole = Trainer::new(cfg(10), &Device::Cpu, ProgressMode::Quiet).unwrap();
-    whole.run(&opts(&ws.path("whole"), false)).unwrap();
+    whole
+        .run(&common::run_options(&ws.path("whole"), false))
+        .unwrap();
     let mut first = Trainer::new(cfg(5), &Device::Cpu, ProgressMode::Quiet).unwrap();
-    first.run(&opts(&ws.path("half"), false)).unwrap();
-    let mut second = Trainer::resume(
-        &ws.path("half/last"),
-        &["training.max_iters=10".into()],
-        None,
-        &Device::Cpu,
-        ProgressMode::Quiet,
-    )
-    .unwrap();
-    second.run(&opts(&ws.path("half"), true)).unwrap();
+    first
+        .run(&common::run_options(&ws.path("half"), false))
+        .unwrap();
+    let mut second = common::resume_on_cpu(&ws.path("half/last"), &["training.max_iters=10"]);
+    second
+        .run(&common::run_options(&ws.path("half"), true))
+        .unwrap();
     assert_eq!(
         common::param_values(&whole.params),
         common::param_values(&second.params)

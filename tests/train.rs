@@ -8,17 +8,7 @@ use tinygpt::checkpoint;
 use tinygpt::config::Config;
 use tinygpt::rng::seeded;
 use tinygpt::sample::{generate, SampleOptions};
-use tinygpt::train::{ProgressMode, RunOptions, Trainer};
-
-fn opts(out: &std::path::Path, resume: bool) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        resume: resume.then(|| out.to_path_buf()),
-        force: false,
-        progress: ProgressMode::Quiet,
-        stop: None,
-    }
-}
+use tinygpt::train::{ProgressMode, Trainer};
 
 fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     common::param_values(&t.params)
@@ -40,7 +30,7 @@ fn tiny_model_overfits_a_tiny_corpus() {
     .unwrap();
     let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let out = ws.path("run");
-    let s = t.run(&opts(&out, false)).unwrap();
+    let s = t.run(&common::run_options(&out, false)).unwrap();
     let first = t.state.history[0].train_loss;
     let last = t.state.history.last().unwrap().train_loss;
     assert!(first > 2.0, "initial loss {first}");
@@ -152,22 +142,17 @@ fn resume_continues_exactly_on(kernels: &str, extra: &[&str], runs_on: &str) {
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
     let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     assert_eq!(whole.engine.kind().name(), runs_on);
-    whole.run(&opts(&ws.path("whole"), false)).unwrap();
+    whole
+        .run(&common::run_options(&ws.path("whole"), false))
+        .unwrap();
 
     let cfg = Config::load(&ws.path("tiny.toml"), &over(10)).unwrap();
     let mut first = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let half = ws.path("half");
-    first.run(&opts(&half, false)).unwrap();
-    let mut second = Trainer::resume(
-        &half.join("last"),
-        &["training.max_iters=20".into()],
-        None,
-        &Device::Cpu,
-        ProgressMode::Quiet,
-    )
-    .unwrap();
+    first.run(&common::run_options(&half, false)).unwrap();
+    let mut second = common::resume_on_cpu(&half.join("last"), &["training.max_iters=20"]);
     assert_eq!(second.state.step, 10);
-    second.run(&opts(&half, true)).unwrap();
+    second.run(&common::run_options(&half, true)).unwrap();
 
     let (a, b) = (weights(&whole), weights(&second));
     for ((name, x), (_, y)) in a.iter().zip(&b) {

@@ -88,6 +88,30 @@ path = {:?}
     )
 }
 
+/// Options for a quiet library run into `out`, continuing the run there when `resume`.
+pub fn run_options(out: &Path, resume: bool) -> tinygpt::train::RunOptions {
+    tinygpt::train::RunOptions {
+        out: out.to_path_buf(),
+        resume: resume.then(|| out.to_path_buf()),
+        force: false,
+        progress: tinygpt::train::ProgressMode::Quiet,
+        stop: None,
+    }
+}
+
+/// The run saved in checkpoint `dir`, continued on the CPU with `overrides`.
+pub fn resume_on_cpu(dir: &Path, overrides: &[&str]) -> tinygpt::train::Trainer {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    tinygpt::train::Trainer::resume(
+        dir,
+        &overrides,
+        None,
+        &candle_core::Device::Cpu,
+        tinygpt::train::ProgressMode::Quiet,
+    )
+    .unwrap()
+}
+
 /// A temporary directory holding `corpus.txt` and `tiny.toml`.
 pub struct Workspace {
     pub dir: tempfile::TempDir,
