@@ -146,16 +146,30 @@ impl EngineOptions {
         device: &Device,
         precision: Precision,
     ) -> Result<EngineOptions> {
-        let (kind, note) = choice.resolve_on(cfg, device, precision)?;
+        let (opts, note) = EngineOptions::resolve(choice, cfg, device, precision)?;
         if let Some(note) = note {
             eprintln!("{note}");
         }
-        configure_threads(kind);
+        configure_threads(opts.kind);
         crate::model::precision::set_tf32(precision == Precision::Tf32);
-        Ok(EngineOptions {
+        Ok(opts)
+    }
+
+    /// The options `choice` resolves to for a model of `cfg` on `device` with products in
+    /// `precision`, and the note of a fallback ([`EngineChoice::resolve_on`]), with nothing
+    /// printed or set: [`EngineOptions::choose_on`] does that once per run.
+    pub fn resolve(
+        choice: EngineChoice,
+        cfg: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<(EngineOptions, Option<String>)> {
+        let (kind, note) = choice.resolve_on(cfg, device, precision)?;
+        let opts = EngineOptions {
             precision,
             ..EngineOptions::new(kind)
-        })
+        };
+        Ok((opts, note))
     }
 
     /// The engine for `model`; `recompute`: training passes keep only each block's input and

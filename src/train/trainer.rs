@@ -524,11 +524,7 @@ impl Trainer {
 fn engine_for(model: &Gpt, config: &Config) -> Result<Engine> {
     let t = &config.training;
     let device = model.wte.device();
-    let (kind, _note) = t.engine.resolve_on(&config.model, device, t.dtype)?;
-    let opts = EngineOptions {
-        precision: t.dtype,
-        ..EngineOptions::new(kind)
-    };
+    let (opts, _note) = EngineOptions::resolve(t.engine, &config.model, device, t.dtype)?;
     opts.engine(model, t.recompute_activations)
 }
 
