@@ -226,6 +226,20 @@ pub fn token_width(vocab_size: usize) -> u32 {
     }
 }
 
+/// Cuts the shard at `path` (of a vocabulary of `vocab_size`) to its first `count` tokens,
+/// header included, and syncs it.
+pub fn truncate_shard(path: &Path, vocab_size: usize, count: u64) -> Result<()> {
+    let width = token_width(vocab_size);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_len(HEADER_BYTES + count * width as u64)
+        .and_then(|_| file.write_all_at(&header(width, vocab_size, count), 0))
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
 fn header(width: u32, vocab_size: usize, count: u64) -> [u8; HEADER_BYTES as usize] {
     let mut h = [0u8; HEADER_BYTES as usize];
     h[0..8].copy_from_slice(MAGIC);

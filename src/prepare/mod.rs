@@ -18,6 +18,7 @@
 
 pub mod inputs;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,8 +30,8 @@ use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressMode};
 use crate::shards::{
-    sha256_hex, InputRecord, Manifest, Shard, ShardRecord, ShardWriter, TokenizerRecord,
-    FORMAT_VERSION, MANIFEST,
+    sha256_hex, truncate_shard, InputRecord, Manifest, Shard, ShardRecord, ShardWriter,
+    TokenizerRecord, FORMAT_VERSION, MANIFEST,
 };
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 pub use inputs::{OnBad, Source, DEFAULT_EXTENSIONS, WHOLE_DOCUMENT_BYTES};
@@ -166,6 +167,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     std::fs::write(&tmp, &tok_json).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &tok_path).map_err(|e| Error::io(&tok_path, e))?;
     let val_documents: u64 = written.inputs.iter().map(|i| i.val_documents).sum();
+    let tokens_in = |split: &str| -> u64 {
+        let shards = written.shards.iter().filter(|s| s.split == split);
+        shards.map(|s| s.tokens).sum()
+    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         writer: format!("tinygpt {}", env!("CARGO_PKG_VERSION")),
@@ -185,18 +190,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         documents: written.inputs.iter().map(|i| i.documents).sum(),
         val_documents,
         val_document_ids: (written.val_ids.len() <= 100_000).then(|| written.val_ids.clone()),
-        train_tokens: written
-            .shards
-            .iter()
-            .filter(|s| s.split == "train")
-            .map(|s| s.tokens)
-            .sum(),
-        val_tokens: written
-            .shards
-            .iter()
-            .filter(|s| s.split == "val")
-            .map(|s| s.tokens)
-            .sum(),
+        train_tokens: tokens_in("train"),
+        val_tokens: tokens_in("val"),
         shards: written
             .shards
             .iter()
@@ -269,14 +264,15 @@ fn check_out_dir(out: &Path) -> Result<Option<Manifest>> {
         .map(|_| None)
 }
 
-/// Runs `f` on every document piece of every source, in order, on a reader thread, passing the
-/// pieces to `sink` in batches on this thread. Returns each source's sha256 and counts.
+/// Reads every document piece of every source, in order, on a reader thread, passing the
+/// pieces to `sink` in batches on this thread until it says to stop. Returns each source's
+/// sha256 and counts (none when the sink stopped early).
 fn stream_pieces(
     sources: &[Source],
     opts: &PrepareOptions,
     cut: impl Fn(&str) -> usize + Sync,
     raw_bytes: Arc<AtomicU64>,
-    mut sink: impl FnMut(Vec<Piece>) -> Result<()>,
+    mut sink: impl FnMut(Vec<Piece>) -> Result<ControlFlow<()>>,
 ) -> Result<Vec<(String, u64, Option<String>)>> {
     let batch_bytes = PIECE_BYTES * rayon::current_num_threads().max(1) * 2;
     let cut = &cut;
@@ -294,11 +290,9 @@ fn stream_pieces(
                     match e {
                         inputs::Event::Text { text, last } => {
                             size += text.len();
-                            if last {
-                                docs += 1;
-                            }
                             batch.push(Piece { doc, text, last });
                             if last {
+                                docs += 1;
                                 doc += 1;
                             }
                             if size >= batch_bytes {
@@ -343,7 +337,8 @@ fn stream_pieces(
         let mut failed = None;
         for batch in rx {
             match batch.and_then(&mut sink) {
-                Ok(()) => {}
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => break,
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -353,11 +348,14 @@ fn stream_pieces(
         let read = reader
             .join()
             .map_err(|_| Error::Usage("the reader thread panicked".into()))?;
+        let stopped = |e: &Error| matches!(e, Error::Usage(m) if m == STOPPED);
         match (failed, read) {
             // The reader's own error, not its noticing that this side stopped.
-            (_, Err(re)) if !matches!(&re, Error::Usage(m) if m == STOPPED) => Err(re),
+            (_, Err(re)) if !stopped(&re) => Err(re),
             (Some(e), _) => Err(e),
-            (None, r) => r,
+            // The sink had what it wanted: the reader stopped before the end.
+            (None, Err(_)) => Ok(Vec::new()),
+            (None, Ok(r)) => Ok(r),
         }
     })
 }
@@ -386,7 +384,7 @@ fn train_tokenizer(
                     found.into_iter().for_each(|s| chars.extend(s));
                     let done = raw.load(Ordering::Relaxed);
                     bar.update(done, &format!("{} characters", chars.len()), false);
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 },
             )?;
             bar.finish();
@@ -399,7 +397,7 @@ fn train_tokenizer(
             let mut sample = String::new();
             let mut seen = 0u64;
             let bar = Progress::new(opts.progress, "sample", opts.sample_bytes.min(total), 0);
-            let res = stream_pieces(
+            stream_pieces(
                 sources,
                 opts,
                 |t| t.len(),
@@ -416,17 +414,12 @@ fn train_tokenizer(
                         seen += 1;
                     }
                     bar.update(sample.len() as u64, "bytes sampled", false);
-                    if sample.len() as u64 >= opts.sample_bytes {
-                        return Err(Error::Usage("sample complete".into()));
-                    }
-                    Ok(())
+                    Ok(match sample.len() as u64 >= opts.sample_bytes {
+                        true => ControlFlow::Break(()),
+                        false => ControlFlow::Continue(()),
+                    })
                 },
-            );
-            if let Err(e) = res {
-                if !e.to_string().contains("sample complete") {
-                    return Err(e);
-                }
-            }
+            )?;
             bar.finish();
             if sample.is_empty() {
                 return Err(Error::Usage(
@@ -561,7 +554,7 @@ fn write_shards(
                 last_log = Instant::now();
             }
             bar.update(done, &format!("{mb_s:.1} MB/s, {tokens} tokens"), log);
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         },
     )?;
     bar.finish();
@@ -615,7 +608,8 @@ fn write_shards(
     })
 }
 
-/// Moves the last `n` tokens of `train`'s shards into a new shard of `val`.
+/// Moves the last `n` tokens of `train`'s shards into a new shard of `val`: read, then cut
+/// off the train shards they came from.
 fn move_tail(train: &mut SplitWriter, val: &mut SplitWriter, n: u64) -> Result<()> {
     let mut left = n;
     let mut tail: Vec<Vec<u32>> = Vec::new();
@@ -625,24 +619,16 @@ fn move_tail(train: &mut SplitWriter, val: &mut SplitWriter, n: u64) -> Result<(
         };
         let path = train.dir.join(&rec.file);
         let take = left.min(rec.tokens);
-        let shard = Shard::open(&path, train.vocab, rec.tokens)?;
-        let mut ids = Vec::with_capacity(take as usize);
-        shard.read(rec.tokens - take..rec.tokens, &mut ids)?;
-        drop(shard);
-        tail.push(ids);
         let keep = rec.tokens - take;
-        // Rewrite the kept head (shards are bounded by shard_tokens, so this is bounded too).
-        let shard = Shard::open(&path, train.vocab, rec.tokens)?;
-        let mut head = Vec::with_capacity(keep as usize);
-        shard.read(0..keep, &mut head)?;
-        drop(shard);
+        let mut ids = Vec::with_capacity(take as usize);
+        Shard::open(&path, train.vocab, rec.tokens)?.read(keep..rec.tokens, &mut ids)?;
+        tail.push(ids);
         if keep == 0 {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             train.done.pop();
         } else {
-            let mut w = ShardWriter::create(&path, train.vocab)?;
-            w.write(&head)?;
-            rec.tokens = w.finish(train.vocab)?;
+            truncate_shard(&path, train.vocab, keep)?;
+            rec.tokens = keep;
         }
         left -= take;
     }
