@@ -252,7 +252,7 @@ pub fn run(
 impl BenchReport {
     /// The report as an aligned table.
     pub fn table(&self) -> String {
-        let rows = [
+        let mut rows = vec![
             ("engine", self.engine.clone()),
             ("device", format!("{} ({})", self.device, self.dtype)),
             ("data", self.data.clone()),
@@ -277,6 +277,11 @@ impl BenchReport {
                     self.generate_tokens_per_s, self.generate_tokens_per_s_no_cache
                 ),
             ),
+        ];
+        if let Some(mb) = self.peak_device_memory_mb {
+            rows.push(("peak GPU memory", format!("{mb:.0} MB")));
+        }
+        rows.extend([
             ("peak RSS", format!("{:.0} MB", self.peak_rss_mb)),
             ("sgemm peak", format!("{:.1} GFLOP/s", self.sgemm_gflops)),
             (
@@ -291,11 +296,7 @@ impl BenchReport {
                     _ => "unknown (a GPU without a data-sheet peak in tinygpt)".into(),
                 },
             ),
-        ];
-        let mut rows = rows.to_vec();
-        if let Some(mb) = self.peak_device_memory_mb {
-            rows.insert(9, ("peak GPU memory", format!("{mb:.0} MB")));
-        }
+        ]);
         rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
     }
 }

@@ -74,12 +74,12 @@ enum Moments {
 impl Moments {
     /// Zeros on the host or (`on_device`) beside `var`.
     fn zeros(var: &Var, on_device: bool) -> Result<Moments> {
-        Ok(match !on_device {
-            true => Moments::Host {
+        Ok(match on_device {
+            false => Moments::Host {
                 m: vec![0.0; var.elem_count()],
                 v: vec![0.0; var.elem_count()],
             },
-            false => Moments::Device {
+            true => Moments::Device {
                 m: var.zeros_like()?,
                 v: var.zeros_like()?,
             },
