@@ -158,11 +158,18 @@ pub(crate) struct EngineArg {
 /// counts set). The device is resolved first: a GPU that does not answer fails before any
 /// file is read.
 pub(crate) fn load_with_engine(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, Engine)> {
+    let (ck, opts) = load_with_options(dir, arg)?;
+    let engine = opts.engine(&ck.model, false)?;
+    Ok((ck, engine))
+}
+
+/// [`load_with_engine`]'s checkpoint and engine options, for a caller that adjusts the options
+/// before building the engine.
+pub(crate) fn load_with_options(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, EngineOptions)> {
     let device = arg.device.resolve()?;
     let ck = crate::checkpoint::load(&checkpoint_dir(dir), &device)?;
     let opts = EngineOptions::choose_on(arg.engine, &ck.config.model, &device, Precision::F32)?;
-    let engine = opts.engine(&ck.model, false)?;
-    Ok((ck, engine))
+    Ok((ck, opts))
 }
 
 /// Reads a prompt file, naming the problem.

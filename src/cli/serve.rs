@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::engine::EngineOptions;
 use crate::error::Result;
-use crate::model::Precision;
 use crate::serve::{run, Served};
 
 #[derive(Debug, Args)]
@@ -28,14 +26,7 @@ pub struct ServeArgs {
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let dir = super::checkpoint_dir(&args.checkpoint);
-    let device = args.engine.device.resolve()?;
-    let ck = crate::checkpoint::load(&dir, &device)?;
-    let mut opts = EngineOptions::choose_on(
-        args.engine.engine,
-        &ck.config.model,
-        &device,
-        Precision::F32,
-    )?;
+    let (ck, mut opts) = super::load_with_options(&args.checkpoint, args.engine)?;
     // Requests decode side by side: one core each, no partner threads spinning for a second.
     opts.partner_threads = false;
     let engine = opts.engine(&ck.model, false)?;

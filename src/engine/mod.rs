@@ -131,15 +131,10 @@ impl EngineOptions {
         }
     }
 
-    /// Resolves `choice` for a model of `cfg` ([`EngineChoice::resolve`]), prints its note
-    /// (if any) on stderr, and sets the thread counts for the engine ([`configure_threads`]).
-    /// Call it once per run, before the first tensor op.
-    pub fn choose(choice: EngineChoice, cfg: &ModelConfig) -> Result<EngineOptions> {
-        EngineOptions::choose_on(choice, cfg, &Device::Cpu, Precision::F32)
-    }
-
-    /// [`EngineOptions::choose`] for a model on `device` with products in `precision`
-    /// ([`EngineChoice::resolve_on`]).
+    /// Resolves `choice` for a model of `cfg` on `device` with products in `precision`
+    /// ([`EngineChoice::resolve_on`]), prints its note (if any) on stderr, and sets the thread
+    /// counts for the engine ([`configure_threads`]) and candle's TF32 switch. Call it once per
+    /// run, before the first tensor op.
     pub fn choose_on(
         choice: EngineChoice,
         cfg: &ModelConfig,
