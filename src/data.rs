@@ -80,11 +80,7 @@ pub fn load_for(
 
 /// `bpe, 8192 tokens`.
 pub fn describe(t: &Tokenizer) -> String {
-    format!(
-        "{}, {} tokens",
-        format!("{:?}", t.kind()).to_lowercase(),
-        t.vocab_size()
-    )
+    format!("{}, {} tokens", t.kind().name(), t.vocab_size())
 }
 
 /// Token ids in the narrowest integer type that holds the vocabulary.

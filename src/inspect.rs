@@ -91,7 +91,7 @@ impl Report {
             checkpoint: ck.dir.display().to_string(),
             config: ck.config.clone(),
             tokenizer: TokenizerInfo {
-                kind: format!("{:?}", ck.tokenizer.kind()).to_lowercase(),
+                kind: ck.tokenizer.kind().name().to_string(),
                 vocab_size: ck.tokenizer.vocab_size(),
             },
             parameters: ck.params.count(),

@@ -33,6 +33,16 @@ pub enum TokenizerKind {
     Bpe,
 }
 
+impl TokenizerKind {
+    /// `char` or `bpe`, as configs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::Char => "char",
+            TokenizerKind::Bpe => "bpe",
+        }
+    }
+}
+
 /// Special tokens of the BPE vocabulary. The char tokenizer has none: its vocabulary is exactly
 /// the corpus's characters.
 pub const SPECIAL_TOKENS: [&str; 1] = ["<|endoftext|>"];

@@ -116,7 +116,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
             m.val_documents,
             m.train_tokens,
             m.val_tokens,
-            format!("{:?}", m.tokenizer.kind).to_lowercase(),
+            m.tokenizer.kind.name(),
             m.tokenizer.vocab_size,
             r.bytes as f64 / 1e6,
             r.seconds,

@@ -30,7 +30,7 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         "{} characters → {} tokens ({} tokenizer)",
         args.text.chars().count(),
         ids.len(),
-        format!("{:?}", ck.tokenizer.kind()).to_lowercase()
+        ck.tokenizer.kind().name()
     );
     println!("{:>5}  {:>6}  token", "pos", "id");
     for (i, &id) in ids.iter().enumerate() {

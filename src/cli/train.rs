@@ -165,7 +165,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     say(format!(
         "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}",
         trainer.params.count(),
-        format!("{:?}", c.tokenizer.kind).to_lowercase(),
+        c.tokenizer.kind.name(),
         trainer.tokenizer.vocab_size(),
         trainer.dataset.len(crate::data::Split::Train),
         trainer.dataset.len(crate::data::Split::Val),

@@ -70,7 +70,7 @@ pub fn model_info(ck: &Checkpoint, metrics: Option<&Path>) -> Value {
         "head_size": m.n_embd / m.n_head,
         "block_size": m.block_size,
         "vocab_size": ck.tokenizer.vocab_size(),
-        "tokenizer": format!("{:?}", ck.tokenizer.kind()).to_lowercase(),
+        "tokenizer": ck.tokenizer.kind().name(),
         "parameters": ck.params.count(),
         "position": format!("{:?}", m.position).to_lowercase(),
         "step": ck.state.as_ref().map(|s| s.step),

@@ -144,7 +144,7 @@ impl Trainer {
                 return Err(Error::Config(format!(
                     "{} was prepared with a {} tokenizer of {} tokens, but the config asks for {}; set tokenizer.kind (and tokenizer.vocab_size) to match, or prepare it again",
                     path.display(),
-                    format!("{:?}", got.kind).to_lowercase(),
+                    got.kind.name(),
                     got.vocab_size,
                     match want.kind {
                         TokenizerKind::Bpe => format!("bpe of {} tokens", want.vocab_size),
