@@ -260,7 +260,10 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
         "{}",
         stderr(&o)
     );
-    assert!(!ws.path("prep/manifest.json").exists());
+    assert!(
+        !ws.path("prep").exists(),
+        "a failed first run leaves no folder"
+    );
     // Skipped on request, and recorded.
     let o = tinygpt(
         &[
@@ -282,6 +285,7 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
     std::fs::write(ws.path("d.jsonl"), "{\"text\": \"a\"}\n{\"body\": \"b\"}\n").unwrap();
     let o = tinygpt(&["prepare", "--data", "d.jsonl", "--out", "prep-j"], dir);
     fails_with(&o, "line 2 has no string field \"text\"");
+    assert!(!ws.path("prep-j").exists());
     // An empty input set says what was searched.
     std::fs::create_dir_all(ws.path("empty")).unwrap();
     let o = tinygpt(&["prepare", "--data", "empty", "--out", "prep-e"], dir);

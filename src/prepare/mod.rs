@@ -94,8 +94,18 @@ struct Piece {
     last: bool,
 }
 
-/// Runs `tinygpt prepare`.
+/// Runs `tinygpt prepare`. A failed run leaves no `--out` folder behind that was not there
+/// before it.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
+    let existed = opts.out.exists();
+    let report = prepare_into(opts);
+    if report.is_err() && !existed {
+        let _ = std::fs::remove_dir_all(&opts.out);
+    }
+    report
+}
+
+fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
         return Err(Error::Usage(format!(
