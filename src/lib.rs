@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod circuits;
 pub mod cli;
 pub mod config;
 pub mod data;

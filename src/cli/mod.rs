@@ -5,6 +5,7 @@ mod bench;
 mod eval;
 mod export;
 mod generate;
+mod heads;
 mod import;
 mod inspect;
 mod logits;
@@ -50,6 +51,8 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Show a model's attention on a prompt: table, Graphviz graph, heatmap or JSON.
     Attention(attention::AttentionArgs),
+    /// What each head does: ablation, previous-token, induction, sink and entropy scores.
+    Heads(heads::HeadsArgs),
     /// Draw a run's loss curves from its metrics.csv.
     Plot(plot::PlotArgs),
     /// The model's next-token logits at every position of a prompt.
@@ -99,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Attention(a) => attention::run(a),
+        Command::Heads(a) => heads::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Export(a) => export::run(a),

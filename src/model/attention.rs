@@ -228,6 +228,19 @@ impl MultiHeadAttention {
         mut rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor)> {
+        let (z, weights) = self.heads(x, mask, rng.as_deref_mut(), cache)?;
+        Ok((self.project(&z, rng)?, weights))
+    }
+
+    /// The heads before they are mixed: `x` `(B, T, C)` → `(z (B, n_head, T, hs), weights
+    /// (B, n_head, T, T_k))`, z = softmax(Q·Kᵀ/√d_k + M)·V of each head.
+    pub fn heads(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rng: Option<&mut Rng>,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
         // (B, T, C) → (B, T, nh, hs) → (B, nh, T, hs)
@@ -240,10 +253,15 @@ impl MultiHeadAttention {
         let k = split(x.apply(&self.w_k)?)?;
         let v = split(x.apply(&self.w_v)?)?;
         let (q, k, v) = with_cache(cache, self.qk_norm, self.rope.as_ref(), q, k, v)?; // k, v: (B, nh, T_k, hs)
-        let (y, weights) = attend(&q, &k, &v, Some(mask), self.dropout, rng.as_deref_mut())?;
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): heads side by side
-        let y = dropout(&y.apply(&self.c_proj)?, self.dropout, rng)?;
-        Ok((y, weights))
+        attend(&q, &k, &v, Some(mask), self.dropout, rng)
+    }
+
+    /// The output projection: the heads' outputs `z` `(B, n_head, T, hs)` side by side
+    /// `(B, T, C)`, mixed by `c_proj` (dropout after it while training).
+    pub fn project(&self, z: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let (b, nh, t, hs) = z.dims4()?;
+        let y = z.transpose(1, 2)?.reshape((b, t, nh * hs))?; // (B, T, C): heads side by side
+        dropout(&y.apply(&self.c_proj)?, self.dropout, rng)
     }
 }
 

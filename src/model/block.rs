@@ -5,6 +5,7 @@ use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::attention::{Head, MultiHeadAttention};
 use super::config::{Activation, ModelConfig, INIT_STD};
+use super::hooks::{patch_heads, HeadPatch, LayerTrace};
 use super::layers::{dropout, Linear, Norm};
 use super::params::VarBuilder;
 use super::rope::Rope;
@@ -83,16 +84,47 @@ impl SelfAttention {
         &self,
         x: &Tensor,
         mask: &Tensor,
-        mut rng: Option<&mut Rng>,
+        rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor)> {
-        match self {
-            SelfAttention::Single { head, c_proj } => {
-                let (y, w) = head.forward(x, mask, rng.as_deref_mut(), cache)?;
-                let y = dropout(&y.apply(c_proj)?, head.dropout, rng)?;
-                Ok((y, w.unsqueeze(1)?))
+        let (y, w, _) = self.forward_hooked(x, mask, rng, cache, &[])?;
+        Ok((y, w))
+    }
+
+    /// [`SelfAttention::forward`] with the heads in `patches` replaced before the output
+    /// projection ([`super::hooks`]): `(out (B, T, C), weights (B, n_head, T, T_k), z (B,
+    /// n_head, T, hs))`, z after the patches.
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut Rng>,
+        cache: Option<&mut LayerKv>,
+        patches: &[(usize, &HeadPatch)],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (z, w) = match self {
+            SelfAttention::Single { head, .. } => {
+                let (z, w) = head.forward(x, mask, rng.as_deref_mut(), cache)?;
+                (z.unsqueeze(1)?, w.unsqueeze(1)?)
             }
-            SelfAttention::Multi(mha) => mha.forward(x, mask, rng, cache),
+            SelfAttention::Multi(mha) => mha.heads(x, mask, rng.as_deref_mut(), cache)?,
+        };
+        let z = patch_heads(z, patches)?;
+        let y = match self {
+            SelfAttention::Single { head, c_proj } => {
+                dropout(&z.squeeze(1)?.apply(c_proj)?, head.dropout, rng)?
+            }
+            SelfAttention::Multi(mha) => mha.project(&z, rng)?,
+        };
+        Ok((y, w, z))
+    }
+
+    /// The output projection `(C, C)` (as PyTorch lays it out, `(out, in)`) and its bias: the
+    /// columns `h·hs .. (h + 1)·hs` of the matrix are W_O of head h.
+    pub fn output(&self) -> &Linear {
+        match self {
+            SelfAttention::Single { c_proj, .. } => c_proj,
+            SelfAttention::Multi(mha) => &mha.c_proj,
         }
     }
 }
@@ -130,15 +162,40 @@ impl Block {
         &self,
         x: &Tensor,
         mask: &Tensor,
-        mut rng: Option<&mut Rng>,
+        rng: Option<&mut Rng>,
         cache: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Tensor)> {
-        let (a, w) = self
-            .attn
-            .forward(&x.apply(&self.ln_1)?, mask, rng.as_deref_mut(), cache)?;
-        let x = (x + a)?;
-        let x = (&x + self.mlp.forward(&x.apply(&self.ln_2)?, rng)?)?;
-        Ok((x, w))
+        let (x, layer) = self.forward_hooked(x, mask, rng, cache, &[])?;
+        Ok((x, layer.attention))
+    }
+
+    /// [`Block::forward`] with the heads in `patches` replaced ([`super::hooks`]): the block's
+    /// output `(B, T, C)` and what it computed on the way.
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut Rng>,
+        cache: Option<&mut LayerKv>,
+        patches: &[(usize, &HeadPatch)],
+    ) -> Result<(Tensor, LayerTrace)> {
+        let (a, attention, heads) = self.attn.forward_hooked(
+            &x.apply(&self.ln_1)?,
+            mask,
+            rng.as_deref_mut(),
+            cache,
+            patches,
+        )?;
+        let x = (x + &a)?;
+        let m = self.mlp.forward(&x.apply(&self.ln_2)?, rng)?;
+        let x = (&x + &m)?;
+        let layer = LayerTrace {
+            attention,
+            heads,
+            attn_out: a,
+            mlp_out: m,
+        };
+        Ok((x, layer))
     }
 
     /// The block's parameters by name: every weight the block has, the same tensors.

@@ -14,6 +14,7 @@ use super::block::Block;
 use super::config::ModelConfig;
 use super::config::Position;
 use super::config::INIT_STD;
+use super::hooks::{Hooks, Trace};
 use super::kv_cache::KvCache;
 use super::layers::{dropout, Norm};
 use super::params::{Init, VarBuilder};
@@ -101,12 +102,23 @@ impl Gpt {
     /// Logits `(B, T, V)` of a full pass over `idx` `(B, T)` (u32 token ids); dropout is on
     /// when `rng` is given.
     pub fn forward(&self, idx: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        Ok(self.run(idx, rng, None, false)?.0)
+        Ok(self.run(idx, rng, None, &Hooks::none(), false)?.logits)
     }
 
     /// Logits and every layer's attention weights `(B, n_head, T, T)` (dropout off).
     pub fn forward_with_attention(&self, idx: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        self.run(idx, None, None, true)
+        let trace = self.trace(idx, &Hooks::none())?;
+        let attention = trace.layers.into_iter().map(|l| l.attention).collect();
+        Ok((trace.logits, attention))
+    }
+
+    /// A full pass over `idx` `(B, T)` (dropout off) with the heads `hooks` names replaced,
+    /// recording every layer's attention, head outputs, attention and MLP outputs and the
+    /// residual stream ([`super::hooks`]). With no hooks its logits are [`Gpt::forward`]'s,
+    /// bit for bit.
+    pub fn trace(&self, idx: &Tensor, hooks: &Hooks) -> Result<Trace> {
+        hooks.check(self.cfg.n_layer, self.cfg.n_head)?;
+        self.run(idx, None, None, hooks, true)
     }
 
     /// The residual stream of a full pass over `idx` `(B, T)` (dropout off): the embeddings
@@ -114,20 +126,14 @@ impl Gpt {
     /// The logit lens reads each through [`Gpt::lm_head`]; the last gives [`Gpt::forward`]'s
     /// logits.
     pub fn residual_stream(&self, idx: &Tensor) -> Result<Vec<Tensor>> {
-        let mut x = self.embed(idx, 0, None, None)?;
-        let t = x.dim(1)?;
-        let mask = causal_mask(t, t, 0, idx.device())?;
-        let mut stream = vec![x.clone()];
-        for block in &self.blocks {
-            x = block.forward(&x, &mask, None, None)?.0;
-            stream.push(x.clone());
-        }
-        Ok(stream)
+        Ok(self.trace(idx, &Hooks::none())?.residual)
     }
 
     /// Incremental pass: `idx` `(B, T_new)` continues the tokens already in `cache`.
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.run(idx, None, Some(cache), false)?.0)
+        Ok(self
+            .run(idx, None, Some(cache), &Hooks::none(), false)?
+            .logits)
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
@@ -140,26 +146,35 @@ impl Gpt {
         KvCache::new(&self.cfg)
     }
 
-    /// The forward pass at positions `offset..offset + T` (`offset`: the tokens in `cache`),
-    /// with every layer's attention weights when `capture` is set.
+    /// The forward pass at positions `offset..offset + T` (`offset`: the tokens in `cache`)
+    /// with `hooks`' heads replaced; with `record`, the trace keeps every layer's tensors (else
+    /// only the logits).
     fn run(
         &self,
         idx: &Tensor,
         mut rng: Option<&mut Rng>,
         mut cache: Option<&mut KvCache>,
-        capture: bool,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+        hooks: &Hooks,
+        record: bool,
+    ) -> Result<Trace> {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let prev = cache.as_ref().and_then(|c| c.last.clone());
         let mut x = self.embed(idx, offset, prev.as_deref(), rng.as_deref_mut())?; // (B, T, C)
         let t = x.dim(1)?;
         let mask = causal_mask(t, offset + t, offset, idx.device())?; // (T, offset + T)
-        let mut attention = Vec::new();
+        let mut residual = Vec::new();
+        let mut layers = Vec::new();
+        residual.extend(record.then(|| x.clone()));
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (y, w) = block.forward(&x, &mask, rng.as_deref_mut(), layer_cache)?;
+            let patches = hooks.layer(i);
+            let (y, layer) =
+                block.forward_hooked(&x, &mask, rng.as_deref_mut(), layer_cache, &patches)?;
             x = y;
-            attention.extend(capture.then_some(w));
+            if record {
+                residual.push(x.clone());
+                layers.push(layer);
+            }
         }
         if let Some(c) = cache {
             c.len += t;
@@ -168,7 +183,11 @@ impl Gpt {
                 c.last = Some(ids.iter().map(|row| row[t - 1]).collect());
             }
         }
-        Ok((self.lm_head(&x)?, attention))
+        Ok(Trace {
+            logits: self.lm_head(&x)?,
+            residual,
+            layers,
+        })
     }
 
     /// Token + position embeddings of `idx` `(B, T)` at positions `offset..offset + T` (plus

@@ -3,6 +3,7 @@
 //! system font is needed.
 
 pub mod dot;
+pub mod heads;
 pub mod heatmap;
 pub mod loss;
 pub mod maps;
