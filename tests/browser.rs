@@ -456,6 +456,228 @@ async fn every_view_in_chromium() {
     c.close().await.unwrap();
 }
 
+/// The circuits view: score grids that are the API's numbers, heads ablated by a click with the
+/// losses and next token changing, a patching grid, attribution rows that add up to the logit,
+/// and bad requests shown in the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_view_in_chromium() {
+    let ws = Workspace::new(6000);
+    let (run, _) = train_tiny(&ws, "run", 30);
+    let server = Server::start(&run, ws.dir.path(), &[]);
+    let driver = Driver::start();
+    let c = browser(&driver).await;
+    let prompt = "The king shall";
+    let page = format!(
+        "{}/?view=circuits&prompt={}",
+        server.url,
+        prompt.replace(' ', "%20")
+    );
+    c.goto(&page).await.unwrap();
+    ready(&c).await;
+
+    // Seven score grids of 2 layers × 2 heads, each cell the API's number.
+    let scores = tokio::task::spawn_blocking({
+        let url = format!("{}/api/heads", server.url);
+        move || -> Value {
+            serde_json::from_str(
+                &ureq::get(&url)
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap(),
+            )
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let cells = js(&c, "return [...document.querySelectorAll(\"[data-testid='head-score-cell']\")].map(e => [e.dataset.score, +e.dataset.layer, +e.dataset.head, +e.dataset.value]);").await;
+    let cells = cells.as_array().unwrap();
+    assert_eq!(cells.len(), 7 * 4);
+    for cell in cells {
+        let (score, l, h) = (
+            cell[0].as_str().unwrap(),
+            cell[1].as_u64().unwrap(),
+            cell[2].as_u64().unwrap(),
+        );
+        let row = scores["heads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["layer"] == l && r["head"] == h)
+            .unwrap();
+        assert!(
+            (cell[3].as_f64().unwrap() - row[score].as_f64().unwrap()).abs() < 1e-9,
+            "{cell}"
+        );
+    }
+    let losses = |c: Client| async move {
+        js(&c, "return [...document.querySelectorAll(\"[data-testid='loss-cell']\")].map(e => [+e.dataset.base, +e.dataset.ablated]);").await
+    };
+    let before = losses(c.clone()).await;
+    let before = before.as_array().unwrap();
+    assert_eq!(
+        before.len(),
+        prompt.len() - 1,
+        "one loss per predicted token"
+    );
+    assert!(before.iter().all(|p| p[0] == p[1]), "nothing ablated yet");
+    screenshot(&c, "circuits").await;
+
+    // Ablate head 1.0 with its toggle: losses and next token change; the API agrees.
+    c.find(Locator::Css(
+        "[data-testid='ablate-toggle'][data-layer='1'][data-head='0']",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    ready(&c).await;
+    assert!(c
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .contains("ablate=1.0"));
+    let pressed = js(&c, "return document.querySelector(\"[data-testid='ablate-toggle'][data-layer='1'][data-head='0']\").getAttribute('aria-pressed');").await;
+    assert_eq!(pressed, "true");
+    let after = losses(c.clone()).await;
+    let after = after.as_array().unwrap();
+    assert!(
+        after.iter().any(|p| p[0] != p[1]),
+        "the ablation changed some loss"
+    );
+    let want = api(
+        &server,
+        "/api/ablate",
+        json!({"prompt": prompt, "heads": ["1.0"], "ablation": "mean"}),
+    )
+    .await;
+    for (i, p) in after.iter().enumerate() {
+        assert!(
+            (p[1].as_f64().unwrap() - want["ablated"]["losses"][i].as_f64().unwrap()).abs() < 1e-6
+        );
+    }
+    let next = js(&c, "return [...document.querySelectorAll(\"[data-testid='ablate-next-row'][data-which='ablated']\")].map(e => +e.dataset.prob);").await;
+    assert!((nums(&next)[0] - want["ablated"]["next"][0]["prob"].as_f64().unwrap()).abs() < 1e-6);
+    // Clicking the same head in a score grid frees it again.
+    c.find(Locator::Css(
+        "[data-testid='head-score-cell'][data-score='induction'][data-layer='1'][data-head='0']",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    ready(&c).await;
+    let again = losses(c.clone()).await;
+    assert!(again.as_array().unwrap().iter().all(|p| p[0] == p[1]));
+
+    // Direct logit attribution: token embedding, positions, 2 × (2 heads + MLP); the rows add
+    // up to the logit, which is the model's.
+    let rows = js(&c, "return [...document.querySelectorAll(\"[data-testid='dla-row']\")].map(e => +e.dataset.value);").await;
+    let rows = nums(&rows);
+    assert_eq!(rows.len(), 2 + 2 * 3);
+    let logit = js(
+        &c,
+        "return +document.querySelector(\"[data-testid='dla-summary']\").dataset.logit;",
+    )
+    .await;
+    assert!((rows.iter().sum::<f64>() - logit.as_f64().unwrap()).abs() < 1e-4);
+    set(&c, "dla-token", "s").await;
+    click(&c, "dla-run").await;
+    let dla = api(&server, "/api/dla", json!({"prompt": prompt, "token": "s"})).await;
+    let shown = js(
+        &c,
+        "return +document.querySelector(\"[data-testid='dla-summary']\").dataset.logit;",
+    )
+    .await;
+    assert!((shown.as_f64().unwrap() - dla["logit"].as_f64().unwrap()).abs() < 1e-9);
+    let logits = api(
+        &server,
+        "/api/next",
+        json!({"prompt": prompt, "temperature": 1.0, "top_k": null}),
+    )
+    .await;
+    let s_row = logits["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["token"] == "s")
+        .unwrap();
+    assert!((s_row["logit"].as_f64().unwrap() - dla["logit"].as_f64().unwrap()).abs() < 1e-4);
+
+    // Patching: one cell per head, each the API's number.
+    for (id, v) in [
+        ("patch-clean", "the king"),
+        ("patch-corrupted", "the kong"),
+        ("patch-answer", "s"),
+        ("patch-wrong", "n"),
+    ] {
+        set(&c, id, v).await;
+    }
+    click(&c, "patch-run").await;
+    let cells = js(&c, "return [...document.querySelectorAll(\"[data-testid='patch-cell']\")].map(e => [+e.dataset.layer, +e.dataset.head, +e.dataset.diff]);").await;
+    let cells = cells.as_array().unwrap();
+    assert_eq!(cells.len(), 4);
+    let want = api(
+        &server,
+        "/api/patch",
+        json!({"clean": "the king", "corrupted": "the kong", "answer": "s", "wrong": "n"}),
+    )
+    .await;
+    for (cell, w) in cells.iter().zip(want["cells"].as_array().unwrap()) {
+        assert_eq!(cell[0], w["layer"]);
+        assert!((cell[2].as_f64().unwrap() - w["logit_diff"].as_f64().unwrap()).abs() < 1e-9);
+    }
+    screenshot(&c, "circuits-patched").await;
+
+    // Bad requests: shown in the page, answered 400.
+    let error = |c: Client| async move {
+        js(&c, "const e = document.querySelector(\"[data-testid='error']\"); return e.hidden ? null : e.textContent;").await
+    };
+    set(&c, "patch-corrupted", "the kin").await;
+    click(&c, "patch-run").await;
+    let e = error(c.clone()).await;
+    assert!(e.as_str().unwrap().contains("equal length"), "{e}");
+    set(&c, "patch-clean", &"a".repeat(20)).await;
+    set(&c, "patch-corrupted", &"a".repeat(20)).await;
+    click(&c, "patch-run").await;
+    let e = error(c.clone()).await;
+    assert!(e.as_str().unwrap().contains("block_size"), "{e}");
+    set(&c, "patch-clean", "the king").await;
+    set(&c, "patch-corrupted", "the kong").await;
+    set(&c, "patch-answer", "sh").await;
+    click(&c, "patch-run").await;
+    let e = error(c.clone()).await;
+    assert!(e.as_str().unwrap().contains("give exactly one"), "{e}");
+    c.goto(&format!(
+        "{}/?view=circuits&prompt=the&ablate=5.0",
+        server.url
+    ))
+    .await
+    .unwrap();
+    ready(&c).await;
+    let e = error(c.clone()).await;
+    assert!(
+        e.as_str().unwrap().contains("head 5.0 does not exist"),
+        "{e}"
+    );
+    let statuses = js(&c, "return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/')).map(e => [e.name, e.responseStatus]);").await;
+    assert!(
+        statuses.as_array().unwrap().iter().any(|s| s[0]
+            .as_str()
+            .unwrap()
+            .ends_with("/api/ablate")
+            && s[1] == 400),
+        "{statuses}"
+    );
+    assert_eq!(js(&c, "return window.__errors;").await, json!([]));
+    c.close().await.unwrap();
+}
+
 /// The README's screenshots: every view of the README's checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the README's trained checkpoint; writes the README's screenshots"]
@@ -486,6 +708,7 @@ async fn screenshots_of_the_readme_checkpoint() {
         ("tab-next", "next"),
         ("tab-lens", "lens"),
         ("tab-curves", "curves"),
+        ("tab-circuits", "circuits"),
     ] {
         click(&c, tab).await;
         screenshot(&c, name).await;

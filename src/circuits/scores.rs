@@ -2,7 +2,8 @@
 //!
 //! - **ablation**: the loss increase over a data sample when the head's output z is replaced by
 //!   its mean over that sample (mean ablation; or by zeros). What the model loses without it.
-//! - **previous-token**: mean attention from position i to i − 1.
+//! - **previous-token**: mean attention from position i to i − 1; **current-token**: to i
+//!   itself.
 //! - **induction**: on random tokens r₁ … r_L written twice, the mean attention from the second
 //!   copy's token at L + j to position j + 1, the token after its earlier occurrence: the head
 //!   that finds "where was this token before, and what came next" (Olsson et al. 2022). The
@@ -16,7 +17,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use rand::Rng as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
@@ -29,7 +30,7 @@ use crate::rng::seeded;
 const WINDOWS_PER_PASS: usize = 16;
 
 /// What replaces an ablated head's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Ablation {
     /// Its mean over the data sample `(hs)`: removes what the head says about this context,
@@ -85,6 +86,7 @@ pub struct HeadScore {
     /// Loss increase (nats/token) on the data sample when this head is ablated.
     pub ablation: f64,
     pub prev_token: f64,
+    pub current_token: f64,
     pub induction: f64,
     /// Loss on the second copy of the random sequences with this head ablated.
     pub second_copy_ablated: f64,
@@ -107,6 +109,7 @@ pub struct InductionTest {
 #[derive(Debug, Clone, Serialize)]
 pub struct Baseline {
     pub prev_token: f64,
+    pub current_token: f64,
     pub induction: f64,
     pub sink: f64,
 }
@@ -233,36 +236,54 @@ pub fn token_losses(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(picked.squeeze(2)?.neg()?)
 }
 
-/// Per-head sums over a batch, `(n_head)` each: attention to i − 1, to 0 (rows i ≥ 1), and
-/// the rows' entropy (all rows).
-struct AttentionSums {
+/// Where each head looks, averaged over rows: one value per head in (layer, head) order.
+#[derive(Debug, Clone, Default)]
+struct Looks {
+    /// Attention from i to i − 1 (rows i ≥ 1).
     prev: Vec<f64>,
+    /// Attention from i to itself (rows i ≥ 1).
+    current: Vec<f64>,
+    /// Attention from i to 0 (rows i ≥ 1).
     sink: Vec<f64>,
+    /// Entropy of the row (every row).
     entropy: Vec<f64>,
 }
 
-fn attention_sums(att: &Tensor) -> Result<AttentionSums> {
-    let (_, nh, t, _) = att.dims4()?;
-    let device = att.device();
-    let pick = |f: &dyn Fn(usize, usize) -> bool| -> Result<Tensor> {
-        let m: Vec<f32> = (0..t * t).map(|k| f(k / t, k % t) as u8 as f32).collect();
-        Ok(Tensor::from_vec(m, (t, t), device)?)
-    };
-    let per_head = |m: &Tensor| -> Result<Vec<f64>> {
-        let s = att.broadcast_mul(m)?.sum((2, 3))?.sum(0)?; // (nh)
-        Ok(s.to_dtype(DType::F64)?.to_vec1::<f64>()?)
-    };
-    let prev = per_head(&pick(&|i, j| i >= 1 && j + 1 == i)?)?;
-    let sink = per_head(&pick(&|i, j| i >= 1 && j == 0)?)?;
-    let plogp = (att * att.clamp(1e-30f32, 1f32)?.log()?)?;
-    let entropy = plogp.sum((2, 3))?.sum(0)?.neg()?;
-    let entropy = entropy.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    debug_assert_eq!(prev.len(), nh);
-    Ok(AttentionSums {
-        prev,
-        sink,
-        entropy,
-    })
+impl Looks {
+    /// Adds one layer's sums over a batch of attention weights `(B, nh, T, T)`.
+    fn add(&mut self, att: &Tensor) -> Result<()> {
+        let t = att.dim(2)?;
+        let device = att.device();
+        let pick = |f: &dyn Fn(usize, usize) -> bool| -> Result<Tensor> {
+            let m: Vec<f32> = (0..t * t).map(|k| f(k / t, k % t) as u8 as f32).collect();
+            Ok(Tensor::from_vec(m, (t, t), device)?)
+        };
+        let per_head = |x: &Tensor| -> Result<Vec<f64>> {
+            let s = x.sum((2, 3))?.sum(0)?; // (nh)
+            Ok(s.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+        };
+        let masked = |f: &dyn Fn(usize, usize) -> bool| per_head(&att.broadcast_mul(&pick(f)?)?);
+        self.prev.extend(masked(&|i, j| i >= 1 && j + 1 == i)?);
+        self.current.extend(masked(&|i, j| i >= 1 && j == i)?);
+        self.sink.extend(masked(&|i, j| i >= 1 && j == 0)?);
+        let plogp = (att * att.clamp(1e-30f32, 1f32)?.log()?)?;
+        self.entropy.extend(per_head(&plogp.neg()?)?);
+        Ok(())
+    }
+
+    /// Element-wise sum of two batches' values.
+    fn sum(self, other: Looks) -> Looks {
+        let add = |a: Vec<f64>, b: Vec<f64>| match a.is_empty() {
+            true => b,
+            false => a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+        };
+        Looks {
+            prev: add(self.prev, other.prev),
+            current: add(self.current, other.current),
+            sink: add(self.sink, other.sink),
+            entropy: add(self.entropy, other.entropy),
+        }
+    }
 }
 
 /// The mean loss of `model` over `windows` with `hooks`, and the hook-free traces' sums when
@@ -359,7 +380,7 @@ pub fn check_induction_len(len: usize, block_size: usize) -> Result<()> {
         return Err(Error::Usage(format!(
             "--induction-len {len}: a sequence and its copy must fit the model's context \
              (2 ≤ L and 2L − 1 ≤ block_size = {block_size}); try {}",
-            (block_size + 1) / 2
+            block_size.div_ceil(2)
         )));
     }
     Ok(())
@@ -370,41 +391,37 @@ fn baseline(model: &Gpt, windows: &[Vec<u32>], seqs: &Tensor, seed: u64) -> Resu
     let device = model.wte.device();
     let mut params = Params::fresh(seeded(seed), device);
     let fresh = params.build(|vb| Gpt::new(&model.cfg, model.vocab_size, vb))?;
-    let (prev, sink, _) = attention_scores(&fresh, windows)?;
+    let looks = attention_scores(&fresh, windows)?;
     let (_, _, induction) = induction(&fresh, seqs, &Hooks::none())?;
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     Ok(Baseline {
-        prev_token: max(&prev),
+        prev_token: max(&looks.prev),
+        current_token: max(&looks.current),
         induction: max(&induction),
-        sink: max(&sink),
+        sink: max(&looks.sink),
     })
 }
 
-/// Previous-token, sink and entropy scores of every head over `windows` (in (layer, head)
-/// order), from hook-free passes.
-fn attention_scores(model: &Gpt, windows: &[Vec<u32>]) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-    let cfg = &model.cfg;
-    let n = cfg.n_layer * cfg.n_head;
-    let (mut prev, mut sink, mut entropy) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+/// Previous-token, current-token, sink and entropy scores of every head over `windows` (in
+/// (layer, head) order), from hook-free passes.
+fn attention_scores(model: &Gpt, windows: &[Vec<u32>]) -> Result<Looks> {
+    let mut total = Looks::default();
     mean_loss(model, windows, &Hooks::none(), |trace| {
-        for (l, layer) in trace.layers.iter().enumerate() {
-            let s = attention_sums(&layer.attention)?;
-            for h in 0..cfg.n_head {
-                prev[l * cfg.n_head + h] += s.prev[h];
-                sink[l * cfg.n_head + h] += s.sink[h];
-                entropy[l * cfg.n_head + h] += s.entropy[h];
-            }
+        let mut batch = Looks::default();
+        for layer in &trace.layers {
+            batch.add(&layer.attention)?;
         }
+        total = std::mem::take(&mut total).sum(batch);
         Ok(())
     })?;
     let t = windows[0].len() - 1;
     let rows = (windows.len() * (t - 1)) as f64;
-    prev.iter_mut().for_each(|v| *v /= rows);
-    sink.iter_mut().for_each(|v| *v /= rows);
-    entropy
-        .iter_mut()
-        .for_each(|v| *v /= (windows.len() * t) as f64);
-    Ok((prev, sink, entropy))
+    let scale = |v: &mut Vec<f64>, by: f64| v.iter_mut().for_each(|x| *x /= by);
+    scale(&mut total.prev, rows);
+    scale(&mut total.current, rows);
+    scale(&mut total.sink, rows);
+    scale(&mut total.entropy, (windows.len() * t) as f64);
+    Ok(total)
 }
 
 /// Scores every head of `model` on `windows` ([`sample_windows`]) and on the induction test
@@ -434,7 +451,7 @@ pub fn score_heads(
     let bar = Progress::new(progress, "heads", (nl * nh + 2) as u64, 0);
 
     // The plain passes: attention scores, then the loss and each head's mean output.
-    let (prev, sink, entropy) = attention_scores(model, windows)?;
+    let looks = attention_scores(model, windows)?;
     let mut sums: Vec<Option<Tensor>> = vec![None; nl];
     let mut rows = 0usize;
     let loss = mean_loss(model, windows, &Hooks::none(), |trace| {
@@ -476,11 +493,12 @@ pub fn score_heads(
                 layer: l,
                 head: h,
                 ablation: ablated - loss,
-                prev_token: prev[k],
+                prev_token: looks.prev[k],
+                current_token: looks.current[k],
                 induction: induction_scores[k],
                 second_copy_ablated: second_ablated,
-                sink: sink[k],
-                entropy: entropy[k],
+                sink: looks.sink[k],
+                entropy: looks.entropy[k],
             });
             bar.update((2 + k) as u64, &format!("ablated {l}.{h}"), false);
         }

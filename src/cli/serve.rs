@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// (and the model) to the network.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Corpus the circuits view scores heads on, instead of the run's own (its config's
+    /// data.path).
+    #[arg(long)]
+    data: Option<PathBuf>,
     #[command(flatten)]
     engine: super::EngineArg,
 }
@@ -36,5 +40,6 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         .flatten()
         .map(|d| d.join("metrics.csv"))
         .find(|p| p.is_file());
-    run(Served::new(ck, engine, metrics), &args.host, args.port)
+    let served = Served::new(ck, engine, metrics).with_data(args.data);
+    run(served, &args.host, args.port)
 }

@@ -1,12 +1,14 @@
 //! `tinygpt serve`: one page that shows a checkpoint's attention (heatmap and graph, every
 //! head, the formula step by step), its next-token distribution, the logit lens, embedding
-//! neighbours and training curves, beside a JSON API that returns what the views show.
+//! neighbours, training curves and what each head does (scores, ablation, patching, direct
+//! logit attribution), beside a JSON API that returns what the views show.
 //!
 //! The page (HTML, JS and CSS in `page/`) is compiled into the binary and loads nothing from
 //! another host. The model is loaded once and shared by every request; each computation runs
 //! on tokio's blocking pool, so a slow one never stalls the server. axum serves: a well-kept
 //! HTTP stack whose router and extractors leave only the views to write.
 
+pub mod circuits;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -40,6 +42,10 @@ pub struct Served {
     /// Decoders of finished requests, each taken by one request at a time: building one copies
     /// and packs every weight, which for a large model costs more than the request itself.
     decoders: Mutex<Vec<Box<dyn Decode + Send>>>,
+    /// The corpus the head scores read, instead of the run's own (`--data`).
+    pub data: Option<PathBuf>,
+    /// The head scores, computed on first request ([`circuits::scores`]).
+    head_scores: Mutex<Option<Arc<crate::circuits::scores::HeadReport>>>,
 }
 
 impl Served {
@@ -50,7 +56,15 @@ impl Served {
             engine,
             metrics,
             decoders: Mutex::new(Vec::new()),
+            data: None,
+            head_scores: Mutex::new(None),
         }
+    }
+
+    /// Scores heads on `data` instead of the run's own corpus.
+    pub fn with_data(mut self, data: Option<PathBuf>) -> Served {
+        self.data = data;
+        self
     }
 
     /// Runs `f` with a decoder of the model: one kept from an earlier request, or a new one
@@ -225,6 +239,34 @@ pub fn router(served: Served) -> Router {
             "/api/lens",
             post_json(|s, r: PromptReq| {
                 Ok(views::lens(&s.ck, &views::prompt(&s.ck, &r.prompt)?)?.to_string())
+            }),
+        )
+        .route(
+            "/api/heads",
+            get(|State(s): State<Shared>| async move {
+                compute(s, |s| to_json(&*circuits::scores(s)?)).await
+            }),
+        )
+        .route(
+            "/api/ablate",
+            post_json(|s, r: circuits::AblateReq| {
+                let p = views::prompt(&s.ck, &r.prompt)?;
+                Ok(circuits::ablate(s, &p, &r)?.to_string())
+            }),
+        )
+        .route(
+            "/api/patch",
+            post_json(|s, r: circuits::PatchReq| {
+                let clean = views::prompt(&s.ck, &r.clean)?;
+                let corrupted = views::prompt(&s.ck, &r.corrupted)?;
+                Ok(circuits::patch(s, &clean, &corrupted, &r)?.to_string())
+            }),
+        )
+        .route(
+            "/api/dla",
+            post_json(|s, r: circuits::DlaReq| {
+                let p = views::prompt(&s.ck, &r.prompt)?;
+                Ok(circuits::dla(s, &p, &r)?.to_string())
             }),
         )
         .route(

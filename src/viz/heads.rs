@@ -30,15 +30,16 @@ pub fn to_table(r: &HeadReport) -> String {
     let ablation = format!("{:?} ablation", r.ablation).to_lowercase();
     let _ = writeln!(
         s,
-        "\nhead   {ablation:>14}  prev-token  induction  2nd copy ablated  sink   entropy"
+        "\nhead   {ablation:>14}  prev-token  current  induction  2nd copy ablated  sink   entropy"
     );
     for h in r.by_ablation() {
         let _ = writeln!(
             s,
-            "{:<6} {:>+14.4}  {:>10.3}  {:>9.3}  {:>16.3}  {:>5.3}  {:>7.3}",
+            "{:<6} {:>+14.4}  {:>10.3}  {:>7.3}  {:>9.3}  {:>16.3}  {:>5.3}  {:>7.3}",
             format!("{}.{}", h.layer, h.head),
             h.ablation,
             h.prev_token,
+            h.current_token,
             h.induction,
             h.second_copy_ablated,
             h.sink,
@@ -59,9 +60,9 @@ pub fn to_table(r: &HeadReport) -> String {
     let b = &r.random_init;
     let _ = writeln!(
         s,
-        "\nrandomly initialised model of this shape, best head: prev-token {:.3}, induction {:.3}, \
-         sink {:.3}",
-        b.prev_token, b.induction, b.sink
+        "\nrandomly initialised model of this shape, best head: prev-token {:.3}, current {:.3}, \
+         induction {:.3}, sink {:.3}",
+        b.prev_token, b.current_token, b.induction, b.sink
     );
     s
 }
@@ -85,6 +86,11 @@ fn panels(r: &HeadReport) -> Vec<Panel> {
         Panel {
             title: "previous-token",
             value: |h| h.prev_token,
+            top: fraction,
+        },
+        Panel {
+            title: "current-token",
+            value: |h| h.current_token,
             top: fraction,
         },
         Panel {
@@ -119,11 +125,14 @@ fn grid_dims(r: &HeadReport) -> (i32, i32) {
     (layers, heads)
 }
 
-/// Image size `(width, height)`: three panels across, two down.
+/// Panels across a row of the image.
+const ACROSS: i32 = 4;
+
+/// Image size `(width, height)`: four panels across, two down.
 pub fn grid_size(r: &HeadReport) -> (u32, u32) {
     let (layers, heads) = grid_dims(r);
     let (pw, ph) = (PAD + heads * CELL + PAD / 2, PAD + layers * CELL + PAD);
-    ((3 * pw) as u32, (2 * ph) as u32)
+    ((ACROSS * pw) as u32, (2 * ph) as u32)
 }
 
 fn draw<DB: DrawingBackend>(
@@ -135,7 +144,7 @@ fn draw<DB: DrawingBackend>(
     let (pw, ph) = (PAD + heads * CELL + PAD / 2, PAD + layers * CELL + PAD);
     let text = |size: u32| ("sans-serif", size).into_font().color(&BLACK);
     for (n, p) in panels(r).iter().enumerate() {
-        let (px, py) = ((n as i32 % 3) * pw, (n as i32 / 3) * ph);
+        let (px, py) = ((n as i32 % ACROSS) * pw, (n as i32 / ACROSS) * ph);
         let (gx, gy) = (px + PAD, py + PAD);
         root.draw(&Text::new(
             p.title,

@@ -17,11 +17,14 @@ const state = {
   view: 'head', prompt: '', layer: 0, head: '0', query: null, locked: null,
   // Sampling settings start as the server's defaults (/api/model's `sampling`).
   temperature: null, top_k: null, top_p: null, seed: null, token: 'e',
+  // Circuits view: heads ablated ('1.0,1.2'), by what, the attributed token, the patch inputs.
+  ablate: '', ablation: 'mean', dla_token: '', clean: '', corrupted: '', answer: '', wrong: '',
 };
 let model = null;          // /api/model
 let promptInfo = null;     // /api/prompt for state.prompt
 let attention = null;      // /api/attention for state.prompt
 let lastJson = {};         // the last API answer of each view, for the JSON export
+let headScores = null;     // /api/heads, computed once per page
 
 function readUrl() {
   const q = new URLSearchParams(location.search);
@@ -460,6 +463,184 @@ async function renderCurves() {
   $('curves').replaceChildren(svg);
 }
 
+
+// ---- Circuits: head scores, ablation, patching, direct logit attribution ----
+
+const SCORES = [
+  ['ablation', 'ablation: loss increase'],
+  ['prev_token', 'previous-token'],
+  ['current_token', 'current-token'],
+  ['induction', 'induction'],
+  ['second_copy_ablated', '2nd-copy loss, ablated'],
+  ['sink', 'attention to first token'],
+  ['entropy', 'entropy (nats)'],
+];
+const FRACTIONS = ['prev_token', 'current_token', 'induction', 'sink'];
+
+function ablatedHeads() {
+  return state.ablate ? state.ablate.split(',').filter((h) => h) : [];
+}
+
+function toggleHead(layer, head) {
+  const set = new Set(ablatedHeads());
+  const key = `${layer}.${head}`;
+  if (set.has(key)) set.delete(key); else set.add(key);
+  state.ablate = [...set].sort().join(',');
+  writeUrl();
+  return renderView();
+}
+
+// A layers × heads grid of `cells` ({layer, head, value, ...}), each cell shaded by value / top.
+function headGridSvg(title, cells, top, attrs, onClick) {
+  const cell = 44;
+  const [left, topPad] = [30, 22];
+  const w = left + model.n_head * cell + 6;
+  const h = topPad + model.n_layer * cell + 18;
+  const svg = svgEl('svg', { xmlns: SVG_NS, width: w, height: h });
+  svg.append(svgEl('text', { x: left, y: 14, 'font-size': 12 }, title));
+  const ablated = ablatedHeads();
+  for (const c of cells) {
+    const x = left + c.head * cell;
+    const y = topPad + c.layer * cell;
+    const t = top > 0 ? Math.max(0, Math.min(1, c.value / top)) : 0;
+    const rect = svgEl('rect', {
+      x, y, width: cell - 2, height: cell - 2, fill: c.fill || shade(t),
+      class: 'cell' + (ablated.includes(`${c.layer}.${c.head}`) ? ' ablated' : ''),
+      'data-layer': c.layer, 'data-head': c.head, 'data-value': c.value, ...attrs(c),
+    });
+    if (onClick) {
+      rect.style.cursor = 'pointer';
+      rect.addEventListener('click', () => onClick(c));
+    }
+    hover(rect, `head ${c.layer}.${c.head}: ${Number(c.value).toFixed(4)}`);
+    svg.append(rect);
+    svg.append(svgEl('text', {
+      x: x + cell / 2 - 1, y: y + cell / 2 + 4, 'text-anchor': 'middle', 'font-size': 10,
+      fill: t > 0.6 && !c.fill ? 'white' : '#1d232a', 'pointer-events': 'none',
+    }, Number(c.value).toFixed(2)));
+  }
+  for (let l = 0; l < model.n_layer; l++) {
+    svg.append(svgEl('text', { x: left - 4, y: topPad + l * cell + cell / 2 + 4, 'text-anchor': 'end', 'font-size': 10 }, `L${l}`));
+  }
+  for (let k = 0; k < model.n_head; k++) {
+    svg.append(svgEl('text', { x: left + k * cell + cell / 2, y: h - 4, 'text-anchor': 'middle', 'font-size': 10 }, `H${k}`));
+  }
+  return svg;
+}
+
+function renderScores() {
+  const r = headScores;
+  const i = r.induction;
+  $('scores-summary').textContent = `loss ${r.loss.toFixed(4)} on ${r.tokens} ${r.split} tokens; `
+    + `${i.sequences} random sequences of ${i.length} tokens written twice: loss ${i.first_copy_loss.toFixed(3)} `
+    + `on the first copy, ${i.second_copy_loss.toFixed(3)} on the second. A randomly initialised model's best head: `
+    + `previous-token ${r.random_init.prev_token.toFixed(3)}, induction ${r.random_init.induction.toFixed(3)}.`;
+  const grids = SCORES.map(([key, title]) => {
+    const cells = r.heads.map((h) => ({ layer: h.layer, head: h.head, value: h[key] }));
+    const top = FRACTIONS.includes(key) ? 1 : Math.max(1e-9, ...cells.map((c) => c.value));
+    return headGridSvg(title, cells, top, () => ({ 'data-testid': 'head-score-cell', 'data-score': key }),
+      (c) => toggleHead(c.layer, c.head));
+  });
+  $('score-grids').replaceChildren(...grids);
+}
+
+function renderToggles() {
+  const on = ablatedHeads();
+  const buttons = [];
+  for (let l = 0; l < model.n_layer; l++) {
+    for (let h = 0; h < model.n_head; h++) {
+      const b = el('button', {
+        'data-testid': 'ablate-toggle', 'data-layer': l, 'data-head': h,
+        'aria-pressed': String(on.includes(`${l}.${h}`)),
+      }, `${l}.${h}`);
+      b.addEventListener('click', () => toggleHead(l, h));
+      buttons.push(b);
+    }
+  }
+  $('ablate-toggles').replaceChildren(...buttons);
+  $('ablation-kind').value = state.ablation;
+}
+
+function nextRows(id, rows, which) {
+  $(id).querySelector('tbody').replaceChildren(...rows.map((n) =>
+    el('tr', { 'data-testid': 'ablate-next-row', 'data-which': which, 'data-token': n.id, 'data-prob': n.prob },
+      el('td', { class: 'mono' }, visible(n.token)),
+      el('td', { class: 'num' }, (100 * n.prob).toFixed(1) + '%'))));
+}
+
+function renderAblation(r) {
+  const [base, abl] = [r.base, r.ablated];
+  const heads = r.heads.length ? r.heads.join(', ') : 'none';
+  $('ablate-summary').textContent = base.loss === null
+    ? `heads ablated: ${heads} (a one-token prompt has no loss to show)`
+    : `heads ablated: ${heads}; the prompt's mean loss ${base.loss.toFixed(4)} → ${abl.loss.toFixed(4)}`;
+  const table = el('table');
+  const head = el('tr', {}, el('th', {}, 'predicting'));
+  r.tokens.slice(1).forEach((t) => head.append(el('th', { class: 'mono' }, visible(t))));
+  table.append(head);
+  const row = (name, values, attrs) => {
+    const tr = el('tr', {}, el('th', {}, name));
+    values.forEach((v, i) => tr.append(el('td', { class: 'num', ...attrs(i) }, v.toFixed(2))));
+    table.append(tr);
+  };
+  row('loss', base.losses, () => ({}));
+  row('ablated', abl.losses, () => ({}));
+  row('change', abl.losses.map((v, i) => v - base.losses[i]), (i) => ({
+    'data-testid': 'loss-cell', 'data-pos': i + 1, 'data-base': base.losses[i], 'data-ablated': abl.losses[i],
+  }));
+  $('ablate-losses').replaceChildren(table);
+  nextRows('ablate-next-base', base.next, 'base');
+  nextRows('ablate-next-ablated', abl.next, 'ablated');
+}
+
+function renderPatch(r) {
+  $('patch-summary').textContent = `logit difference (answer − wrong) at the last position: `
+    + `clean ${r.clean_logit_diff.toFixed(3)}, corrupted ${r.corrupted_logit_diff.toFixed(3)}; `
+    + `each cell: the fraction of the gap a head's patch restores`;
+  const cells = r.cells.map((c) => ({
+    layer: c.layer, head: c.head, value: c.restored === null ? 0 : c.restored, diff: c.logit_diff,
+    fill: c.restored !== null && c.restored < 0 ? '#f3c0b8' : null,
+  }));
+  $('patch-grid').replaceChildren(headGridSvg('restored', cells, 1,
+    (c) => ({ 'data-testid': 'patch-cell', 'data-diff': c.diff })));
+}
+
+function renderDla(r) {
+  $('dla-summary').textContent = `logit of ${visible(r.token_text)} (id ${r.token}) after the prompt: `
+    + `${r.logit.toFixed(4)}, the sum of the rows below (final norm scale ${r.scale.toFixed(4)})`;
+  $('dla-summary').setAttribute('data-logit', r.logit);
+  const top = Math.max(1e-9, ...r.contributions.map((c) => Math.abs(c.value)));
+  $('dla-table').querySelector('tbody').replaceChildren(...r.contributions.map((c) =>
+    el('tr', { 'data-testid': 'dla-row', 'data-component': c.component, 'data-value': c.value },
+      el('td', { class: 'mono' }, c.component),
+      el('td', { class: 'num' },
+        el('span', { class: 'bar' + (c.value < 0 ? ' neg' : ''), style: `width:${(120 * Math.abs(c.value) / top).toFixed(1)}px` }),
+        c.value.toFixed(4)))));
+}
+
+async function renderCircuits() {
+  if (!headScores) headScores = await api('/api/heads');
+  lastJson.circuits = { scores: headScores };
+  renderScores();
+  renderToggles();
+  const ablation = await api('/api/ablate', { prompt: state.prompt, heads: ablatedHeads(), ablation: state.ablation });
+  lastJson.circuits.ablation = ablation;
+  renderAblation(ablation);
+  const dla = await api('/api/dla', { prompt: state.prompt, token: state.dla_token });
+  lastJson.circuits.attribution = dla;
+  renderDla(dla);
+  for (const k of ['clean', 'corrupted', 'answer', 'wrong']) $('patch-' + k).value = state[k];
+  $('dla-token').value = state.dla_token;
+  if (state.clean && state.corrupted && state.answer && state.wrong) {
+    const patch = await api('/api/patch', { clean: state.clean, corrupted: state.corrupted, answer: state.answer, wrong: state.wrong });
+    lastJson.circuits.patching = patch;
+    renderPatch(patch);
+  } else {
+    $('patch-grid').replaceChildren();
+    $('patch-summary').textContent = '';
+  }
+}
+
 const renderers = {
   head: async () => renderHead(),
   heads: async () => renderHeads(),
@@ -468,12 +649,13 @@ const renderers = {
   lens: renderLens,
   embed: renderEmbed,
   curves: renderCurves,
+  circuits: renderCircuits,
 };
 
 async function renderView() {
   document.body.setAttribute('data-ready', 'false');
   await guarded(async () => {
-    if (['head', 'heads', 'trace', 'next', 'lens'].includes(state.view) && !attention) return;
+    if (['head', 'heads', 'trace', 'next', 'lens', 'circuits'].includes(state.view) && !attention) return;
     await renderers[state.view]();
   });
   document.body.setAttribute('data-ready', 'true');
@@ -610,6 +792,17 @@ async function start() {
   $('sample').addEventListener('click', () => busy(sampleOne));
   $('textbook-run').addEventListener('click', () => busy(renderTextbook));
   $('embed-run').addEventListener('click', () => renderView());
+  $('ablation-kind').addEventListener('change', () => { state.ablation = $('ablation-kind').value; writeUrl(); renderView(); });
+  $('patch-run').addEventListener('click', () => {
+    for (const k of ['clean', 'corrupted', 'answer', 'wrong']) state[k] = $('patch-' + k).value;
+    writeUrl();
+    if (!(state.clean && state.corrupted && state.answer && state.wrong)) {
+      showError('patching needs a clean and a corrupted prompt, an answer and a wrong token');
+      return;
+    }
+    renderView();
+  });
+  $('dla-run').addEventListener('click', () => { state.dla_token = $('dla-token').value; writeUrl(); renderView(); });
   for (const b of document.querySelectorAll('nav#tabs button')) {
     b.addEventListener('click', () => setView(b.dataset.view));
   }
