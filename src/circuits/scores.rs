@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::model::hooks::Trace;
+use crate::model::hooks::{check_heads, Trace};
 use crate::model::{Gpt, HeadPatch, Hooks, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
@@ -149,7 +149,8 @@ impl HeadReport {
     }
 }
 
-/// Hooks replacing each of `heads` by its mean (a row of `means[layer]`) or by zeros.
+/// Hooks replacing each of `heads` by its mean (a row of `means[layer]`, `(n_head, hs)`) or by
+/// zeros.
 pub fn ablation_hooks(
     means: &[Tensor],
     heads: &[(usize, usize)],
@@ -160,25 +161,14 @@ pub fn ablation_hooks(
         let patch = match ablation {
             Ablation::Zero => HeadPatch::Zero,
             Ablation::Mean => {
-                let layer = means.get(l).ok_or_else(|| no_head(l, h, means))?;
-                if h >= layer.dim(0)? {
-                    return Err(no_head(l, h, means));
-                }
-                HeadPatch::With(layer.get(h)?)
+                let n_head = means.first().map_or(Ok(0), |m| m.dim(0))?;
+                check_heads([(l, h)], means.len(), n_head)?;
+                HeadPatch::With(means[l].get(h)?)
             }
         };
         hooks.insert(l, h, patch);
     }
     Ok(hooks)
-}
-
-fn no_head(l: usize, h: usize, means: &[Tensor]) -> Error {
-    let heads = means.first().and_then(|m| m.dim(0).ok()).unwrap_or(0);
-    Error::Usage(format!(
-        "head {l}.{h} does not exist: the model has layers 0..={} with heads 0..={}",
-        means.len().saturating_sub(1),
-        heads.saturating_sub(1)
-    ))
 }
 
 /// `(T + 1)`-token windows of `split`, evenly spread over it, predicting `max_tokens` tokens
@@ -443,11 +433,7 @@ pub fn score_heads(
     }
     let device = model.wte.device();
     let (nl, nh) = (cfg.n_layer, cfg.n_head);
-    let mut asked = Hooks::none();
-    for &(l, h) in &opts.ablate {
-        asked.insert(l, h, HeadPatch::Zero);
-    }
-    asked.check(nl, nh)?;
+    check_heads(opts.ablate.iter().copied(), nl, nh)?;
     let bar = Progress::new(progress, "heads", (nl * nh + 2) as u64, 0);
 
     // The plain passes: attention scores, then the loss and each head's mean output.

@@ -66,17 +66,27 @@ impl Hooks {
 
     /// Refuses a head the model does not have, naming it.
     pub fn check(&self, n_layer: usize, n_head: usize) -> Result<()> {
-        for (l, h) in self.heads() {
-            if l >= n_layer || h >= n_head {
-                return Err(Error::Usage(format!(
-                    "head {l}.{h} does not exist: the model has layers 0..={} with heads 0..={}",
-                    n_layer - 1,
-                    n_head - 1
-                )));
-            }
-        }
-        Ok(())
+        check_heads(self.patches.keys().copied(), n_layer, n_head)
     }
+}
+
+/// Refuses any of `heads` ((layer, head) pairs) that a model of `n_layer` layers with `n_head`
+/// heads does not have, naming it.
+pub fn check_heads(
+    heads: impl IntoIterator<Item = (usize, usize)>,
+    n_layer: usize,
+    n_head: usize,
+) -> Result<()> {
+    for (l, h) in heads {
+        if l >= n_layer || h >= n_head {
+            return Err(Error::Usage(format!(
+                "head {l}.{h} does not exist: the model has layers 0..={} with heads 0..={}",
+                n_layer.saturating_sub(1),
+                n_head.saturating_sub(1)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Heads' outputs `z` `(B, n_head, T, hs)` with `patches` applied: the same tensor when there

@@ -17,6 +17,7 @@ use crate::circuits::scores::{
 use crate::data::{load_for, Split};
 use crate::error::{Error, Result};
 use crate::model::attention::softmax_last_dim;
+use crate::model::hooks::check_heads;
 use crate::model::{Gpt, Hooks};
 use crate::progress::ProgressMode;
 
@@ -158,11 +159,7 @@ pub fn ablate(s: &Served, p: &Prompt, r: &AblateReq) -> Result<Value> {
         .iter()
         .map(|h| parse_head(h))
         .collect::<Result<Vec<_>>>()?;
-    let mut check = Hooks::none();
-    for &(l, h) in &heads {
-        check.insert(l, h, crate::model::HeadPatch::Zero);
-    }
-    check.check(model.cfg.n_layer, model.cfg.n_head)?;
+    check_heads(heads.iter().copied(), model.cfg.n_layer, model.cfg.n_head)?;
     let hooks = match r.ablation {
         Ablation::Zero => ablation_hooks(&[], &heads, Ablation::Zero)?,
         Ablation::Mean if heads.is_empty() => Hooks::none(),
