@@ -490,7 +490,8 @@ function toggleHead(layer, head) {
   return renderView();
 }
 
-// A layers × heads grid of `cells` ({layer, head, value, ...}), each cell shaded by value / top.
+// A layers × heads grid of `cells` ({layer, head, value, ...}), each cell shaded by value / top;
+// with `onClick`, a clickable grid whose ablated heads are outlined.
 function headGridSvg(title, cells, top, attrs, onClick) {
   const cell = 44;
   const [left, topPad] = [30, 22];
@@ -505,7 +506,7 @@ function headGridSvg(title, cells, top, attrs, onClick) {
     const t = top > 0 ? Math.max(0, Math.min(1, c.value / top)) : 0;
     const rect = svgEl('rect', {
       x, y, width: cell - 2, height: cell - 2, fill: c.fill || shade(t),
-      class: 'cell' + (ablated.includes(`${c.layer}.${c.head}`) ? ' ablated' : ''),
+      class: 'cell' + (onClick && ablated.includes(`${c.layer}.${c.head}`) ? ' ablated' : ''),
       'data-layer': c.layer, 'data-head': c.head, 'data-value': c.value, ...attrs(c),
     });
     if (onClick) {
