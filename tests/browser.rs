@@ -104,9 +104,14 @@ async fn ready(c: &Client) {
 }
 
 async fn click(c: &Client, testid: &str) {
-    c.find(Locator::Css(&format!("[data-testid='{testid}']")))
+    click_css(c, &format!("[data-testid='{testid}']")).await;
+}
+
+/// Clicks the element `css` selects and waits until the page has redrawn.
+async fn click_css(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
         .await
-        .unwrap_or_else(|e| panic!("{testid}: {e}"))
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
         .click()
         .await
         .unwrap();
@@ -526,15 +531,11 @@ async fn circuits_view_in_chromium() {
     screenshot(&c, "circuits").await;
 
     // Ablate head 1.0 with its toggle: losses and next token change; the API agrees.
-    c.find(Locator::Css(
+    click_css(
+        &c,
         "[data-testid='ablate-toggle'][data-layer='1'][data-head='0']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    ready(&c).await;
+    )
+    .await;
     assert!(c
         .current_url()
         .await
@@ -563,15 +564,11 @@ async fn circuits_view_in_chromium() {
     let next = js(&c, "return [...document.querySelectorAll(\"[data-testid='ablate-next-row'][data-which='ablated']\")].map(e => +e.dataset.prob);").await;
     assert!((nums(&next)[0] - want["ablated"]["next"][0]["prob"].as_f64().unwrap()).abs() < 1e-6);
     // Clicking the same head in a score grid frees it again.
-    c.find(Locator::Css(
+    click_css(
+        &c,
         "[data-testid='head-score-cell'][data-score='induction'][data-layer='1'][data-head='0']",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    ready(&c).await;
+    )
+    .await;
     let again = losses(c.clone()).await;
     assert!(again.as_array().unwrap().iter().all(|p| p[0] == p[1]));
 

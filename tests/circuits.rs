@@ -15,34 +15,14 @@ use tinygpt::model::config::NormKind;
 use tinygpt::model::{Gpt, HeadPatch, Hooks, Params};
 use tinygpt::rng::seeded;
 
-use common::{fails_with, stdout, tinygpt, Workspace};
-
-fn cfg(n_head: usize) -> ModelConfig {
-    ModelConfig {
-        block_size: 16,
-        n_layer: 2,
-        n_head,
-        n_embd: 24,
-        dropout: 0.0,
-        bias: true,
-        qkv_bias: false,
-        activation: Default::default(),
-        position: Default::default(),
-        tie_embeddings: true,
-        zero_init: false,
-        logit_softcap: 0.0,
-        bigram_buckets: 0,
-        norm: Default::default(),
-        qk_norm: false,
-    }
-}
+use common::{fails_with, model_cfg, stdout, tinygpt, Workspace};
 
 /// Every variant the hooks must see through: one head or several, LayerNorm with biases or
 /// RMSNorm without, learned or rotary positions, bigram features, an untied head.
 fn variants() -> Vec<ModelConfig> {
     vec![
-        cfg(1),
-        cfg(4),
+        model_cfg(1),
+        model_cfg(4),
         ModelConfig {
             position: Position::Rope,
             norm: NormKind::Rms,
@@ -50,7 +30,7 @@ fn variants() -> Vec<ModelConfig> {
             bias: false,
             tie_embeddings: false,
             bigram_buckets: 40,
-            ..cfg(3)
+            ..model_cfg(3)
         },
     ]
 }
@@ -129,7 +109,7 @@ fn patching_a_head_from_the_same_prompt_changes_nothing() {
 #[test]
 fn zero_ablation_removes_exactly_the_heads_term() {
     // Zeroing head h's output is zeroing its columns of the output projection.
-    let c = cfg(4);
+    let c = model_cfg(4);
     let m = model(&c, 3);
     let x = ids(&[A, B]);
     let (layer, head, hs) = (1, 2, c.n_embd / c.n_head);
@@ -214,7 +194,7 @@ fn direct_logit_attribution_adds_up_to_the_logit() {
 
 #[test]
 fn patching_refuses_prompts_of_unequal_length() {
-    let m = model(&cfg(2), 5);
+    let m = model(&model_cfg(2), 5);
     let e = patch_each_head(&m, A, &B[..5], 1, 2).unwrap_err();
     assert!(e.to_string().contains("equal length"), "{e}");
     // Different prompts: a later head's patch moves the difference from the corrupted value.

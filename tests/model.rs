@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::model_cfg;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, D};
@@ -9,26 +11,6 @@ use tinygpt::config::{Config, ModelConfig, Position};
 use tinygpt::model::attention::causal_mask;
 use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params};
 use tinygpt::rng::seeded;
-
-fn model_cfg(n_head: usize) -> ModelConfig {
-    ModelConfig {
-        block_size: 16,
-        n_layer: 2,
-        n_head,
-        n_embd: 24,
-        dropout: 0.0,
-        bias: true,
-        qkv_bias: false,
-        activation: Default::default(),
-        position: Default::default(),
-        tie_embeddings: true,
-        zero_init: false,
-        logit_softcap: 0.0,
-        bigram_buckets: 0,
-        norm: Default::default(),
-        qk_norm: false,
-    }
-}
 
 fn model(n_head: usize, vocab: usize, seed: u64) -> (Gpt, Params) {
     model_with(&model_cfg(n_head), vocab, seed)

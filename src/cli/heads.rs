@@ -2,32 +2,21 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::circuits::scores::{parse_head, sample_windows, score_heads, Ablation, ScoreOptions};
-use crate::data::{load_for, Split};
 use crate::error::{Error, Result};
 use crate::progress::ProgressMode;
 use crate::viz::heads::{to_table, write_grid};
 use crate::viz::ImageFormat;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum SplitArg {
-    Train,
-    Val,
-}
 
 #[derive(Debug, Args)]
 pub struct HeadsArgs {
     /// Checkpoint directory (or a run directory: its best/ is used).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Corpus to score on, instead of the run's own (its config's data.path).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Which part of the corpus: the run's held-out tail (val) or the rest (train).
-    #[arg(long, value_enum, default_value = "val")]
-    split: SplitArg,
+    #[command(flatten)]
+    corpus: super::CorpusArg,
     /// Predicted tokens in the sample, in windows spread over the split; `all`: every token of
     /// the split.
     #[arg(long, default_value = "8192", value_name = "N|all")]
@@ -83,23 +72,12 @@ pub fn run(args: HeadsArgs) -> Result<()> {
         .map(ImageFormat::from_path)
         .transpose()?;
     let ck = super::load_checkpoint(&args.checkpoint)?;
-    let cfg = &ck.config;
-    let block = cfg.model.block_size;
+    let block = ck.config.model.block_size;
     let induction_len = args.induction_len.unwrap_or(block.div_ceil(2));
     crate::circuits::scores::check_induction_len(induction_len, block)?;
-    let path = args.data.clone().unwrap_or_else(|| cfg.data.path.clone());
     let progress = ProgressMode::detect(args.quiet || args.json);
-    let data = load_for(
-        &ck.tokenizer,
-        &path,
-        cfg.training.val_fraction,
-        block,
-        progress,
-    )?;
-    let (split, name) = match args.split {
-        SplitArg::Train => (Split::Train, "train"),
-        SplitArg::Val => (Split::Val, "val"),
-    };
+    let (data, path) = args.corpus.load(&ck, progress)?;
+    let (split, name) = args.corpus.split();
     let windows = sample_windows(&data, split, block, max_tokens)?;
     let opts = ScoreOptions {
         ablation: args.ablation,

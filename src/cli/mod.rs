@@ -144,6 +144,47 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
     crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
 }
 
+/// Which part of a corpus: the run's held-out tail (val) or the rest (train).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum SplitArg {
+    Train,
+    Val,
+}
+
+/// `--data` and `--split`, on the commands that read a checkpoint's corpus.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct CorpusArg {
+    /// Corpus to read instead of the run's own (its config's data.path).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which part of the corpus: the run's held-out tail (val) or the rest (train).
+    #[arg(long, value_enum, default_value = "val")]
+    pub split: SplitArg,
+}
+
+impl CorpusArg {
+    /// The corpus `ck` was trained on (or `--data`), split as its run split it, and its path.
+    pub(crate) fn load(
+        &self,
+        ck: &Checkpoint,
+        progress: crate::progress::ProgressMode,
+    ) -> Result<(crate::data::Dataset, PathBuf)> {
+        let cfg = &ck.config;
+        let path = self.data.clone().unwrap_or_else(|| cfg.data.path.clone());
+        let (val, block) = (cfg.training.val_fraction, cfg.model.block_size);
+        let data = crate::data::load_for(&ck.tokenizer, &path, val, block, progress)?;
+        Ok((data, path))
+    }
+
+    /// The split, and its name as reports spell it.
+    pub(crate) fn split(&self) -> (crate::data::Split, &'static str) {
+        match self.split {
+            SplitArg::Train => (crate::data::Split::Train, "train"),
+            SplitArg::Val => (crate::data::Split::Val, "val"),
+        }
+    }
+}
+
 /// `--engine` and `--device`, on every command that runs a model.
 #[derive(Debug, Clone, Copy, Args)]
 pub(crate) struct EngineArg {

@@ -74,46 +74,30 @@ struct Panel {
     top: f64,
 }
 
+/// The panels in order: each score, drawn brightest at 1 for the attention scores (fractions of
+/// a row) and at the largest head's value for the others.
 fn panels(r: &HeadReport) -> Vec<Panel> {
-    let max = |f: fn(&HeadScore) -> f64| r.heads.iter().map(f).fold(1e-9, f64::max);
-    let fraction = 1.0; // attention scores are fractions of a row
-    vec![
-        Panel {
-            title: "ablation: loss increase",
-            value: |h| h.ablation,
-            top: max(|h| h.ablation),
-        },
-        Panel {
-            title: "previous-token",
-            value: |h| h.prev_token,
-            top: fraction,
-        },
-        Panel {
-            title: "current-token",
-            value: |h| h.current_token,
-            top: fraction,
-        },
-        Panel {
-            title: "induction",
-            value: |h| h.induction,
-            top: fraction,
-        },
-        Panel {
-            title: "2nd-copy loss, ablated",
-            value: |h| h.second_copy_ablated,
-            top: max(|h| h.second_copy_ablated),
-        },
-        Panel {
-            title: "attention to first token",
-            value: |h| h.sink,
-            top: fraction,
-        },
-        Panel {
-            title: "entropy (nats)",
-            value: |h| h.entropy,
-            top: max(|h| h.entropy),
-        },
-    ]
+    type Score = (&'static str, fn(&HeadScore) -> f64, bool);
+    const SCORES: [Score; 7] = [
+        ("ablation: loss increase", |h| h.ablation, false),
+        ("previous-token", |h| h.prev_token, true),
+        ("current-token", |h| h.current_token, true),
+        ("induction", |h| h.induction, true),
+        ("2nd-copy loss, ablated", |h| h.second_copy_ablated, false),
+        ("attention to first token", |h| h.sink, true),
+        ("entropy (nats)", |h| h.entropy, false),
+    ];
+    SCORES
+        .iter()
+        .map(|&(title, value, fraction)| Panel {
+            title,
+            value,
+            top: match fraction {
+                true => 1.0,
+                false => r.heads.iter().map(value).fold(1e-9, f64::max),
+            },
+        })
+        .collect()
 }
 
 const CELL: i32 = 54;

@@ -47,6 +47,28 @@ pub fn corpus(bytes: usize) -> String {
     s
 }
 
+/// A small model's config for tests of the model itself: 2 layers of `n_head` heads, 24 wide,
+/// block 16, LayerNorm with biases, learned positions, tied head.
+pub fn model_cfg(n_head: usize) -> tinygpt::model::ModelConfig {
+    tinygpt::model::ModelConfig {
+        block_size: 16,
+        n_layer: 2,
+        n_head,
+        n_embd: 24,
+        dropout: 0.0,
+        bias: true,
+        qkv_bias: false,
+        activation: Default::default(),
+        position: Default::default(),
+        tie_embeddings: true,
+        zero_init: false,
+        logit_softcap: 0.0,
+        bigram_buckets: 0,
+        norm: Default::default(),
+        qk_norm: false,
+    }
+}
+
 /// The text of a tiny config reading `data`, with extra `[section] key = value` lines applied
 /// through overrides by the caller.
 pub fn tiny_config(data: &Path) -> String {
