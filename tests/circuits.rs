@@ -160,7 +160,7 @@ fn direct_logit_attribution_adds_up_to_the_logit() {
         let m = model(&c, 4);
         let logits = m.forward(&ids(&[A]), None).unwrap();
         for (pos, token) in [(A.len() - 1, 5u32), (3, 0), (0, 28)] {
-            let a = direct_logit_attribution(&m, A, pos, token).unwrap();
+            let a = direct_logit_attribution(&m, A, pos, Some(token)).unwrap();
             let want = logits
                 .get(0)
                 .unwrap()
@@ -187,8 +187,15 @@ fn direct_logit_attribution_adds_up_to_the_logit() {
                 .any(|c| c.component == "final norm bias");
             assert_eq!(norm_bias, c.bias && c.norm == NormKind::LayerNorm);
         }
-        assert!(direct_logit_attribution(&m, A, A.len(), 0).is_err());
-        assert!(direct_logit_attribution(&m, A, 0, 29).is_err());
+        assert!(direct_logit_attribution(&m, A, A.len(), Some(0)).is_err());
+        assert!(direct_logit_attribution(&m, A, 0, Some(29)).is_err());
+        // No token: the most likely one at that position.
+        let row = logits.get(0).unwrap().get(4).unwrap();
+        let best = row.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(
+            direct_logit_attribution(&m, A, 4, None).unwrap().token,
+            best
+        );
     }
 }
 
@@ -356,6 +363,84 @@ fn heads_finds_the_induction_heads_of_the_induction_model() {
     let svg = std::fs::read_to_string(ws.path("grid.svg")).unwrap();
     assert!(svg.contains("induction") && svg.contains("previous-token"));
 
+    // Patching and attribution from the command line, on the same model.
+    let p = json(&tinygpt(
+        &[
+            "patch",
+            "--checkpoint",
+            "run",
+            "--clean",
+            "qWfkZpLqWfkZ",
+            "--corrupted",
+            "qWfkZmLqWfkZ",
+            "--answer",
+            "p",
+            "--wrong",
+            "m",
+            "--json",
+        ],
+        ws.dir.path(),
+    ));
+    assert_eq!(p["cells"].as_array().unwrap().len(), 8);
+    assert!(p["clean_logit_diff"].as_f64().unwrap() > p["corrupted_logit_diff"].as_f64().unwrap());
+    let a = json(&tinygpt(
+        &[
+            "attribute",
+            "--checkpoint",
+            "run",
+            "--prompt",
+            "qWfkZpLqWfkZ",
+            "--json",
+        ],
+        ws.dir.path(),
+    ));
+    let sum: f64 = a["contributions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["value"].as_f64().unwrap())
+        .sum();
+    assert!((sum - a["logit"].as_f64().unwrap()).abs() < 1e-4);
+    let l = json(&tinygpt(
+        &[
+            "logits",
+            "--checkpoint",
+            "run",
+            "--prompt",
+            "qWfkZpLqWfkZ",
+            "--json",
+            "--engine",
+            "reference",
+        ],
+        ws.dir.path(),
+    ));
+    let last: Vec<f64> = l["logits"][11]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let best = (0..last.len())
+        .max_by(|&i, &j| last[i].total_cmp(&last[j]))
+        .unwrap();
+    assert_eq!(a["token"], best, "the default token is the most likely");
+    assert!((last[best] - a["logit"].as_f64().unwrap()).abs() < 1e-4);
+    let o = tinygpt(
+        &[
+            "attribute",
+            "--checkpoint",
+            "run",
+            "--prompt",
+            "qWfkZ",
+            "--token",
+            "p",
+            "--position",
+            "2",
+        ],
+        ws.dir.path(),
+    );
+    assert!(stdout(&o).contains("(position 2)"), "{}", stdout(&o));
+
     // Bad requests end in one line naming the fix.
     let run = |args: &[&str]| {
         let mut a = vec!["heads", "--checkpoint", "run"];
@@ -371,4 +456,38 @@ fn heads_finds_the_induction_heads_of_the_induction_model() {
     fails_with(&run(&["--ablate", "x"]), "write LAYER.HEAD");
     fails_with(&run(&["--plot", "grid.gif"]), ".png or .svg");
     assert!(!ws.path("grid.gif").exists());
+    let patch = |clean: &str, answer: &str| {
+        tinygpt(
+            &[
+                "patch",
+                "--checkpoint",
+                "run",
+                "--clean",
+                clean,
+                "--corrupted",
+                "abcd",
+                "--answer",
+                answer,
+                "--wrong",
+                "m",
+            ],
+            ws.dir.path(),
+        )
+    };
+    fails_with(&patch("abc", "p"), "patching needs prompts of equal length");
+    fails_with(&patch("abce", "pq"), "give exactly one");
+    fails_with(
+        &patch(&"a".repeat(65), "p"),
+        "longer than the model's block_size of 64",
+    );
+    let attribute = |extra: &[&str]| {
+        let mut a = vec!["attribute", "--checkpoint", "run", "--prompt", "abc"];
+        a.extend_from_slice(extra);
+        tinygpt(&a, ws.dir.path())
+    };
+    fails_with(
+        &attribute(&["--position", "3"]),
+        "past the prompt's 3 tokens",
+    );
+    fails_with(&attribute(&["--token", "7"]), "unknown character");
 }

@@ -46,12 +46,13 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Direct logit attribution of `token`'s logit at `position` of the prompt `ids`.
+/// Direct logit attribution of `token`'s logit (None: the most likely token's) at `position`
+/// of the prompt `ids`.
 pub fn direct_logit_attribution(
     model: &Gpt,
     ids: &[u32],
     position: usize,
-    token: u32,
+    token: Option<u32>,
 ) -> Result<Attribution> {
     if position >= ids.len() {
         return Err(Error::Usage(format!(
@@ -59,15 +60,24 @@ pub fn direct_logit_attribution(
             ids.len()
         )));
     }
-    if token as usize >= model.vocab_size {
-        return Err(Error::Usage(format!(
-            "token id {token} is outside the vocabulary of {}",
-            model.vocab_size
-        )));
-    }
     let device = model.wte.device();
     let idx = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device)?;
     let trace = model.trace(&idx, &Hooks::none())?;
+    let token = match token {
+        Some(t) if t as usize >= model.vocab_size => {
+            return Err(Error::Usage(format!(
+                "token id {t} is outside the vocabulary of {}",
+                model.vocab_size
+            )))
+        }
+        Some(t) => t,
+        None => trace
+            .logits
+            .get(0)?
+            .get(position)?
+            .argmax(candle_core::D::Minus1)?
+            .to_scalar::<u32>()?,
+    };
     let at = |t: &Tensor| -> Result<Vec<f64>> { vec1(&t.get(0)?.get(position)?) }; // (1, T, C) → (C)
 
     let x = at(trace.residual.last().expect("the embeddings at least"))?;

@@ -13,7 +13,9 @@ use std::ops::RangeInclusive;
 
 use rand::Rng as _;
 
+use crate::error::{Error, Result};
 use crate::rng::seeded;
+use crate::tokenizer::Tokenizer;
 
 /// The letters [`induction_corpus`] draws from.
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -35,4 +37,42 @@ pub fn induction_corpus(lines: usize, lengths: RangeInclusive<usize>, seed: u64)
         out.push('\n');
     }
     out
+}
+
+/// The ids of `text`, the `what` of a circuit tool, run whole: not empty and at most
+/// `block_size` tokens (no silent cut: the positions of a patch or an attribution must be the
+/// ones the user typed).
+pub fn encode_whole(
+    tok: &Tokenizer,
+    text: &str,
+    what: &str,
+    block_size: usize,
+) -> Result<Vec<u32>> {
+    let ids = tok
+        .encode(text)
+        .map_err(|e| Error::Usage(format!("the {what}: {e}")))?;
+    if ids.is_empty() {
+        return Err(Error::Usage(format!("the {what} is empty; give some text")));
+    }
+    if ids.len() > block_size {
+        return Err(Error::Usage(format!(
+            "the {what} is {} tokens, longer than the model's block_size of {block_size}: shorten it",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
+/// The id of `text` as one token, refusing text that is not exactly one (`what` names it).
+pub fn one_token(tok: &Tokenizer, text: &str, what: &str) -> Result<u32> {
+    let ids = tok
+        .encode(text)
+        .map_err(|e| Error::Usage(format!("the {what} token: {e}")))?;
+    match ids.as_slice() {
+        [id] => Ok(*id),
+        _ => Err(Error::Usage(format!(
+            "the {what} token {text:?} is {} tokens; give exactly one",
+            ids.len()
+        ))),
+    }
 }

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. `main.rs` only calls [`main`].
 
 mod attention;
+mod attribute;
 mod bench;
 mod eval;
 mod export;
@@ -9,6 +10,7 @@ mod heads;
 mod import;
 mod inspect;
 mod logits;
+mod patch;
 pub mod plot;
 mod prepare;
 mod serve;
@@ -51,8 +53,13 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Show a model's attention on a prompt: table, Graphviz graph, heatmap or JSON.
     Attention(attention::AttentionArgs),
-    /// What each head does: ablation, previous-token, induction, sink and entropy scores.
+    /// What each head does: ablation, previous-token, current-token, induction, sink and
+    /// entropy scores.
     Heads(heads::HeadsArgs),
+    /// Patch each head from a clean prompt into a corrupted one: what restores the answer.
+    Patch(patch::PatchArgs),
+    /// Take a next token's logit apart: what each head and MLP writes into it directly.
+    Attribute(attribute::AttributeArgs),
     /// Draw a run's loss curves from its metrics.csv.
     Plot(plot::PlotArgs),
     /// The model's next-token logits at every position of a prompt.
@@ -62,7 +69,7 @@ pub enum Command {
     /// Read a transformers GPT-2 folder into a tinygpt checkpoint.
     Import(import::ImportArgs),
     /// Serve a page that shows inside a checkpoint: attention, the formula step by step, the
-    /// next token, the logit lens.
+    /// next token, the logit lens, what each head does.
     Serve(serve::ServeArgs),
     /// Measure training and sampling speed, peak memory and MFU for a config.
     Bench(bench::BenchArgs),
@@ -103,6 +110,8 @@ pub fn main() -> ExitCode {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Attention(a) => attention::run(a),
         Command::Heads(a) => heads::run(a),
+        Command::Patch(a) => patch::run(a),
+        Command::Attribute(a) => attribute::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Export(a) => export::run(a),

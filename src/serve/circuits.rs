@@ -2,11 +2,10 @@
 //! ablated, activation patching between two prompts, and direct logit attribution, all from
 //! [`crate::circuits`] on the reference model.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::views::Prompt;
 use super::Served;
 use crate::circuits::attribution::direct_logit_attribution;
 use crate::circuits::patching::patch_each_head;
@@ -14,11 +13,12 @@ use crate::circuits::scores::{
     ablation_hooks, parse_head, sample_windows, score_heads, token_losses, Ablation, HeadReport,
     ScoreOptions,
 };
+use crate::circuits::{encode_whole, one_token};
 use crate::data::{load_for, Split};
 use crate::error::{Error, Result};
 use crate::model::attention::softmax_last_dim;
 use crate::model::hooks::check_heads;
-use crate::model::{Gpt, Hooks};
+use crate::model::Hooks;
 use crate::progress::ProgressMode;
 
 /// Data tokens the page's scores read (the CLI's default: seconds on a small model).
@@ -75,35 +75,14 @@ pub fn scores(s: &Served) -> Result<std::sync::Arc<HeadReport>> {
     Ok(report)
 }
 
-/// A prompt a circuit view runs whole: at most block_size tokens (no silent cut, since the
-/// positions of a patch or an attribution must be the ones the user typed).
-fn whole(model: &Gpt, p: &Prompt, what: &str) -> Result<Tensor> {
-    if p.note.is_some() {
-        return Err(Error::Usage(format!(
-            "the {what} is longer than the model's block_size of {} tokens: shorten it",
-            model.cfg.block_size
-        )));
-    }
-    Ok(Tensor::from_slice(
-        &p.ids,
-        (1, p.ids.len()),
-        model.wte.device(),
-    )?)
-}
-
-/// One token's id from its text, refusing text that is not exactly one token.
-fn one_token(s: &Served, text: &str, what: &str) -> Result<u32> {
-    let ids =
-        s.ck.tokenizer
-            .encode(text)
-            .map_err(|e| Error::Usage(format!("the {what} token: {e}")))?;
-    match ids.as_slice() {
-        [id] => Ok(*id),
-        _ => Err(Error::Usage(format!(
-            "the {what} token {text:?} is {} tokens; give exactly one",
-            ids.len()
-        ))),
-    }
+/// A prompt a circuit view runs whole ([`encode_whole`]): its ids, as a `(1, T)` tensor, and
+/// each token's text.
+fn whole(s: &Served, text: &str, what: &str) -> Result<(Tensor, Vec<String>)> {
+    let model = &s.ck.model;
+    let ids = encode_whole(&s.ck.tokenizer, text, what, model.cfg.block_size)?;
+    let tokens = ids.iter().map(|&i| s.ck.tokenizer.token_text(i)).collect();
+    let idx = Tensor::from_vec(ids.clone(), (1, ids.len()), model.wte.device())?;
+    Ok((idx, tokens))
 }
 
 /// A pass's per-token losses (token i + 1 predicted at i) and its top next tokens.
@@ -151,9 +130,9 @@ fn mean() -> Ablation {
 
 /// The prompt with `heads` ablated (mean: their means over the run's data) beside the plain
 /// pass: each token's loss and the next token's distribution.
-pub fn ablate(s: &Served, p: &Prompt, r: &AblateReq) -> Result<Value> {
+pub fn ablate(s: &Served, r: &AblateReq) -> Result<Value> {
     let model = &s.ck.model;
-    let idx = whole(model, p, "prompt")?;
+    let (idx, tokens) = whole(s, &r.prompt, "prompt")?;
     let heads = r
         .heads
         .iter()
@@ -168,7 +147,7 @@ pub fn ablate(s: &Served, p: &Prompt, r: &AblateReq) -> Result<Value> {
     let base = model.trace(&idx, &Hooks::none())?.logits;
     let ablated = model.trace(&idx, &hooks)?.logits;
     Ok(json!({
-        "tokens": p.tokens,
+        "tokens": tokens,
         "heads": r.heads,
         "ablation": r.ablation,
         "base": outcome(s, &base, &idx)?,
@@ -187,16 +166,17 @@ pub struct PatchReq {
 
 /// Each head patched from the clean prompt into the corrupted one, on the logit difference
 /// of the answer and the wrong token.
-pub fn patch(s: &Served, clean: &Prompt, corrupted: &Prompt, r: &PatchReq) -> Result<Value> {
-    let model = &s.ck.model;
-    whole(model, clean, "clean prompt")?;
-    whole(model, corrupted, "corrupted prompt")?;
-    let answer = one_token(s, &r.answer, "answer")?;
-    let wrong = one_token(s, &r.wrong, "wrong")?;
-    let p = patch_each_head(model, &clean.ids, &corrupted.ids, answer, wrong)?;
+pub fn patch(s: &Served, r: &PatchReq) -> Result<Value> {
+    let (tok, block) = (&s.ck.tokenizer, s.ck.config.model.block_size);
+    let clean = encode_whole(tok, &r.clean, "clean prompt", block)?;
+    let corrupted = encode_whole(tok, &r.corrupted, "corrupted prompt", block)?;
+    let answer = one_token(tok, &r.answer, "answer")?;
+    let wrong = one_token(tok, &r.wrong, "wrong")?;
+    let p = patch_each_head(&s.ck.model, &clean, &corrupted, answer, wrong)?;
     let mut v = serde_json::to_value(&p).map_err(|e| Error::Usage(e.to_string()))?;
-    v["clean_tokens"] = json!(clean.tokens);
-    v["corrupted_tokens"] = json!(corrupted.tokens);
+    let texts = |ids: &[u32]| -> Vec<String> { ids.iter().map(|&i| tok.token_text(i)).collect() };
+    v["clean_tokens"] = json!(texts(&clean));
+    v["corrupted_tokens"] = json!(texts(&corrupted));
     Ok(v)
 }
 
@@ -207,27 +187,23 @@ pub struct DlaReq {
     /// The next token to explain; the model's most likely one when absent or empty.
     #[serde(default)]
     pub token: Option<String>,
+    /// The position whose next token to explain; the last when absent.
+    #[serde(default)]
+    pub position: Option<usize>,
 }
 
-/// Direct logit attribution of a next token's logit at the prompt's last position.
-pub fn dla(s: &Served, p: &Prompt, r: &DlaReq) -> Result<Value> {
-    let model = &s.ck.model;
-    let idx = whole(model, p, "prompt")?;
-    let last = p.ids.len() - 1;
+/// Direct logit attribution of a next token's logit at a position of the prompt.
+pub fn dla(s: &Served, r: &DlaReq) -> Result<Value> {
+    let (tok, model) = (&s.ck.tokenizer, &s.ck.model);
+    let ids = encode_whole(tok, &r.prompt, "prompt", model.cfg.block_size)?;
+    let position = r.position.unwrap_or(ids.len() - 1);
     let token = match r.token.as_deref() {
-        Some(t) if !t.is_empty() => one_token(s, t, "chosen")?,
-        _ => {
-            let logits = model.forward(&idx, None)?;
-            logits
-                .get(0)?
-                .get(last)?
-                .argmax(D::Minus1)?
-                .to_scalar::<u32>()?
-        }
+        Some(t) if !t.is_empty() => Some(one_token(tok, t, "chosen")?),
+        _ => None,
     };
-    let a = direct_logit_attribution(model, &p.ids, last, token)?;
+    let a = direct_logit_attribution(model, &ids, position, token)?;
     let mut v = serde_json::to_value(&a).map_err(|e| Error::Usage(e.to_string()))?;
-    v["token_text"] = json!(s.ck.tokenizer.token_text(token));
-    v["tokens"] = json!(p.tokens);
+    v["token_text"] = json!(tok.token_text(a.token));
+    v["tokens"] = json!(ids.iter().map(|&i| tok.token_text(i)).collect::<Vec<_>>());
     Ok(v)
 }

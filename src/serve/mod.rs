@@ -249,25 +249,15 @@ pub fn router(served: Served) -> Router {
         )
         .route(
             "/api/ablate",
-            post_json(|s, r: circuits::AblateReq| {
-                let p = views::prompt(&s.ck, &r.prompt)?;
-                Ok(circuits::ablate(s, &p, &r)?.to_string())
-            }),
+            post_json(|s, r: circuits::AblateReq| Ok(circuits::ablate(s, &r)?.to_string())),
         )
         .route(
             "/api/patch",
-            post_json(|s, r: circuits::PatchReq| {
-                let clean = views::prompt(&s.ck, &r.clean)?;
-                let corrupted = views::prompt(&s.ck, &r.corrupted)?;
-                Ok(circuits::patch(s, &clean, &corrupted, &r)?.to_string())
-            }),
+            post_json(|s, r: circuits::PatchReq| Ok(circuits::patch(s, &r)?.to_string())),
         )
         .route(
             "/api/dla",
-            post_json(|s, r: circuits::DlaReq| {
-                let p = views::prompt(&s.ck, &r.prompt)?;
-                Ok(circuits::dla(s, &p, &r)?.to_string())
-            }),
+            post_json(|s, r: circuits::DlaReq| Ok(circuits::dla(s, &r)?.to_string())),
         )
         .route(
             "/api/neighbours",
