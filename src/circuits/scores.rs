@@ -276,8 +276,8 @@ impl Looks {
     }
 }
 
-/// The mean loss of `model` over `windows` with `hooks`, and the hook-free traces' sums when
-/// `on_trace` wants them.
+/// The mean loss of `model` over `windows` with `hooks`, handing each batch's trace to
+/// `on_trace` on the way.
 fn mean_loss(
     model: &Gpt,
     windows: &[Vec<u32>],
@@ -381,7 +381,7 @@ fn baseline(model: &Gpt, windows: &[Vec<u32>], seqs: &Tensor, seed: u64) -> Resu
     let device = model.wte.device();
     let mut params = Params::fresh(seeded(seed), device);
     let fresh = params.build(|vb| Gpt::new(&model.cfg, model.vocab_size, vb))?;
-    let looks = attention_scores(&fresh, windows)?;
+    let looks = plain_pass(&fresh, windows)?.looks;
     let (_, _, induction) = induction(&fresh, seqs, &Hooks::none())?;
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     Ok(Baseline {
@@ -392,26 +392,49 @@ fn baseline(model: &Gpt, windows: &[Vec<u32>], seqs: &Tensor, seed: u64) -> Resu
     })
 }
 
-/// Previous-token, current-token, sink and entropy scores of every head over `windows` (in
-/// (layer, head) order), from hook-free passes.
-fn attention_scores(model: &Gpt, windows: &[Vec<u32>]) -> Result<Looks> {
-    let mut total = Looks::default();
-    mean_loss(model, windows, &Hooks::none(), |trace| {
+/// What one hook-free pass over the sample gives.
+struct Plain {
+    /// The mean loss.
+    loss: f64,
+    /// Previous-token, current-token, sink and entropy scores of every head.
+    looks: Looks,
+    /// Each layer's head outputs averaged over every position of the sample, `(n_head, hs)`.
+    means: Vec<Tensor>,
+}
+
+/// One hook-free pass of `model` over `windows`: the loss, where each head looks, and each
+/// head's mean output.
+fn plain_pass(model: &Gpt, windows: &[Vec<u32>]) -> Result<Plain> {
+    let mut looks = Looks::default();
+    let mut sums: Vec<Option<Tensor>> = vec![None; model.cfg.n_layer];
+    let mut rows = 0usize;
+    let loss = mean_loss(model, windows, &Hooks::none(), |trace| {
         let mut batch = Looks::default();
-        for layer in &trace.layers {
+        for (l, layer) in trace.layers.iter().enumerate() {
             batch.add(&layer.attention)?;
+            let s = layer.heads.to_dtype(DType::F32)?.sum(2)?.sum(0)?; // (B, nh, T, hs) → (nh, hs)
+            sums[l] = Some(match sums[l].take() {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
         }
-        total = std::mem::take(&mut total).sum(batch);
+        looks = std::mem::take(&mut looks).sum(batch);
+        rows += trace.logits.dim(0)? * trace.logits.dim(1)?;
         Ok(())
     })?;
+    let means = sums
+        .into_iter()
+        .map(|s| s.map(|s| s / rows as f64).transpose())
+        .collect::<candle_core::Result<Option<Vec<_>>>>()?
+        .ok_or_else(|| Error::Usage("no windows to score".into()))?;
     let t = windows[0].len() - 1;
-    let rows = (windows.len() * (t - 1)) as f64;
+    let attn_rows = (windows.len() * (t - 1)) as f64;
     let scale = |v: &mut Vec<f64>, by: f64| v.iter_mut().for_each(|x| *x /= by);
-    scale(&mut total.prev, rows);
-    scale(&mut total.current, rows);
-    scale(&mut total.sink, rows);
-    scale(&mut total.entropy, (windows.len() * t) as f64);
-    Ok(total)
+    scale(&mut looks.prev, attn_rows);
+    scale(&mut looks.current, attn_rows);
+    scale(&mut looks.sink, attn_rows);
+    scale(&mut looks.entropy, rows as f64);
+    Ok(Plain { loss, looks, means })
 }
 
 /// Scores every head of `model` on `windows` ([`sample_windows`]) and on the induction test
@@ -436,26 +459,7 @@ pub fn score_heads(
     check_heads(opts.ablate.iter().copied(), nl, nh)?;
     let bar = Progress::new(progress, "heads", (nl * nh + 2) as u64, 0);
 
-    // The plain passes: attention scores, then the loss and each head's mean output.
-    let looks = attention_scores(model, windows)?;
-    let mut sums: Vec<Option<Tensor>> = vec![None; nl];
-    let mut rows = 0usize;
-    let loss = mean_loss(model, windows, &Hooks::none(), |trace| {
-        for (l, layer) in trace.layers.iter().enumerate() {
-            let s = layer.heads.to_dtype(DType::F32)?.sum(2)?.sum(0)?; // (B, nh, T, hs) → (nh, hs)
-            sums[l] = Some(match sums[l].take() {
-                Some(acc) => (acc + s)?,
-                None => s,
-            });
-        }
-        rows += trace.logits.dim(0)? * trace.logits.dim(1)?;
-        Ok(())
-    })?;
-    let means = sums
-        .into_iter()
-        .map(|s| s.map(|s| s / rows as f64).transpose())
-        .collect::<candle_core::Result<Option<Vec<_>>>>()?
-        .ok_or_else(|| Error::Usage("no windows to score".into()))?;
+    let Plain { loss, looks, means } = plain_pass(model, windows)?;
     bar.update(1, "plain pass", false);
 
     let seqs = repeated_random_tokens(
