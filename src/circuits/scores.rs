@@ -29,6 +29,12 @@ use crate::rng::seeded;
 /// Windows in one forward pass.
 const WINDOWS_PER_PASS: usize = 16;
 
+/// Predicted tokens in the data sample unless told otherwise: seconds on a small model.
+pub const SAMPLE_TOKENS: usize = 8192;
+
+/// Random sequences in the induction test unless told otherwise.
+pub const INDUCTION_SEQS: usize = 32;
+
 /// What replaces an ablated head's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -76,6 +82,20 @@ pub fn parse_head(s: &str) -> Result<(usize, usize)> {
             "{s:?} is not a head: write LAYER.HEAD, e.g. 1.0 for layer 1's head 0"
         ))
     })
+}
+
+impl ScoreOptions {
+    /// Mean ablation, no heads ablated together, and the induction test's defaults: sequences of
+    /// half the context ([`INDUCTION_SEQS`] of them), seed 0.
+    pub fn defaults(block_size: usize) -> ScoreOptions {
+        ScoreOptions {
+            ablation: Ablation::Mean,
+            induction_len: block_size.div_ceil(2),
+            induction_seqs: INDUCTION_SEQS,
+            seed: 0,
+            ablate: Vec::new(),
+        }
+    }
 }
 
 /// One head's scores.
@@ -140,12 +160,6 @@ impl HeadReport {
         let mut rows: Vec<&HeadScore> = self.heads.iter().collect();
         rows.sort_by(|a, b| b.ablation.total_cmp(&a.ablation));
         rows
-    }
-
-    /// Hooks that ablate `heads` ((layer, head) pairs) as this report did: by their means or
-    /// by zeros.
-    pub fn hooks(&self, heads: &[(usize, usize)], ablation: Ablation) -> Result<Hooks> {
-        ablation_hooks(&self.means, heads, ablation)
     }
 }
 

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::circuits::scores::{parse_head, sample_windows, score_heads, Ablation, ScoreOptions};
+use crate::circuits::scores::{
+    check_induction_len, parse_head, sample_windows, score_heads, Ablation, ScoreOptions,
+    INDUCTION_SEQS, SAMPLE_TOKENS,
+};
 use crate::error::{Error, Result};
 use crate::progress::ProgressMode;
 use crate::viz::heads::{to_table, write_grid};
@@ -19,7 +22,7 @@ pub struct HeadsArgs {
     corpus: super::CorpusArg,
     /// Predicted tokens in the sample, in windows spread over the split; `all`: every token of
     /// the split.
-    #[arg(long, default_value = "8192", value_name = "N|all")]
+    #[arg(long, default_value_t = SAMPLE_TOKENS.to_string(), value_name = "N|all")]
     tokens: String,
     /// What replaces an ablated head's output: its mean over the sample, or zeros.
     #[arg(long, value_enum, default_value_t = Ablation::Mean)]
@@ -29,7 +32,7 @@ pub struct HeadsArgs {
     #[arg(long)]
     induction_len: Option<usize>,
     /// Random sequences in the induction test.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = INDUCTION_SEQS)]
     induction_seqs: usize,
     /// Seed of the induction test's sequences and of the randomly initialised comparison.
     #[arg(long, default_value_t = 0)]
@@ -73,15 +76,10 @@ pub fn run(args: HeadsArgs) -> Result<()> {
         .transpose()?;
     let ck = super::load_checkpoint(&args.checkpoint)?;
     let block = ck.config.model.block_size;
-    let induction_len = args.induction_len.unwrap_or(block.div_ceil(2));
-    crate::circuits::scores::check_induction_len(induction_len, block)?;
-    let progress = ProgressMode::detect(args.quiet || args.json);
-    let (data, path) = args.corpus.load(&ck, progress)?;
-    let (split, name) = args.corpus.split();
-    let windows = sample_windows(&data, split, block, max_tokens)?;
+    let defaults = ScoreOptions::defaults(block);
     let opts = ScoreOptions {
         ablation: args.ablation,
-        induction_len,
+        induction_len: args.induction_len.unwrap_or(defaults.induction_len),
         induction_seqs: args.induction_seqs,
         seed: args.seed,
         ablate: args
@@ -90,6 +88,12 @@ pub fn run(args: HeadsArgs) -> Result<()> {
             .map(|s| parse_head(s))
             .collect::<Result<_>>()?,
     };
+    // Before the corpus is read: a bad length fails at once.
+    check_induction_len(opts.induction_len, block)?;
+    let progress = ProgressMode::detect(args.quiet || args.json);
+    let (data, path) = args.corpus.load(&ck, progress)?;
+    let (split, name) = args.corpus.split();
+    let windows = sample_windows(&data, split, block, max_tokens)?;
     let report = score_heads(
         &ck.model,
         &windows,

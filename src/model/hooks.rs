@@ -47,15 +47,6 @@ impl Hooks {
         self.patches.insert((layer, head), patch);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.patches.is_empty()
-    }
-
-    /// The patched heads, in (layer, head) order.
-    pub fn heads(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.patches.keys().copied()
-    }
-
     /// The patches of layer `layer`, by head.
     pub(crate) fn layer(&self, layer: usize) -> Vec<(usize, &HeadPatch)> {
         self.patches

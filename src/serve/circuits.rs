@@ -11,7 +11,7 @@ use crate::circuits::attribution::direct_logit_attribution;
 use crate::circuits::patching::patch_each_head;
 use crate::circuits::scores::{
     ablation_hooks, parse_head, sample_windows, score_heads, token_losses, Ablation, HeadReport,
-    ScoreOptions,
+    ScoreOptions, SAMPLE_TOKENS,
 };
 use crate::circuits::{encode_whole, one_token};
 use crate::data::{load_for, Split};
@@ -20,9 +20,6 @@ use crate::model::attention::softmax_last_dim;
 use crate::model::hooks::check_heads;
 use crate::model::Hooks;
 use crate::progress::ProgressMode;
-
-/// Data tokens the page's scores read (the CLI's default: seconds on a small model).
-const SCORE_TOKENS: usize = 8192;
 
 /// Next-token rows the ablation view shows.
 const TOP_ROWS: usize = 10;
@@ -54,14 +51,8 @@ pub fn scores(s: &Served) -> Result<std::sync::Arc<HeadReport>> {
         block,
         ProgressMode::Quiet,
     )?;
-    let windows = sample_windows(&data, Split::Val, block, Some(SCORE_TOKENS))?;
-    let opts = ScoreOptions {
-        ablation: Ablation::Mean,
-        induction_len: block.div_ceil(2),
-        induction_seqs: 32,
-        seed: 0,
-        ablate: Vec::new(),
-    };
+    let windows = sample_windows(&data, Split::Val, block, Some(SAMPLE_TOKENS))?;
+    let opts = ScoreOptions::defaults(block);
     let report = score_heads(
         &ck.model,
         &windows,
