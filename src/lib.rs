@@ -10,28 +10,20 @@
 //! [`serve`] → [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the
 //! readable reference) → [`kernels`] (fused CPU ops, which know nothing above them).
 
-pub mod bench;
-pub mod checkpoint;
 pub mod circuits;
 pub mod cli;
-pub mod config;
 pub mod data;
-pub mod device;
 pub mod engine;
 pub mod error;
-pub mod eval;
-pub mod inspect;
 pub mod interop;
 pub mod kernels;
-pub mod lock;
+pub mod layout;
 pub mod model;
-pub mod prepare;
 pub mod progress;
 pub mod rng;
+pub mod run;
 pub mod sample;
 pub mod serve;
-pub mod shards;
-pub mod tokenizer;
 pub mod train;
 pub mod viz;
 

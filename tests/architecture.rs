@@ -121,23 +121,83 @@ fn low_layers_know_nothing_of_the_layers_above() {
         assert!(bad.is_empty(), "{m} imports {bad:?}");
     };
     let upper = [
-        "config",
-        "cli",
-        "train",
-        "sample",
-        "inspect",
-        "bench",
-        "viz",
-        "checkpoint",
-        "data",
-        "interop",
-        "serve",
-        "lock",
-        "engine",
+        "cli", "train", "sample", "viz", "interop", "serve", "circuits", "run", "data", "engine",
     ];
-    above("kernels", &[&upper[..], &["model", "tokenizer"]].concat());
+    above("kernels", &[&upper[..], &["model"]].concat());
     above("model", &[&upper[..], &["kernels"]].concat());
-    above("engine", &upper[..12]);
+    above("engine", &upper[..9]);
+    above(
+        "data",
+        &[&upper[..9], &["engine", "model", "kernels"]].concat(),
+    );
+    // The parameter layout is the leaf both the model and the kernels stand on.
+    assert!(graph["model"].contains("layout") && graph["kernels"].contains("layout"));
+    assert!(
+        graph.get("layout").is_none_or(|d| d.is_empty()),
+        "layout imports {:?}",
+        graph["layout"]
+    );
+}
+
+/// The lines of the fenced block that follows `marker` in `text`.
+fn block_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    let start = text.find(marker).unwrap_or_else(|| panic!("no `{marker}`"));
+    let rest = &text[start..];
+    let open = rest.find("```").unwrap() + 3;
+    let body = &rest[open..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    body[..body.find("```").unwrap()].lines().collect()
+}
+
+#[test]
+fn architecture_md_names_every_module_and_every_dependency() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    // Every module of the crate, top-level or one folder down, by its path under src/.
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let mut missing = Vec::new();
+    for f in &files {
+        let rel = f.strip_prefix(root.join("src")).unwrap();
+        let parts: Vec<&str> = rel.iter().map(|p| p.to_str().unwrap()).collect();
+        let name = match parts.as_slice() {
+            ["lib.rs" | "main.rs"] => continue,
+            [file] => file.to_string(),
+            [dir, "mod.rs"] => format!("{dir}/"),
+            [dir, file] => format!("{dir}/{file}"),
+            [dir, sub, ..] => format!("{dir}/{sub}/"),
+            [] => continue,
+        };
+        if !doc.contains(&format!("`{name}`")) && !missing.contains(&name) {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md does not name {missing:?}"
+    );
+    // The dependency table is the graph the sources have, arrow for arrow.
+    let written: BTreeMap<String, BTreeSet<String>> = block_after(&doc, "<!-- dependencies -->")
+        .into_iter()
+        .filter_map(|l| l.split_once('→'))
+        .map(|(m, deps)| {
+            let deps = deps.split_whitespace().filter(|d| *d != "—");
+            (m.trim().to_string(), deps.map(str::to_string).collect())
+        })
+        .collect();
+    let actual = module_graph();
+    assert_eq!(
+        written, actual,
+        "docs/architecture.md's dependency table is not the sources' graph"
+    );
+    // And lib.rs declares exactly the modules the table names.
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let declared: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod "))
+        .map(|m| m.trim_end_matches(';').to_string())
+        .collect();
+    assert_eq!(declared, written.keys().cloned().collect());
 }
 
 #[test]

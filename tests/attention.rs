@@ -40,7 +40,7 @@ fn json_weights_are_the_models_own() {
     assert_eq!(layers.len(), 2);
 
     let (_, out) = run_dir();
-    let ck = tinygpt::checkpoint::load(&out.join("best"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("best"), &Device::Cpu).unwrap();
     let ids = ck.tokenizer.encode(PROMPT).unwrap();
     let x = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
     let (_, att) = ck.model.forward_with_attention(&x).unwrap();

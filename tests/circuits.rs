@@ -9,11 +9,11 @@ use serde_json::Value;
 use tinygpt::circuits::attribution::direct_logit_attribution;
 use tinygpt::circuits::induction_corpus;
 use tinygpt::circuits::patching::patch_each_head;
-use tinygpt::config::{ModelConfig, Position};
 use tinygpt::model::block::SelfAttention;
 use tinygpt::model::config::NormKind;
 use tinygpt::model::{Gpt, HeadPatch, Hooks, Params};
 use tinygpt::rng::seeded;
+use tinygpt::run::config::{ModelConfig, Position};
 
 use common::{fails_with, model_cfg, stdout, tinygpt, Workspace};
 

@@ -261,7 +261,7 @@ fn bad_generation_inputs_and_checkpoints() {
         "does not match config.toml",
     );
     let d = copy("othertok");
-    let tok = tinygpt::tokenizer::Tokenizer::train_char("abc")
+    let tok = tinygpt::data::tokenizer::Tokenizer::train_char("abc")
         .unwrap()
         .to_json()
         .unwrap();
@@ -418,7 +418,7 @@ fn the_shipped_tiny_config_trains_and_prompts_come_from_files_and_stdin() {
         ws.dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let ck = tinygpt::checkpoint::load(&out.join("last"), &candle_core::Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("last"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, 60);
     assert_eq!(ck.config.data.path, Path::new("corpus.txt"));
 
@@ -936,7 +936,7 @@ fn resuming_a_missing_checkpoint_locks_nothing() {
     let o = tinygpt(&["train", "--resume", "no-such-run/last"], &dir);
     fails_with(&o, "does not exist");
     assert!(
-        !dir.join(tinygpt::lock::LOCK_FILE).exists() && !dir.join("no-such-run").exists(),
+        !dir.join(tinygpt::run::lock::LOCK_FILE).exists() && !dir.join("no-such-run").exists(),
         "a mistyped --resume left a lock file behind"
     );
 }

@@ -6,10 +6,10 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::Workspace;
-use tinygpt::config::Config;
-use tinygpt::device::DeviceChoice;
+use tinygpt::engine::device::DeviceChoice;
 use tinygpt::engine::{EngineChoice, EngineKind};
 use tinygpt::model::Precision;
+use tinygpt::run::config::Config;
 use tinygpt::train::{ProgressMode, Trainer};
 
 fn config(ws: &Workspace, steps: usize, extra: &[&str]) -> Config {

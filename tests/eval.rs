@@ -4,11 +4,11 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use tinygpt::config::Config;
-use tinygpt::data::Split;
+use tinygpt::data::corpus::Split;
 use tinygpt::engine::Engine;
 use tinygpt::engine::{EngineKind, EngineOptions};
-use tinygpt::eval::evaluate;
+use tinygpt::run::config::Config;
+use tinygpt::train::eval::evaluate;
 use tinygpt::train::{ProgressMode, Trainer};
 
 use common::{fails_with, stderr, stdout, tinygpt, train_tiny, Workspace};

@@ -63,7 +63,7 @@ fn interrupt_with(signal: &str, code: i32) {
         .unwrap()
         .parse()
         .unwrap();
-    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, step);
     // and it resumes
     let max_iters = format!("training.max_iters={}", step + 3);
@@ -71,7 +71,7 @@ fn interrupt_with(signal: &str, code: i32) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, step + 3);
 }
 
@@ -170,7 +170,7 @@ fn kill_9_at_random_instants_never_loses_the_run() {
         // best/ alone: the run must then be resumed too, from best/.
         let has_checkpoint = ["last", "best"]
             .iter()
-            .any(|n| tinygpt::checkpoint::resolve(&out.join(n)).is_dir());
+            .any(|n| tinygpt::run::checkpoint::resolve(&out.join(n)).is_dir());
         let mut cmd = if has_checkpoint {
             resume_cmd(&ws, &out, &[])
         } else {
@@ -199,10 +199,10 @@ fn kill_9_at_random_instants_never_loses_the_run() {
         child.wait().unwrap();
         kills += 1;
         // whatever instant it died at, the newest complete checkpoint loads
-        let dir = tinygpt::checkpoint::resolve(&out.join("last"));
+        let dir = tinygpt::run::checkpoint::resolve(&out.join("last"));
         if dir.is_dir() {
-            let ck =
-                tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap_or_else(|e| {
+            let ck = tinygpt::run::checkpoint::load(&out.join("last"), &Device::Cpu)
+                .unwrap_or_else(|e| {
                     panic!("round {round}: checkpoint unreadable after kill -9: {e}")
                 });
             let step = ck.state.unwrap().step;
@@ -309,7 +309,7 @@ fn a_full_disk_at_save_time_keeps_the_previous_checkpoint() {
         std::fs::read(out.join("last/model.safetensors")).unwrap(),
         before
     );
-    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step, 10);
     // and once there is room again, the run resumes
     let o = resume_cmd(&ws, &out, &["--set", "training.max_iters=12", "--quiet"])
@@ -369,7 +369,7 @@ fn a_second_ctrl_c_exits_at_once_and_the_checkpoint_survives() {
     );
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
     // the newest complete checkpoint loads and resumes
-    let ck = tinygpt::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&out.join("last"), &Device::Cpu).unwrap();
     assert!(ck.state.unwrap().step >= 1);
 }
 
@@ -417,6 +417,6 @@ fn force_overwrites_only_when_asked() {
         "{}",
         String::from_utf8_lossy(&forced.stderr)
     );
-    let ck = tinygpt::checkpoint::load(&ws.path("run/last"), &Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&ws.path("run/last"), &Device::Cpu).unwrap();
     assert_eq!(ck.config.training.seed, 99);
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
-use tinygpt::config::Config;
-use tinygpt::tokenizer::Tokenizer;
+use tinygpt::data::tokenizer::Tokenizer;
+use tinygpt::run::config::Config;
 use tinygpt::train::{ProgressMode, Trainer};
 
 /// A small valid checkpoint (char and BPE tokenizers), read into memory once.
@@ -175,11 +175,11 @@ fn checkpoint_target(which: usize, bytes: &[u8]) -> Result<(), TestCaseError> {
     for (i, (name, content)) in f.files.iter().enumerate() {
         std::fs::write(dir.join(name), if i == which { bytes } else { content }).unwrap();
     }
-    if let Ok(ck) = tinygpt::checkpoint::load(&dir, &Device::Cpu) {
+    if let Ok(ck) = tinygpt::run::checkpoint::load(&dir, &Device::Cpu) {
         let x = Tensor::from_slice(&[0u32, 1, 2], (1, 3), &Device::Cpu).unwrap();
         let _ = ck.model.forward(&x, None);
-        let _ = tinygpt::inspect::Report::new(&ck);
-        let _ = tinygpt::checkpoint::load_optimizer(&dir, &ck.params, &Device::Cpu);
+        let _ = tinygpt::run::inspect::Report::new(&ck);
+        let _ = tinygpt::run::checkpoint::load_optimizer(&dir, &ck.params, &Device::Cpu);
     }
     std::fs::remove_dir_all(&dir).unwrap();
     Ok(())

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use common::{fails_with, stderr, stdout, tinygpt, Workspace};
-use tinygpt::checkpoint;
-use tinygpt::config::Config;
 use tinygpt::engine::Engine;
 use tinygpt::engine::{EngineKind, EngineOptions};
 use tinygpt::progress::ProgressMode;
+use tinygpt::run::checkpoint;
+use tinygpt::run::config::Config;
 use tinygpt::train::Trainer;
 
 fn fixture() -> PathBuf {
@@ -183,7 +183,7 @@ fn a_gpt2_made_by_transformers_imports_with_its_logits() {
     );
     assert_eq!(
         m.activation,
-        tinygpt::model::config::Activation::GeluTanh,
+        tinygpt::layout::Activation::GeluTanh,
         "gelu_new"
     );
     // transformers' tokenizer and ours agree on the text (spaces, a newline, non-ASCII).

@@ -9,14 +9,14 @@ use candle_nn::Module;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tinygpt::attention::{causal_mask, scaled_dot_product_attention};
-use tinygpt::config::Config;
-use tinygpt::data::Split;
+use tinygpt::data::corpus::Split;
 use tinygpt::engine::Decode;
 use tinygpt::engine::{EngineKind as Kernels, Runner};
 use tinygpt::kernels::block::GradSlot;
 use tinygpt::kernels::{self, attention::AttentionDropout};
 use tinygpt::model::config::NormKind;
 use tinygpt::model::{Linear, Norm};
+use tinygpt::run::config::Config;
 use tinygpt::train::{ProgressMode, Trainer};
 
 use common::Workspace;

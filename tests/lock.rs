@@ -148,7 +148,7 @@ fn a_live_run_refuses_a_resume_and_kill_9_frees_it_at_once() {
     let more = format!("training.max_iters={}", step + 10);
     let o = tinygpt(&["train", "--resume", r, "--set", &more], ws.dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
-    let ck = tinygpt::checkpoint::load(&run.join("last"), &candle_core::Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(&run.join("last"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(ck.state.unwrap().step as u64, step + 10);
 }
 

@@ -7,10 +7,10 @@ use common::model_cfg;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, D};
-use tinygpt::config::{Config, ModelConfig, Position};
 use tinygpt::model::attention::causal_mask;
 use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params};
 use tinygpt::rng::seeded;
+use tinygpt::run::config::{Config, ModelConfig, Position};
 
 fn model(n_head: usize, vocab: usize, seed: u64) -> (Gpt, Params) {
     model_with(&model_cfg(n_head), vocab, seed)

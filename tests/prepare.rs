@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use common::{corpus, fails_with, stderr, tinygpt, Workspace};
-use tinygpt::config::{Config, TokenizerConfig};
-use tinygpt::prepare::{prepare, OnBad, PrepareOptions, TokenizerSource, DEFAULT_EXTENSIONS};
-use tinygpt::shards::{Manifest, Prepared};
-use tinygpt::tokenizer::TokenizerKind;
+use tinygpt::data::prepare::{prepare, OnBad, PrepareOptions, TokenizerSource, DEFAULT_EXTENSIONS};
+use tinygpt::data::shards::{Manifest, Prepared};
+use tinygpt::data::tokenizer::TokenizerKind;
+use tinygpt::run::config::{Config, TokenizerConfig};
 use tinygpt::train::{ProgressMode, Trainer};
 
 fn options(inputs: &[PathBuf], out: &Path, kind: TokenizerKind) -> PrepareOptions {
@@ -51,7 +51,7 @@ fn notes(ws: &Workspace) -> PathBuf {
 }
 
 fn all_tokens(p: &Prepared) -> (Vec<u32>, Vec<u32>) {
-    let read = |s: &tinygpt::shards::ShardSet| {
+    let read = |s: &tinygpt::data::shards::ShardSet| {
         let mut v = Vec::new();
         s.read(0..s.len(), &mut v).unwrap();
         v
@@ -78,7 +78,7 @@ fn shards_hold_each_document_encoded_whole_and_split_by_document() {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for (i, input) in m.inputs.iter().enumerate() {
             let bytes = std::fs::read(&input.path).unwrap();
-            assert_eq!(input.sha256, tinygpt::shards::sha256_hex(&bytes));
+            assert_eq!(input.sha256, tinygpt::data::shards::sha256_hex(&bytes));
             let mut ids = tok.encode(std::str::from_utf8(&bytes).unwrap()).unwrap();
             ids.push(eot);
             match i == 9 {

@@ -4,9 +4,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::Workspace;
-use tinygpt::checkpoint;
-use tinygpt::config::Config;
 use tinygpt::rng::seeded;
+use tinygpt::run::checkpoint;
+use tinygpt::run::config::Config;
 use tinygpt::sample::{generate, SampleOptions};
 use tinygpt::train::{ProgressMode, Trainer};
 

@@ -13,9 +13,9 @@ use std::ops::RangeInclusive;
 
 use rand::Rng as _;
 
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::rng::seeded;
-use crate::tokenizer::Tokenizer;
 
 /// The letters [`induction_corpus`] draws from.
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";

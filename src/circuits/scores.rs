@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Dataset, Split};
+use crate::data::corpus::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::model::hooks::{check_heads, Trace};
 use crate::model::{Gpt, HeadPatch, Hooks, Params};

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::bench::{self, BenchOptions};
-use crate::config::Config;
-use crate::device::DeviceChoice;
+use crate::engine::device::DeviceChoice;
 use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::Precision;
+use crate::run::config::Config;
+use crate::train::bench::{self, BenchOptions};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::error::{Error, Result};
-use crate::eval::evaluate;
 use crate::progress::ProgressMode;
+use crate::train::eval::evaluate;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {

@@ -41,7 +41,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         ));
     }
     // Writing into a run directory takes its lock, as training does.
-    let _lock = crate::lock::RunLock::for_output(&args.out)?;
+    let _lock = crate::run::lock::RunLock::for_output(&args.out)?;
     let ck = super::load_checkpoint(&args.checkpoint)?;
     match args.format {
         Format::Hf => crate::interop::hf::export(&ck, &args.out, args.force)?,

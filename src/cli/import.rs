@@ -21,7 +21,7 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> Result<()> {
     // Writing into a run directory takes its lock, as training does.
-    let _lock = crate::lock::RunLock::for_output(&args.out)?;
+    let _lock = crate::run::lock::RunLock::for_output(&args.out)?;
     let ck = crate::interop::hf::import(&args.from, &args.out, args.force)?;
     let m = &ck.config.model;
     println!(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::error::Result;
-use crate::inspect::Report;
+use crate::run::inspect::Report;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -25,7 +25,7 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> Result<()> {
     let ck = super::load_checkpoint(&args.dir)?;
     if let Some(token) = &args.neighbours {
-        let (id, near) = crate::inspect::neighbours(&ck, token, args.k)?;
+        let (id, near) = crate::run::inspect::neighbours(&ck, token, args.k)?;
         if args.json {
             println!(
                 "{}",

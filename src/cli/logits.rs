@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 use clap::Args;
 
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {

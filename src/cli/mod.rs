@@ -22,11 +22,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::Checkpoint;
-use crate::device::DeviceChoice;
+use crate::engine::device::DeviceChoice;
 use crate::engine::{Engine, EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::Precision;
+use crate::run::checkpoint::Checkpoint;
 
 /// Train, sample and inspect a tiny GPT.
 #[derive(Debug, Parser)]
@@ -135,7 +135,7 @@ pub fn main() -> ExitCode {
 /// The checkpoint a user means by `dir`: a checkpoint directory itself, or a run directory's
 /// `best/` (else `last/`).
 pub(crate) fn checkpoint_dir(dir: &Path) -> PathBuf {
-    use crate::checkpoint::resolve;
+    use crate::run::checkpoint::resolve;
     if resolve(dir).join("model.safetensors").exists() {
         return dir.to_path_buf();
     }
@@ -150,7 +150,7 @@ pub(crate) fn checkpoint_dir(dir: &Path) -> PathBuf {
 
 /// Loads the checkpoint a user named.
 pub(crate) fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
-    crate::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
+    crate::run::checkpoint::load(&checkpoint_dir(dir), &candle_core::Device::Cpu)
 }
 
 /// Which part of a corpus: the run's held-out tail (val) or the rest (train).
@@ -177,19 +177,19 @@ impl CorpusArg {
         &self,
         ck: &Checkpoint,
         progress: crate::progress::ProgressMode,
-    ) -> Result<(crate::data::Dataset, PathBuf)> {
+    ) -> Result<(crate::data::corpus::Dataset, PathBuf)> {
         let cfg = &ck.config;
         let path = self.data.clone().unwrap_or_else(|| cfg.data.path.clone());
         let (val, block) = (cfg.training.val_fraction, cfg.model.block_size);
-        let data = crate::data::load_for(&ck.tokenizer, &path, val, block, progress)?;
+        let data = crate::data::corpus::load_for(&ck.tokenizer, &path, val, block, progress)?;
         Ok((data, path))
     }
 
     /// The split, and its name as reports spell it.
-    pub(crate) fn split(&self) -> (crate::data::Split, &'static str) {
+    pub(crate) fn split(&self) -> (crate::data::corpus::Split, &'static str) {
         match self.split {
-            SplitArg::Train => (crate::data::Split::Train, "train"),
-            SplitArg::Val => (crate::data::Split::Val, "val"),
+            SplitArg::Train => (crate::data::corpus::Split::Train, "train"),
+            SplitArg::Val => (crate::data::corpus::Split::Val, "val"),
         }
     }
 }
@@ -221,7 +221,7 @@ pub(crate) fn load_with_engine(dir: &Path, arg: EngineArg) -> Result<(Checkpoint
 /// before building the engine.
 pub(crate) fn load_with_options(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, EngineOptions)> {
     let device = arg.device.resolve()?;
-    let ck = crate::checkpoint::load(&checkpoint_dir(dir), &device)?;
+    let ck = crate::run::checkpoint::load(&checkpoint_dir(dir), &device)?;
     let opts = EngineOptions::choose_on(arg.engine, &ck.config.model, &device, Precision::F32)?;
     Ok((ck, opts))
 }

@@ -45,10 +45,10 @@ pub fn plot_run(run_dir: &std::path::Path, out: &std::path::Path) -> Result<Path
     // tokens per step, from the run's config when there is one
     let tokens = ["last", "best"].iter().find_map(|d| {
         let cfg = std::fs::read_to_string(
-            crate::checkpoint::resolve(&run_dir.join(d)).join("config.toml"),
+            crate::run::checkpoint::resolve(&run_dir.join(d)).join("config.toml"),
         )
         .ok()?;
-        let c = crate::config::Config::parse(&cfg, &[]).ok()?;
+        let c = crate::run::config::Config::parse(&cfg, &[]).ok()?;
         Some((c.training.batch_size * c.model.block_size * c.training.grad_accum_steps) as f64)
     });
     // Drawn beside `out` and renamed over it: a training run and a `plot` may draw the same

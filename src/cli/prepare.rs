@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{Config, TokenizerConfig};
-use crate::error::{Error, Result};
-use crate::prepare::{
+use crate::data::prepare::{
     prepare, OnBad, PrepareOptions, TokenizerSource, DEFAULT_EXTENSIONS, WHOLE_DOCUMENT_BYTES,
 };
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
 use crate::progress::ProgressMode;
-use crate::tokenizer::Tokenizer;
+use crate::run::config::{Config, TokenizerConfig};
 
 #[derive(Debug, Args)]
 pub struct PrepareArgs {

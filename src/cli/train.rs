@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
-use crate::config::Config;
-use crate::device::DeviceChoice;
+use crate::engine::device::DeviceChoice;
 use crate::engine::{EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
-use crate::lock::RunLock;
 use crate::rng::seeded;
+use crate::run::config::Config;
+use crate::run::lock::RunLock;
 use crate::sample::{generate, SampleOptions};
 use crate::train::trainer::{prepare_out_dir, resume_paths};
 use crate::train::{ProgressMode, RunOptions, Trainer};
@@ -89,7 +89,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (mut trainer, out, resumed, _lock) = if let Some(resume) = &args.resume {
         let (ck_dir, run_dir) = resume_paths(resume);
         // A mistyped path must not leave a lock file in whatever directory holds it.
-        crate::checkpoint::check_is_dir(&ck_dir)?;
+        crate::run::checkpoint::check_is_dir(&ck_dir)?;
         let out = args.out.clone().unwrap_or(run_dir);
         let lock = RunLock::acquire(&out)?;
         let mut overrides = args.set.clone();
@@ -133,7 +133,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Leave no empty run directory behind when the corpus, tokenizer or directory fails.
         let discard = |_: &Error| {
             if !existed {
-                let _ = std::fs::remove_file(out.join(crate::lock::LOCK_FILE));
+                let _ = std::fs::remove_file(out.join(crate::run::lock::LOCK_FILE));
                 let _ = std::fs::remove_dir(&out);
             }
         };
@@ -167,10 +167,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.params.count(),
         c.tokenizer.kind.name(),
         trainer.tokenizer.vocab_size(),
-        trainer.dataset.len(crate::data::Split::Train),
-        trainer.dataset.len(crate::data::Split::Val),
+        trainer.dataset.len(crate::data::corpus::Split::Train),
+        trainer.dataset.len(crate::data::corpus::Split::Val),
         trainer.engine.kind().name(),
-        crate::device::name(&device),
+        crate::engine::device::name(&device),
         c.training.dtype.name(),
         out.display(),
         if resumed {

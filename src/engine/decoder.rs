@@ -23,22 +23,19 @@
 //! each core reads half the weights per token ([`Partner`]); a single row through a large
 //! matrix (the 10M-parameter config) splits its column groups over rayon's threads instead.
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use multiversion::multiversion;
-use rayon::prelude::*;
 
 use super::fused::FusedGpt;
 use super::Decode;
 use crate::error::{Error, Result};
-use crate::kernels::activation::Activation;
-use crate::kernels::block::Affine;
+use crate::kernels::attention::attend_one;
+use crate::kernels::gemv::{Dense, PARALLEL_MIN};
 use crate::kernels::layer_norm::layer_norm_forward_serial_into;
-use crate::kernels::math;
+use crate::kernels::partner::Partner;
 use crate::kernels::rope::RopeTable;
+use crate::layout::{Activation, Affine};
 use crate::model::gpt::{bigram_row, check_positions, softcap};
 
 fn data(t: &Tensor) -> Result<Vec<f32>> {
@@ -65,371 +62,14 @@ impl Norm {
     }
 }
 
-/// A weight matrix `(out, in)` packed for [`Dense::apply`], and its optional bias. The outputs
-/// are cut into groups of `cols` (the last one padded with zero weights), and each group's
-/// slab of Wᵀ, `(in, cols)`, is stored contiguously, so a group streams through memory in one
-/// run and y = W·x is a sum of slab rows scaled by the entries of x (vectorised along the
-/// output, no horizontal sums).
-struct Dense {
-    packed: Vec<f32>,
-    b: Option<Vec<f32>>,
-    d_in: usize,
-    d_out: usize,
-    /// Outputs summed in registers at a time: 128 with 512-bit vectors, 64 with 256-bit ones
-    /// or when a partner thread shares the groups.
-    cols: usize,
-}
-
-/// Matrix-vector products at least this large (multiply-adds) split their output groups over
-/// threads; a smaller one is over before a thread could be woken.
-const PARALLEL_MIN: usize = 1 << 18;
-
-impl Dense {
-    /// From `w` `(out, in)` row-major; `halves`: packed in 64 columns so that two threads can
-    /// share its groups evenly.
-    fn new(w: &[f32], b: Option<Vec<f32>>, d_in: usize, halves: bool) -> Dense {
-        let d_out = w.len() / d_in.max(1);
-        let cols = if wide_vectors() && !halves { 128 } else { 64 };
-        let groups = d_out.div_ceil(cols);
-        let mut packed = vec![0.0f32; groups * d_in * cols];
-        for (o, row) in w.chunks_exact(d_in).enumerate() {
-            let slab = &mut packed[(o / cols) * d_in * cols..];
-            for (i, &v) in row.iter().enumerate() {
-                slab[i * cols + o % cols] = v;
-            }
-        }
-        Dense {
-            packed,
-            b,
-            d_in,
-            d_out,
-            cols,
-        }
-    }
-
-    fn from_affine(l: &Affine<Tensor>, halves: bool) -> Result<Dense> {
-        Ok(Dense::new(
-            &data(&l.weight)?,
-            l.bias.as_ref().map(data).transpose()?,
-            l.weight.dim(1)?,
-            halves,
-        ))
-    }
-
-    /// The groups of `packed` (its first one being group `g0`) for every row of `x`, into `y`,
-    /// whose rows are `stride` long and start at group `g0`'s first column.
-    fn groups(&self, packed: &[f32], g0: usize, x: &[f32], y: &mut [f32], stride: usize) {
-        let (slab, cols) = (self.d_in * self.cols, self.cols);
-        for (g, w) in packed.chunks_exact(slab).enumerate() {
-            let first = g * cols;
-            let n = cols.min(self.d_out - (g0 * cols + first));
-            let out = Out {
-                y: &mut *y,
-                stride,
-                first,
-                n,
-            };
-            match cols {
-                128 => slab_128(w, x, out),
-                _ => slab_64(w, x, out),
-            }
-        }
-    }
-
-    /// [`Dense::apply`], half of the work handed to `partner` when there is one: half the
-    /// column groups of a single row, or half the rows of several.
-    fn apply_shared(&self, x: &[f32], y: &mut [f32], partner: Option<&Partner>) {
-        let slab = self.d_in * self.cols;
-        let groups = self.packed.len() / slab;
-        let rows = x.len() / self.d_in;
-        match partner {
-            Some(p) if rows == 1 && groups >= 2 => {
-                let half = groups / 2;
-                let (mine, theirs) = y.split_at_mut(half * self.cols);
-                let _pending = p.run(Job {
-                    dense: self,
-                    x: (x.as_ptr(), x.len()),
-                    y: (theirs.as_mut_ptr(), theirs.len()),
-                    g0: half,
-                });
-                let n = mine.len();
-                self.groups(&self.packed[..half * slab], 0, x, mine, n);
-            }
-            Some(p) if rows >= 2 => {
-                let half = rows / 2;
-                let (x_mine, x_theirs) = x.split_at(half * self.d_in);
-                let (mine, theirs) = y.split_at_mut(half * self.d_out);
-                let _pending = p.run(Job {
-                    dense: self,
-                    x: (x_theirs.as_ptr(), x_theirs.len()),
-                    y: (theirs.as_mut_ptr(), theirs.len()),
-                    g0: 0,
-                });
-                self.groups(&self.packed, 0, x_mine, mine, self.d_out);
-            }
-            _ => return self.apply(x, y),
-        }
-        self.add_bias(y);
-    }
-
-    fn add_bias(&self, y: &mut [f32]) {
-        if let Some(b) = &self.b {
-            for y in y.chunks_exact_mut(self.d_out) {
-                y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-        }
-    }
-
-    /// y = x·Wᵀ (+ b) for every row of `x` `(R, in)`: `y` `(R, out)`. Every output is summed in
-    /// input order, as a plain loop would, so a row gives the same bits alone or among others.
-    fn apply(&self, x: &[f32], y: &mut [f32]) {
-        let (slab, cols) = (self.d_in * self.cols, self.cols);
-        if x.len() == self.d_in && self.packed.len() >= PARALLEL_MIN {
-            // One row through a large matrix: its groups over threads, each writing its own
-            // columns.
-            y.par_chunks_mut(cols)
-                .zip(self.packed.par_chunks(slab))
-                .enumerate()
-                .for_each(|(g, (y, w))| {
-                    let n = y.len();
-                    self.groups(w, g, x, y, n)
-                });
-        } else {
-            self.groups(&self.packed, 0, x, y, self.d_out);
-        }
-        self.add_bias(y);
-    }
-}
-
-/// Half of a product for the [`Partner`]: `dense`'s groups from `g0` for the rows of `x`, into
-/// `y` (as raw parts: the poster keeps them alive and untouched until its [`Pending`] drops).
-struct Job {
-    dense: *const Dense,
-    x: (*const f32, usize),
-    y: (*mut f32, usize),
-    g0: usize,
-}
-
-/// What the decoder and its partner thread share: jobs posted and done, counted, and the slot
-/// of the latest one.
-struct Shared {
-    posted: AtomicU64,
-    done: AtomicU64,
-    stop: AtomicBool,
-    job: UnsafeCell<Option<Job>>,
-}
-
-// SAFETY: `job` is written only by the poster while `done == posted` (the partner is idle) and
-// read only by the partner between seeing `posted` rise and raising `done` (Release/Acquire).
-unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
-
-/// Spins of an idle partner before it sleeps: about a millisecond.
-const SPINS: u32 = 1 << 16;
-
-/// A second thread that takes half of each product of a token (or of a feed's rows): one
-/// token's products are a few microseconds each, shorter than waking a sleeping thread, so
-/// the partner spins between jobs while the decoder is alive. Sharing the work halves what
-/// each core reads from memory per token.
-struct Partner {
-    shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Partner {
-    fn new() -> Partner {
-        let shared = Arc::new(Shared {
-            posted: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            job: UnsafeCell::new(None),
-        });
-        let s = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let mut seen = 0;
-            loop {
-                let mut spins = 0u32;
-                while s.posted.load(Ordering::Acquire) == seen {
-                    if s.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    // Spin through the gaps between a token's products; sleep when the
-                    // decoder has been idle for a while (`run` wakes it).
-                    spins = spins.saturating_add(1);
-                    match spins < SPINS {
-                        true => std::hint::spin_loop(),
-                        false => std::thread::park(),
-                    }
-                }
-                seen += 1;
-                // SAFETY: see `Shared`; the poster keeps the job's data alive until `done`.
-                if let Some(job) = unsafe { (*s.job.get()).take() } {
-                    let dense = unsafe { &*job.dense };
-                    let x = unsafe { std::slice::from_raw_parts(job.x.0, job.x.1) };
-                    let y = unsafe { std::slice::from_raw_parts_mut(job.y.0, job.y.1) };
-                    let slab = dense.d_in * dense.cols;
-                    dense.groups(&dense.packed[job.g0 * slab..], job.g0, x, y, dense.d_out);
-                }
-                s.done.store(seen, Ordering::Release);
-            }
-        });
-        Partner {
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// Posts `job`; the partner starts on it at once. The job is waited for when the returned
-    /// guard drops, so its slices outlive the partner's use even if the caller unwinds.
-    fn run(&self, job: Job) -> Pending<'_> {
-        // SAFETY: the partner is idle (every posted job is done), so nothing reads the slot.
-        unsafe { *self.shared.job.get() = Some(job) };
-        self.shared.posted.fetch_add(1, Ordering::Release);
-        if let Some(t) = &self.thread {
-            t.thread().unpark(); // one atomic operation unless the partner sleeps
-        }
-        Pending(self)
-    }
-
-    /// Waits until the partner has finished the job posted last.
-    fn wait(&self) {
-        let posted = self.shared.posted.load(Ordering::Relaxed);
-        let mut spins = 0u32;
-        while self.shared.done.load(Ordering::Acquire) != posted {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(4096) && self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-                panic!("the decoder's partner thread stopped before finishing its work");
-            }
-        }
-    }
-}
-
-/// A posted job, waited for on drop.
-struct Pending<'a>(&'a Partner);
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.wait();
-    }
-}
-
-impl Drop for Partner {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
-/// Whether this CPU has 512-bit vectors (32 of them: room for 128 accumulated outputs).
-fn wide_vectors() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Where a group's outputs go: columns `first..first + n` of each `stride`-long row of `y`.
-struct Out<'a> {
-    y: &'a mut [f32],
-    stride: usize,
-    first: usize,
-    n: usize,
-}
-
-impl Out<'_> {
-    /// Row `r`'s outputs, the first `n` of `acc`.
-    #[inline(always)]
-    fn write(&mut self, r: usize, acc: &[f32]) {
-        let at = r * self.stride + self.first;
-        self.y[at..at + self.n].copy_from_slice(&acc[..self.n]);
-    }
-}
-
-/// One group of `N` outputs for every row of `x`: `w` is the group's slab `(in, N)`. The `N`
-/// sums of a row live in registers over the whole input and are written once; rows go in
-/// pairs, so each slab row loaded feeds two rows' sums, and the slab is read from memory once
-/// and from cache for the other rows.
-#[inline(always)]
-fn slab<const N: usize>(w: &[f32], x: &[f32], mut out: Out) {
-    let d_in = w.len() / N;
-    let mut pairs = x.chunks_exact(2 * d_in);
-    let mut r = 0;
-    for x in &mut pairs {
-        let (x0, x1) = x.split_at(d_in);
-        let mut acc0 = [0.0f32; N];
-        let mut acc1 = [0.0f32; N];
-        for ((&a, &b), row) in x0.iter().zip(x1).zip(w.chunks_exact(N)) {
-            let row: &[f32; N] = row.try_into().unwrap();
-            for ((s0, s1), &w) in acc0.iter_mut().zip(acc1.iter_mut()).zip(row) {
-                *s0 += a * w;
-                *s1 += b * w;
-            }
-        }
-        out.write(r, &acc0);
-        out.write(r + 1, &acc1);
-        r += 2;
-    }
-    let x = pairs.remainder();
-    if !x.is_empty() {
-        let mut acc = [0.0f32; N];
-        for (&xi, row) in x.iter().zip(w.chunks_exact(N)) {
-            let row: &[f32; N] = row.try_into().unwrap();
-            for (a, &w) in acc.iter_mut().zip(row) {
-                *a += xi * w;
-            }
-        }
-        out.write(r, &acc);
-    }
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma"))]
-fn slab_128(w: &[f32], x: &[f32], out: Out) {
-    slab::<128>(w, x, out)
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn slab_64(w: &[f32], x: &[f32], out: Out) {
-    slab::<64>(w, x, out)
-}
-
-/// One head's attention for the newest query over `n` cached positions.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    n: usize,
-    scale: f32,
-    scores: &mut [f32],
-    y: &mut [f32],
-) {
-    let hs = q.len();
-    for (j, s) in scores[..n].iter_mut().enumerate() {
-        *s = math::sum_zip(q, &keys[j * stride..j * stride + hs], |a, b| a * b) * scale;
-    }
-    let m = math::max(&scores[..n]);
-    let mut total = 0.0;
-    for s in scores[..n].iter_mut() {
-        *s = math::exp(*s - m);
-        total += *s;
-    }
-    y.fill(0.0);
-    for (j, &p) in scores[..n].iter().enumerate() {
-        let p = p / total;
-        for (y, &v) in y.iter_mut().zip(&values[j * stride..j * stride + hs]) {
-            *y += p * v;
-        }
-    }
+/// `l`'s weight and bias packed for matrix-vector products.
+fn dense(l: &Affine<Tensor>, halves: bool) -> Result<Dense> {
+    Ok(Dense::new(
+        &data(&l.weight)?,
+        l.bias.as_ref().map(data).transpose()?,
+        l.weight.dim(1)?,
+        halves,
+    ))
 }
 
 struct Layer {
@@ -496,10 +136,10 @@ impl Decoder {
                 Ok(Layer {
                     ln_1: Norm::new(&p.ln_1, eps)?,
                     qkv: Dense::new(&data(&qkv)?, bias, c, two),
-                    proj: Dense::from_affine(&p.attn_proj, two)?,
+                    proj: dense(&p.attn_proj, two)?,
                     ln_2: Norm::new(&p.ln_2, eps)?,
-                    fc: Dense::from_affine(&p.fc, two)?,
-                    fc_proj: Dense::from_affine(&p.mlp_proj, two)?,
+                    fc: dense(&p.fc, two)?,
+                    fc_proj: dense(&p.mlp_proj, two)?,
                     keys: vec![0.0; model.cfg.block_size * c],
                     values: vec![0.0; model.cfg.block_size * c],
                 })

@@ -23,15 +23,13 @@ use rand::Rng as _;
 use super::BlockRun;
 use crate::error::Result;
 use crate::kernels;
-use crate::kernels::activation::Activation as KernelActivation;
-use crate::kernels::block::{
-    Affine as KernelAffine, BlockDropout, BlockOp, BlockWeights, GradSlot,
-};
+use crate::kernels::block::{BlockDropout, BlockOp, GradSlot};
 use crate::kernels::rope::RopeTable;
-use crate::model::config::{Activation, NormKind, Position};
+use crate::layout::{Activation, BlockParams};
+use crate::model::config::{NormKind, Position};
 use crate::model::gpt::softcap;
 use crate::model::rope::rope_table;
-use crate::model::{Affine, BlockParams, Gpt, ModelConfig};
+use crate::model::{Gpt, ModelConfig};
 use crate::rng::Rng;
 
 /// A model option the fused kernels do not compute, as the config spells it
@@ -54,44 +52,13 @@ pub struct FusedGpt {
     /// The model: its weights, config and the functions shared with the reference engine.
     pub model: Gpt,
     /// Each block's weights as the block op takes them (the model's tensors).
-    pub(super) blocks: Vec<BlockWeights<Tensor>>,
+    pub(super) blocks: Vec<BlockParams<Tensor>>,
     /// The rotations of rotary embeddings, for every position of a block.
     pub(super) rope: Option<Arc<RopeTable>>,
     /// The MLP's nonlinearity.
-    pub(super) activation: KernelActivation,
+    pub(super) activation: Activation,
     /// Training passes keep only each block's input and recompute the rest in backward.
     pub(super) recompute: bool,
-}
-
-/// A model affine as the kernels take it.
-fn to_kernel<T>(a: Affine<T>) -> KernelAffine<T> {
-    KernelAffine {
-        weight: a.weight,
-        bias: a.bias,
-    }
-}
-
-/// A block's parameters as the block op takes them.
-pub(super) fn block_weights<T>(p: BlockParams<T>) -> BlockWeights<T> {
-    BlockWeights {
-        ln_1: to_kernel(p.ln_1),
-        w_q: to_kernel(p.w_q),
-        w_k: to_kernel(p.w_k),
-        w_v: to_kernel(p.w_v),
-        attn_proj: to_kernel(p.attn_proj),
-        ln_2: to_kernel(p.ln_2),
-        fc: to_kernel(p.fc),
-        mlp_proj: to_kernel(p.mlp_proj),
-    }
-}
-
-/// The kernels' name for the model's activation.
-pub(super) fn kernel_activation(a: Activation) -> KernelActivation {
-    match a {
-        Activation::Gelu => KernelActivation::Gelu,
-        Activation::Relu2 => KernelActivation::Relu2,
-        Activation::GeluTanh => KernelActivation::GeluTanh,
-    }
 }
 
 impl FusedGpt {
@@ -137,17 +104,13 @@ impl FusedGpt {
         let cfg = &model.cfg;
         FusedGpt {
             model: model.clone(),
-            blocks: model
-                .blocks
-                .iter()
-                .map(|b| block_weights(b.params()))
-                .collect(),
+            blocks: model.blocks.iter().map(|b| b.params()).collect(),
             rope: (cfg.position == Position::Rope).then(|| {
                 let hs = cfg.head_size();
                 let (cos, sin) = rope_table(cfg.block_size, hs);
                 Arc::new(RopeTable::new(cos, sin, hs / 2))
             }),
-            activation: kernel_activation(cfg.activation),
+            activation: cfg.activation,
             recompute,
         }
     }
@@ -204,7 +167,6 @@ impl FusedGpt {
             x = op.apply(&x)?;
             runs.push(BlockRun {
                 params: block.params(),
-                // The kernels' fields come in the model's named() order.
                 grads: Box::new(move || {
                     slot.take()
                         .map(|g| g.named().into_iter().map(|(_, t)| t).collect())

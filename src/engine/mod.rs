@@ -10,6 +10,7 @@
 //! computed inside block ops included.
 
 pub mod decoder;
+pub mod device;
 pub mod fused;
 pub mod recompute;
 
@@ -24,9 +25,10 @@ pub use fused::{FusedGpt, Unsupported};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::block::GradSlot;
+use crate::layout::BlockParams;
 use crate::model::attention::causal_mask;
 use crate::model::gpt::cross_entropy;
-use crate::model::{autocast, BlockParams, Gpt, KvCache, ModelConfig, Precision};
+use crate::model::{autocast, Gpt, KvCache, ModelConfig, Precision};
 use crate::rng::Rng;
 use recompute::RecomputedBlock;
 
@@ -81,7 +83,7 @@ impl EngineChoice {
             return match self {
                 EngineChoice::Fused => Err(Error::Usage(format!(
                     "--engine fused runs on the CPU only; use --engine reference (or auto) with --device {}, or --device cpu",
-                    crate::device::name(device)
+                    crate::engine::device::name(device)
                 ))),
                 _ => Ok((EngineKind::Reference, None)),
             };
@@ -269,7 +271,7 @@ impl Engine {
         if recompute && !model.wte.device().is_cpu() {
             return Err(Error::Usage(format!(
                 "training.recompute_activations runs on the CPU only; set it to false for --device {}",
-                crate::device::name(model.wte.device())
+                crate::engine::device::name(model.wte.device())
             )));
         }
         let runner = match opts.kind {

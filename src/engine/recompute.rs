@@ -29,7 +29,7 @@ pub struct RecomputedBlock {
     /// Seeds the block's dropout; `None` when the block runs without dropout.
     pub dropout_seed: Option<u64>,
     /// Where backward leaves the gradients of the block's parameters, in
-    /// [`crate::model::BlockParams::named`] order.
+    /// [`crate::layout::BlockParams::named`] order.
     pub grads: GradSlot<Vec<Tensor>>,
     /// The matrix products' dtype, the same in the recomputation as in the first run.
     pub precision: Precision,

@@ -15,9 +15,9 @@ use candle_core::Tensor;
 use serde_json::Value as Json;
 
 use super::{check_exportable, check_output, Gpt2Weights};
-use crate::checkpoint::Checkpoint;
+use crate::data::tokenizer::{byte_chars, Tokenizer, TokenizerKind};
 use crate::error::{Error, Result};
-use crate::tokenizer::{byte_chars, Tokenizer, TokenizerKind};
+use crate::run::checkpoint::Checkpoint;
 
 /// The element type of the 2-D weights (norms and biases stay f32, as llama.cpp's own
 /// converter writes them).

@@ -13,12 +13,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::{check_exportable, check_output, Dense, Gpt2Block, Gpt2Weights};
-use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Config, TokenizerConfig};
+use crate::data::tokenizer::{Tokenizer, TokenizerKind};
 use crate::error::{Error, Result};
-use crate::model::config::Activation;
+use crate::layout::Activation;
 use crate::model::{Gpt, ModelConfig, Params};
-use crate::tokenizer::{Tokenizer, TokenizerKind};
+use crate::run::checkpoint::{self, Checkpoint};
+use crate::run::config::{Config, TokenizerConfig};
 
 /// GPT-2's LayerNorm ε, which tinygpt's LayerNorms use.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -452,7 +452,7 @@ fn imported_config(model: ModelConfig, tok: &Tokenizer) -> Result<Config> {
         training: toml::Value::Table(training)
             .try_into()
             .map_err(|e| Error::Config(e.to_string()))?,
-        data: crate::config::DataConfig {
+        data: crate::run::config::DataConfig {
             path: "data/shakespeare.txt".into(),
         },
     };

@@ -15,8 +15,8 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, NormKind, Position};
-use crate::model::{Affine, BlockParams};
+use crate::layout::{Activation, Affine, BlockParams};
+use crate::model::config::{NormKind, Position};
 use crate::model::{Gpt, ModelConfig};
 
 /// A weight `(out, in)` or gain `(C)` and its bias, zeros where the model has none.

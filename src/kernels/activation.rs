@@ -9,17 +9,7 @@ use super::gelu::{
     gelu_forward_serial_into,
 };
 use super::{mapped_in_chunks, math, ELEMS_PER_TASK};
-
-/// A nonlinearity the kernels compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// x·Φ(x), exact (erf).
-    Gelu,
-    /// max(x, 0)².
-    Relu2,
-    /// GELU's tanh approximation, GPT-2's (`gelu_new`).
-    GeluTanh,
-}
+use crate::layout::Activation;
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn relu2_chunk(x: &[f32], y: &mut [std::mem::MaybeUninit<f32>]) {

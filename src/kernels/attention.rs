@@ -427,3 +427,34 @@ pub(crate) fn attention_backward(
             });
     })
 }
+/// One head's attention for the newest query over `n` cached positions.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    y: &mut [f32],
+) {
+    let hs = q.len();
+    for (j, s) in scores[..n].iter_mut().enumerate() {
+        *s = math::sum_zip(q, &keys[j * stride..j * stride + hs], |a, b| a * b) * scale;
+    }
+    let m = math::max(&scores[..n]);
+    let mut total = 0.0;
+    for s in scores[..n].iter_mut() {
+        *s = math::exp(*s - m);
+        total += *s;
+    }
+    y.fill(0.0);
+    for (j, &p) in scores[..n].iter().enumerate() {
+        let p = p / total;
+        for (y, &v) in y.iter_mut().zip(&values[j * stride..j * stride + hs]) {
+            *y += p * v;
+        }
+    }
+}

@@ -27,7 +27,7 @@
 //! forward pass first: activation recomputation, at the price of the block's forward products.
 //!
 //! The weights' gradients cannot be outputs of a one-input op, so backward leaves them, named
-//! ([`BlockWeights`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
+//! ([`BlockParams`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::activation::Activation;
 use super::attention::{self, AttentionDropout, Dims};
 use super::dropout::{dropout_add_into, dropout_forward_into};
 use super::layer_norm::{
@@ -48,128 +47,7 @@ use super::linear::{
 use super::matmul::{matmul, serially, MatMut, MatRef};
 use super::rope::RopeTable;
 use super::{f32_slice, rows_per_task, with_f32};
-
-/// A weight `(out, in)` (PyTorch's layout) or a LayerNorm gain `(C)`, and its optional bias.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Affine<T> {
-    pub weight: T,
-    pub bias: Option<T>,
-}
-
-impl<T> Affine<T> {
-    fn as_ref(&self) -> Affine<&T> {
-        Affine {
-            weight: &self.weight,
-            bias: self.bias.as_ref(),
-        }
-    }
-
-    fn as_mut(&mut self) -> Affine<&mut T> {
-        Affine {
-            weight: &mut self.weight,
-            bias: self.bias.as_mut(),
-        }
-    }
-
-    fn try_map<U, E>(
-        self,
-        mut f: impl FnMut(T) -> std::result::Result<U, E>,
-    ) -> std::result::Result<Affine<U>, E> {
-        Ok(Affine {
-            weight: f(self.weight)?,
-            bias: self.bias.map(f).transpose()?,
-        })
-    }
-}
-
-/// The weights of one block, generic over what each one holds: tensors, the slices the block
-/// op reads, the gradients it returns. A bias is `None` where the block has none.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockWeights<T> {
-    /// LayerNorm before attention: gain `(C)` and bias.
-    pub ln_1: Affine<T>,
-    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (and their biases
-    /// `(C)`).
-    pub w_q: Affine<T>,
-    pub w_k: Affine<T>,
-    pub w_v: Affine<T>,
-    /// Attention output projection `(C, C)`.
-    pub attn_proj: Affine<T>,
-    /// LayerNorm before the MLP.
-    pub ln_2: Affine<T>,
-    /// MLP expansion `(4C, C)`.
-    pub fc: Affine<T>,
-    /// MLP projection `(C, 4C)`.
-    pub mlp_proj: Affine<T>,
-}
-
-impl<T> BlockWeights<T> {
-    /// The same parameters, borrowed.
-    pub fn as_ref(&self) -> BlockWeights<&T> {
-        BlockWeights {
-            ln_1: self.ln_1.as_ref(),
-            w_q: self.w_q.as_ref(),
-            w_k: self.w_k.as_ref(),
-            w_v: self.w_v.as_ref(),
-            attn_proj: self.attn_proj.as_ref(),
-            ln_2: self.ln_2.as_ref(),
-            fc: self.fc.as_ref(),
-            mlp_proj: self.mlp_proj.as_ref(),
-        }
-    }
-
-    /// The same parameters, mutably borrowed.
-    pub fn as_mut(&mut self) -> BlockWeights<&mut T> {
-        BlockWeights {
-            ln_1: self.ln_1.as_mut(),
-            w_q: self.w_q.as_mut(),
-            w_k: self.w_k.as_mut(),
-            w_v: self.w_v.as_mut(),
-            attn_proj: self.attn_proj.as_mut(),
-            ln_2: self.ln_2.as_mut(),
-            fc: self.fc.as_mut(),
-            mlp_proj: self.mlp_proj.as_mut(),
-        }
-    }
-
-    /// Each parameter passed through `f` (biases only where present), in [`Self::named`] order.
-    pub fn try_map<U, E>(
-        self,
-        mut f: impl FnMut(T) -> std::result::Result<U, E>,
-    ) -> std::result::Result<BlockWeights<U>, E> {
-        Ok(BlockWeights {
-            ln_1: self.ln_1.try_map(&mut f)?,
-            w_q: self.w_q.try_map(&mut f)?,
-            w_k: self.w_k.try_map(&mut f)?,
-            w_v: self.w_v.try_map(&mut f)?,
-            attn_proj: self.attn_proj.try_map(&mut f)?,
-            ln_2: self.ln_2.try_map(&mut f)?,
-            fc: self.fc.try_map(&mut f)?,
-            mlp_proj: self.mlp_proj.try_map(&mut f)?,
-        })
-    }
-
-    /// Every parameter present with the name of its field (`ln_1.weight`, `w_q.bias`, …), in
-    /// a fixed order: for messages, and to walk two sets side by side.
-    pub fn named(self) -> Vec<(&'static str, T)> {
-        let mut v = Vec::with_capacity(16);
-        let fields = [
-            (["ln_1.weight", "ln_1.bias"], self.ln_1),
-            (["w_q.weight", "w_q.bias"], self.w_q),
-            (["w_k.weight", "w_k.bias"], self.w_k),
-            (["w_v.weight", "w_v.bias"], self.w_v),
-            (["attn_proj.weight", "attn_proj.bias"], self.attn_proj),
-            (["ln_2.weight", "ln_2.bias"], self.ln_2),
-            (["fc.weight", "fc.bias"], self.fc),
-            (["mlp_proj.weight", "mlp_proj.bias"], self.mlp_proj),
-        ];
-        for ([w, b], a) in fields {
-            v.push((w, a.weight));
-            v.extend(a.bias.map(|x| (b, x)));
-        }
-        v
-    }
-}
+use crate::layout::{Activation, Affine, BlockParams};
 
 /// Where a block op leaves its weights' gradients for whoever runs it: a custom op's backward
 /// can only return the gradient of its input.
@@ -197,7 +75,7 @@ impl<T> GradSlot<T> {
 }
 
 /// The gradients of one block's parameters, shaped as the parameters.
-pub type BlockGrads = BlockWeights<Tensor>;
+pub type BlockGrads = BlockParams<Tensor>;
 
 /// Dropout inside the block: probability and one mask seed per place.
 #[derive(Debug, Clone, Copy)]
@@ -213,7 +91,7 @@ pub struct BlockDropout {
 
 /// A block as one op on `x` `(B, T, C)` → `(B, T, C)`.
 pub struct BlockOp {
-    params: BlockWeights<Tensor>,
+    params: BlockParams<Tensor>,
     n_head: usize,
     /// The LayerNorms' ε.
     eps: f32,
@@ -239,7 +117,7 @@ impl BlockOp {
     /// keep what backward needs (fast), or recompute it there (small). Backward leaves the
     /// parameters' gradients in `grads`.
     pub fn new(
-        params: BlockWeights<Tensor>,
+        params: BlockParams<Tensor>,
         n_head: usize,
         eps: f32,
         activation: Activation,
@@ -299,8 +177,8 @@ struct Activations {
 
 /// Read locks on the storage of every parameter tensor, for the length of one pass.
 fn lock(
-    params: &BlockWeights<Tensor>,
-) -> Result<BlockWeights<(impl Deref<Target = Storage> + '_, &Layout)>> {
+    params: &BlockParams<Tensor>,
+) -> Result<BlockParams<(impl Deref<Target = Storage> + '_, &Layout)>> {
     params.as_ref().try_map(|t| {
         if !t.is_contiguous() {
             bail!("block: weight {:?} is not contiguous", t.shape())
@@ -312,7 +190,7 @@ fn lock(
 /// The parameters' f32 data, and [W_Q; W_K; W_V] stacked `(3C, C)` for the one product that
 /// gives Q | K | V (with their biases stacked `(3C)`, when the model has them).
 struct W<'a> {
-    p: BlockWeights<&'a [f32]>,
+    p: BlockParams<&'a [f32]>,
     wqkv: Vec<f32>,
     bqkv: Option<Vec<f32>>,
 }
@@ -321,7 +199,7 @@ impl<'a> W<'a> {
     /// The data under `locks`, with [W_Q; W_K; W_V] stacked unless `stacked` already holds them
     /// (from the forward pass: the weights do not change before its backward pass).
     fn new<G: Deref<Target = Storage>>(
-        locks: &'a BlockWeights<(G, &Layout)>,
+        locks: &'a BlockParams<(G, &Layout)>,
         stacked: Option<Vec<f32>>,
     ) -> Result<W<'a>> {
         let p = locks
@@ -397,7 +275,7 @@ fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// The parameters' gradients from one part's backward pass.
-type Gradients = BlockWeights<Vec<f32>>;
+type Gradients = BlockParams<Vec<f32>>;
 
 /// Which of the optional activations a forward pass keeps ([`KEEP_BYTES`]).
 #[derive(Clone, Copy)]
@@ -694,7 +572,7 @@ impl BlockOp {
             }
             None => (None, None, None),
         };
-        BlockWeights {
+        BlockParams {
             ln_1: Affine {
                 weight: d_ln1_w,
                 bias: w.p.ln_1.bias.map(|_| d_ln1_b),
@@ -860,7 +738,7 @@ mod tests {
 
     /// A block's parameters at random, with biases (on W_Q, W_K, W_V too when `qkv_bias`), for
     /// width `c`.
-    fn params(c: usize, seed: u64, qkv_bias: bool) -> BlockWeights<Tensor> {
+    fn params(c: usize, seed: u64, qkv_bias: bool) -> BlockParams<Tensor> {
         let mut seed = seed;
         let mut t = |shape: &[usize], around: f32| {
             seed += 1;
@@ -883,7 +761,7 @@ mod tests {
             a
         };
         let (w_q, w_k, w_v) = (qkv(), qkv(), qkv());
-        BlockWeights {
+        BlockParams {
             ln_1,
             w_q,
             w_k,
@@ -899,7 +777,7 @@ mod tests {
     /// with the block op's dropout masks:
     /// x₁ = x + drop(att(LN₁(x))·W_Oᵀ), y = x₁ + drop(GELU(LN₂(x₁)·W₃ᵀ)·W₄ᵀ).
     fn layer_by_layer(
-        p: &BlockWeights<Tensor>,
+        p: &BlockParams<Tensor>,
         n_head: usize,
         act: Activation,
         x: &Tensor,

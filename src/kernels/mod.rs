@@ -40,11 +40,13 @@ pub mod block;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
+pub mod gemv;
 pub mod layer_norm;
 pub mod linear;
 pub mod math;
 pub mod matmul;
 pub mod muon;
+pub mod partner;
 pub mod positions;
 pub mod rope;
 

@@ -4,12 +4,13 @@ use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache as LayerKv;
 
 use super::attention::{Head, MultiHeadAttention};
-use super::config::{Activation, ModelConfig, INIT_STD};
+use super::config::{ModelConfig, INIT_STD};
 use super::hooks::{patch_heads, HeadPatch, LayerTrace};
 use super::layers::{dropout, Linear, Norm};
 use super::params::VarBuilder;
 use super::rope::Rope;
 use crate::error::Result;
+use crate::layout::{Activation, Affine, BlockParams};
 use crate::rng::Rng;
 
 /// Position-wise feed-forward network: C → 4C → activation (`model.activation`) → C.
@@ -218,64 +219,5 @@ impl Block {
             fc: affine(&self.mlp.c_fc.weight, &self.mlp.c_fc.bias),
             mlp_proj: affine(&self.mlp.c_proj.weight, &self.mlp.c_proj.bias),
         }
-    }
-}
-
-/// A weight `(out, in)` (PyTorch's layout) or a normalisation's gain `(C)`, and its optional bias.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Affine<T> {
-    pub weight: T,
-    pub bias: Option<T>,
-}
-
-/// The parameters of one transformer block, by name, generic over what each one holds (the
-/// model's tensors, their gradients). Biases are `None` in a model without them; W_Q, W_K, W_V
-/// have them only with `model.qkv_bias` (GPT-2's).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockParams<T> {
-    /// The normalisation before attention: gain `(C)` and bias.
-    pub ln_1: Affine<T>,
-    /// W_Q, W_K, W_V, `(C, C)` each: the heads' rows one after the other (and their biases
-    /// `(C)`).
-    pub w_q: Affine<T>,
-    pub w_k: Affine<T>,
-    pub w_v: Affine<T>,
-    /// Attention output projection `(C, C)`.
-    pub attn_proj: Affine<T>,
-    /// The normalisation before the MLP.
-    pub ln_2: Affine<T>,
-    /// MLP expansion `(4C, C)`.
-    pub fc: Affine<T>,
-    /// MLP projection `(C, 4C)`.
-    pub mlp_proj: Affine<T>,
-}
-
-impl<T> BlockParams<T> {
-    /// Every parameter present, with its name inside the block as the model's checkpoints
-    /// spell it (`ln_1.weight`, `attn.w_q.weight`, `attn.c_proj.bias`, `mlp.c_fc.weight`, …),
-    /// in a fixed order.
-    pub fn named(self) -> Vec<(&'static str, T)> {
-        fn affine<T>(v: &mut Vec<(&'static str, T)>, names: [&'static str; 2], a: Affine<T>) {
-            v.push((names[0], a.weight));
-            v.extend(a.bias.map(|b| (names[1], b)));
-        }
-        let mut v = Vec::with_capacity(16);
-        affine(&mut v, ["ln_1.weight", "ln_1.bias"], self.ln_1);
-        affine(&mut v, ["attn.w_q.weight", "attn.w_q.bias"], self.w_q);
-        affine(&mut v, ["attn.w_k.weight", "attn.w_k.bias"], self.w_k);
-        affine(&mut v, ["attn.w_v.weight", "attn.w_v.bias"], self.w_v);
-        affine(
-            &mut v,
-            ["attn.c_proj.weight", "attn.c_proj.bias"],
-            self.attn_proj,
-        );
-        affine(&mut v, ["ln_2.weight", "ln_2.bias"], self.ln_2);
-        affine(&mut v, ["mlp.c_fc.weight", "mlp.c_fc.bias"], self.fc);
-        affine(
-            &mut v,
-            ["mlp.c_proj.weight", "mlp.c_proj.bias"],
-            self.mlp_proj,
-        );
-        v
     }
 }

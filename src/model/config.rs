@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::layout::Activation;
+
 /// Standard deviation of the fresh weight matrices and embeddings (GPT-2's; the residual
 /// projections start smaller, see `block.rs`).
 pub const INIT_STD: f64 = 0.02;
@@ -11,20 +13,6 @@ pub const NORM_EPS: f64 = 1e-5;
 
 fn yes() -> bool {
     true
-}
-
-/// The MLP's nonlinearity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// x·Φ(x), exact (erf-based): nanoGPT's.
-    #[default]
-    Gelu,
-    /// max(x, 0)², from the GPT-2 speedrun: as cheap as ReLU.
-    Relu2,
-    /// GELU's tanh approximation, GPT-2's own (`gelu_new`); for imported GPT-2 weights.
-    #[serde(rename = "gelu_tanh")]
-    GeluTanh,
 }
 
 /// The normalisation before each block's attention and MLP, and before the LM head.

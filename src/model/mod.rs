@@ -14,7 +14,6 @@ pub mod precision;
 pub mod rope;
 
 pub use attention::{Head, MultiHeadAttention};
-pub use block::{Affine, BlockParams};
 pub use config::ModelConfig;
 pub use gpt::Gpt;
 pub use hooks::{HeadPatch, Hooks, Trace};

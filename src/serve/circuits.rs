@@ -14,7 +14,7 @@ use crate::circuits::scores::{
     ScoreOptions, SAMPLE_TOKENS,
 };
 use crate::circuits::{encode_whole, one_token};
-use crate::data::{load_for, Split};
+use crate::data::corpus::{load_for, Split};
 use crate::error::{Error, Result};
 use crate::model::attention::softmax_last_dim;
 use crate::model::hooks::check_heads;

@@ -25,9 +25,9 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::checkpoint::Checkpoint;
 use crate::engine::{Decode, Engine};
 use crate::error::{Error, Result};
+use crate::run::checkpoint::Checkpoint;
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");

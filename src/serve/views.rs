@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::Served;
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::attention::{simple_self_attention, softmax_last_dim};
 use crate::model::block::SelfAttention;
 use crate::model::Gpt;
 use crate::rng::seeded;
+use crate::run::checkpoint::Checkpoint;
 use crate::sample::{candidates, generate_with, next_logits_with, SampleOptions};
 use crate::viz::loss::Curves;
 use crate::viz::maps::{AttentionMaps, HeadSel, LayerSel};
@@ -347,7 +347,7 @@ pub fn neighbours(ck: &Checkpoint, token: &str, k: usize) -> Result<Value> {
     if k == 0 || k > 1000 {
         return Err(Error::Usage(format!("k {k} must be in 1..=1000")));
     }
-    let (id, near) = crate::inspect::neighbours(ck, token, k)?;
+    let (id, near) = crate::run::inspect::neighbours(ck, token, k)?;
     Ok(json!({"id": id, "token": ck.tokenizer.token_text(id), "neighbours": near}))
 }
 

@@ -19,12 +19,12 @@ use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
 
 use super::tensor_update;
-use crate::checkpoint::OptimizerState;
-use crate::config::{OptimizerKind, TrainingConfig};
 use crate::error::Result;
 use crate::kernels::adamw::{adamw_update_tensor, sum_of_squares, AdamWStep};
 use crate::kernels::muon::{muon_update_tensor, MuonStep};
 use crate::kernels::with_f32;
+use crate::run::checkpoint::OptimizerState;
+use crate::run::config::{OptimizerKind, TrainingConfig};
 
 /// The global L2 norm of `grads` (`None` counts as zero), for gradient clipping. Each
 /// gradient's Σg² side by side (most are too small to split), added in order.
@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn muon_momentum_warms_up_from_0_85() {
-        let mut cfg = crate::config::Config::parse(
+        let mut cfg = crate::run::config::Config::parse(
             include_str!("../../configs/shakespeare-char.toml"),
             &["training.muon_momentum_warmup=10".into()],
         )
@@ -389,7 +389,7 @@ mod tests {
             ("h.0.mlp.c_fc.weight".to_string(), h.clone()),
             ("wte.weight".to_string(), wte.clone()),
         ]);
-        let mut cfg = crate::config::Config::parse(
+        let mut cfg = crate::run::config::Config::parse(
             include_str!("../../configs/shakespeare-char.toml"),
             &[
                 "training.optimizer=\"muon\"".into(),
@@ -450,7 +450,7 @@ mod tests {
                     ("wte.weight".to_string(), var(12, &[3, 4], 2.0)),
                 ])
             };
-            let cfg = crate::config::Config::parse(
+            let cfg = crate::run::config::Config::parse(
                 include_str!("../../configs/shakespeare-char.toml"),
                 &[format!("training.optimizer=\"{optimizer}\"")],
             )

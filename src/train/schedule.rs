@@ -1,7 +1,7 @@
 //! Learning-rate schedules: linear warm-up, then cosine decay to `min_lr` (as nanoGPT), or
 //! warm-up, stable, decay (the peak held, then a linear cooldown to `min_lr`).
 
-use crate::config::{LrSchedule, TrainingConfig};
+use crate::run::config::{LrSchedule, TrainingConfig};
 
 /// The learning rate for optimizer step `it` (0-based).
 pub fn learning_rate(cfg: &TrainingConfig, it: usize) -> f64 {
@@ -30,10 +30,12 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine() {
-        let cfg =
-            crate::config::Config::parse(include_str!("../../configs/shakespeare-char.toml"), &[])
-                .unwrap()
-                .training;
+        let cfg = crate::run::config::Config::parse(
+            include_str!("../../configs/shakespeare-char.toml"),
+            &[],
+        )
+        .unwrap()
+        .training;
         assert!((learning_rate(&cfg, 0) - 1e-3 / 101.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 99) - 1e-3 * 100.0 / 101.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 100) - 1e-3).abs() < 1e-12);
@@ -49,7 +51,7 @@ mod tests {
             "training.lr_schedule=\"wsd\"".to_string(),
             "training.cooldown_iters=400".to_string(),
         ];
-        let cfg = crate::config::Config::parse(
+        let cfg = crate::run::config::Config::parse(
             include_str!("../../configs/shakespeare-char.toml"),
             &over,
         )
@@ -63,10 +65,12 @@ mod tests {
         assert!((learning_rate(&cfg, 1999) - (1e-4 + 9e-4 / 400.0)).abs() < 1e-12);
         assert_eq!(learning_rate(&cfg, 2000), 1e-4);
         let bad = [over[0].clone(), "training.cooldown_iters=1901".to_string()];
-        let err =
-            crate::config::Config::parse(include_str!("../../configs/shakespeare-char.toml"), &bad)
-                .unwrap_err()
-                .to_string();
+        let err = crate::run::config::Config::parse(
+            include_str!("../../configs/shakespeare-char.toml"),
+            &bad,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("training.cooldown_iters = 1901") && err.contains("1900"),
             "{err}"

@@ -13,17 +13,17 @@ use candle_core::{Device, Tensor};
 
 use super::optimizer::{global_norm, Optimizer};
 use super::schedule::learning_rate;
-use crate::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
-use crate::config::Config;
-use crate::data::{load_for, read_corpus, Dataset, Split};
+use crate::data::corpus::{load_for, read_corpus, Dataset, Split};
+use crate::data::shards::Prepared;
+use crate::data::tokenizer::Tokenizer;
+use crate::data::tokenizer::TokenizerKind;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
-use crate::shards::Prepared;
-use crate::tokenizer::Tokenizer;
-use crate::tokenizer::TokenizerKind;
+use crate::run::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
+use crate::run::config::Config;
 
 /// Header of `metrics.csv`.
 pub const METRICS_HEADER: &str = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s";
@@ -132,7 +132,7 @@ impl Trainer {
     /// config's kind (and, for BPE, size).
     pub fn new(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
         let path = &config.data.path;
-        if crate::shards::is_prepared(path) {
+        if crate::data::shards::is_prepared(path) {
             let prepared = Prepared::open(path)?;
             let tokenizer = prepared.tokenizer()?;
             let (want, got) = (&config.tokenizer, &prepared.manifest.tokenizer);

@@ -4,9 +4,9 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::Gpt;
-use crate::tokenizer::Tokenizer;
 
 /// Which layers to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

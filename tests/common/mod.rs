@@ -205,7 +205,7 @@ pub fn param_values(params: &tinygpt::model::Params) -> Vec<(String, Vec<f32>)> 
 
 /// The weights of the checkpoint in `dir`, by name.
 pub fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let ck = tinygpt::checkpoint::load(dir, &candle_core::Device::Cpu).unwrap();
+    let ck = tinygpt::run::checkpoint::load(dir, &candle_core::Device::Cpu).unwrap();
     param_values(&ck.params)
 }
 

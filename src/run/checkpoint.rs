@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::rng::Rng;
-use crate::tokenizer::Tokenizer;
+use crate::run::config::Config;
 
 /// The checkpoint format this build writes, and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
-use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::run::checkpoint::Checkpoint;
+use crate::run::config::Config;
 
 /// Statistics of one tensor.
 #[derive(Debug, Clone, Serialize)]

@@ -158,7 +158,7 @@ pub enum Event {
 /// Reads the documents of `source`, calling `emit` with their text in pieces (`Text`), and
 /// returns the sha256 of the file's bytes. `raw_bytes` counts the file's bytes read so far
 /// (for progress). `cut` gives the end of the longest prefix of a streamed block that can be
-/// encoded on its own ([`crate::tokenizer::Tokenizer::safe_cut`]); text files longer than
+/// encoded on its own ([`crate::data::tokenizer::Tokenizer::safe_cut`]); text files longer than
 /// `block` bytes are read `block` bytes at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn read_documents(
@@ -190,7 +190,7 @@ pub fn read_documents(
     }
     // Hash whatever of the file the reader left unread (a gzip trailer, say).
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| Error::io(path, e))?;
-    Ok(crate::shards::hex(&hashing.hasher.finalize()))
+    Ok(crate::data::shards::hex(&hashing.hasher.finalize()))
 }
 
 fn bad(

@@ -5,7 +5,7 @@
 //! the file itself stays, holding the last holder's pid for the message a second writer gets.
 //!
 //! Readers (`generate`, `inspect`, `eval`, `attention`, `plot`, `tokenize`, `serve`) never
-//! take it: checkpoints are replaced whole by renames ([`crate::checkpoint`]), and
+//! take it: checkpoints are replaced whole by renames ([`crate::run::checkpoint`]), and
 //! `metrics.csv` grows by whole rows.
 
 use std::fs::{File, OpenOptions, TryLockError};

@@ -18,14 +18,14 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::config::{Config, TokenizerKind};
-use crate::data::{Dataset, TokenIds};
+use crate::data::corpus::{Dataset, TokenIds};
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::kernels::matmul::{matmul, MatMut, MatRef};
 use crate::progress::ProgressMode;
 use crate::rng::seeded;
+use crate::run::config::{Config, TokenizerKind};
 use crate::sample::{generate, SampleOptions};
-use crate::tokenizer::Tokenizer;
 use crate::train::Trainer;
 
 /// What to measure.
@@ -68,7 +68,7 @@ pub struct BenchReport {
     /// This machine's CPU sgemm peak, measured on the spot.
     pub sgemm_gflops: f64,
     /// The denominator of MFU in GFLOP/s: the sgemm peak on the CPU, the GPU's data-sheet
-    /// peak for the dtype on a GPU (`None` for a GPU not in [`crate::device::gpu_peak_flops`]).
+    /// peak for the dtype on a GPU (`None` for a GPU not in [`crate::engine::device::gpu_peak_flops`]).
     pub peak_gflops: Option<f64>,
     pub mfu: Option<f64>,
 }
@@ -188,7 +188,7 @@ pub fn run(
         device.synchronize()?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let peak_device_memory_mb = crate::device::peak_memory(&device).map(|b| b as f64 / 1e6);
+    let peak_device_memory_mb = crate::engine::device::peak_memory(&device).map(|b| b as f64 / 1e6);
     let peak_rss_mb = peak_rss_mb();
     let min = times.iter().cloned().fold(f64::MAX, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
@@ -219,10 +219,12 @@ pub fn run(
     let flops_per_token =
         6.0 * n_params as f64 + 12.0 * (m.n_layer * m.block_size * m.n_embd) as f64;
     let train_tokens_per_s = tokens_per_iter / (ms / 1000.0);
-    let device_name = crate::device::describe(&device);
+    let device_name = crate::engine::device::describe(&device);
     let peak_gflops = match device.is_cpu() {
         true => Some(sgemm_gflops),
-        false => crate::device::gpu_peak_flops(&device_name, cfg.training.dtype).map(|f| f / 1e9),
+        false => {
+            crate::engine::device::gpu_peak_flops(&device_name, cfg.training.dtype).map(|f| f / 1e9)
+        }
     };
     Ok(BenchReport {
         engine: trainer.engine.kind().name().to_string(),

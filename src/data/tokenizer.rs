@@ -624,6 +624,21 @@ fn split_for_bpe(text: &str, target: usize) -> Vec<&str> {
     out
 }
 
+/// How text becomes token ids: the `[tokenizer]` table of a run's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// `char` or `bpe`.
+    pub kind: TokenizerKind,
+    /// Target vocabulary size for `bpe` (ignored for `char`).
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+}
+
+fn default_vocab_size() -> usize {
+    1024
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

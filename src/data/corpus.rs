@@ -10,11 +10,11 @@ use rand::Rng as _;
 
 use rayon::prelude::*;
 
+use crate::data::shards::{Prepared, ShardSet};
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::Rng;
-use crate::shards::{Prepared, ShardSet};
-use crate::tokenizer::Tokenizer;
 
 /// Reads a UTF-8 text file, with a message that names the problem and the fix.
 pub fn read_corpus(path: &Path) -> Result<String> {
@@ -59,7 +59,7 @@ pub fn load_for(
     block_size: usize,
     progress: ProgressMode,
 ) -> Result<Dataset> {
-    if !crate::shards::is_prepared(path) {
+    if !crate::data::shards::is_prepared(path) {
         let text = read_corpus(path)?;
         return Dataset::from_text(tokenizer, &text, path, val_fraction, block_size, progress);
     }
@@ -145,8 +145,8 @@ impl TokenIds {
 pub fn tokenize_corpus(tokenizer: &Tokenizer, text: &str, mode: ProgressMode) -> Result<TokenIds> {
     let chunks = tokenizer.corpus_chunks(text, 1 << 20);
     let estimate = match tokenizer.kind() {
-        crate::tokenizer::TokenizerKind::Char => text.len(),
-        crate::tokenizer::TokenizerKind::Bpe => text.len() / 3,
+        crate::data::tokenizer::TokenizerKind::Char => text.len(),
+        crate::data::tokenizer::TokenizerKind::Bpe => text.len() / 3,
     };
     let mut ids = TokenIds::with_capacity(estimate, tokenizer.vocab_size());
     let show = mode != ProgressMode::Quiet && text.len() > 8 << 20;
@@ -186,7 +186,7 @@ pub enum Split {
 
 /// The tokenized corpus, split in two: in memory, split by position (the first
 /// `1 - val_fraction` trains, the tail validates), or a prepared folder's shards, read from disk
-/// as batches need them ([`crate::shards`]).
+/// as batches need them ([`crate::data::shards`]).
 pub struct Dataset {
     store: Store,
 }

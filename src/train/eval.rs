@@ -17,11 +17,11 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::data::{Dataset, Split};
+use crate::data::corpus::{Dataset, Split};
+use crate::data::tokenizer::Tokenizer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressMode};
-use crate::tokenizer::Tokenizer;
 
 /// Windows evaluated in one forward pass.
 const WINDOWS_PER_PASS: usize = 16;

@@ -1,5 +1,5 @@
 //! `tinygpt prepare`: any pile of text (files, folders, globs, `.gz`, JSON Lines) tokenized once
-//! into token shards ([`crate::shards`]) that `train --data DIR` reads without holding the
+//! into token shards ([`crate::data::shards`]) that `train --data DIR` reads without holding the
 //! corpus in memory.
 //!
 //! The corpus streams through: a reader thread reads and decompresses documents into pieces of
@@ -26,14 +26,14 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::config::TokenizerConfig;
-use crate::error::{Error, Result};
-use crate::progress::{Progress, ProgressMode};
-use crate::shards::{
+use crate::data::shards::{
     sha256_hex, truncate_shard, InputRecord, Manifest, Shard, ShardRecord, ShardWriter,
     TokenizerRecord, FORMAT_VERSION, MANIFEST,
 };
-use crate::tokenizer::{Tokenizer, TokenizerKind};
+use crate::data::tokenizer::TokenizerConfig;
+use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::error::{Error, Result};
+use crate::progress::{Progress, ProgressMode};
 pub use inputs::{OnBad, Source, DEFAULT_EXTENSIONS, WHOLE_DOCUMENT_BYTES};
 
 /// The reader thread's error when this side stopped listening.
@@ -194,7 +194,7 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
                 TokenizerKind::Char => "\n".into(),
             },
         },
-        token_bytes: crate::shards::token_width(vocab),
+        token_bytes: crate::data::shards::token_width(vocab),
         val_fraction: opts.val_fraction,
         split_rule: written.split_rule.clone(),
         documents: written.inputs.iter().map(|i| i.documents).sum(),

@@ -6,27 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::data::tokenizer::{TokenizerConfig, TokenizerKind};
 pub use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
 pub use crate::model::config::Position;
 pub use crate::model::ModelConfig;
 pub use crate::model::Precision;
-pub use crate::tokenizer::TokenizerKind;
-
-/// How text becomes token ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenizerConfig {
-    /// `char` or `bpe`.
-    pub kind: TokenizerKind,
-    /// Target vocabulary size for `bpe` (ignored for `char`).
-    #[serde(default = "default_vocab_size")]
-    pub vocab_size: usize,
-}
-
-fn default_vocab_size() -> usize {
-    1024
-}
 
 /// Optimisation and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,7 +147,7 @@ pub struct Config {
 }
 
 /// Smallest BPE vocabulary: the 256 byte symbols plus the special tokens.
-pub const MIN_BPE_VOCAB: usize = 256 + crate::tokenizer::SPECIAL_TOKENS.len();
+pub const MIN_BPE_VOCAB: usize = 256 + crate::data::tokenizer::SPECIAL_TOKENS.len();
 
 impl Config {
     /// Reads and validates a config file, applying `key=value` overrides first.

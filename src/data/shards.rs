@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::tokenizer::TokenizerKind;
 use crate::error::{Error, Result};
-use crate::tokenizer::TokenizerKind;
 
 /// The shard files' magic bytes.
 pub const MAGIC: &[u8; 8] = b"TGPTTOKS";
@@ -432,7 +432,7 @@ impl Prepared {
     }
 
     /// The folder's tokenizer (`tokenizer.json`), checked against the manifest's hash.
-    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+    pub fn tokenizer(&self) -> Result<crate::data::tokenizer::Tokenizer> {
         let path = self.dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         if sha256_hex(text.as_bytes()) != self.manifest.tokenizer.sha256 {
@@ -441,7 +441,7 @@ impl Prepared {
                 "does not match the manifest (changed after preparing); run tinygpt prepare again",
             ));
         }
-        crate::tokenizer::Tokenizer::from_json(&text)
+        crate::data::tokenizer::Tokenizer::from_json(&text)
     }
 }
 
