@@ -1,14 +1,15 @@
 //! tinygpt: a trainable tiny GPT-style language model on candle.
 //!
-//! Data flows config → [`tokenizer`] → [`data`] → [`model`] → [`train`]; [`checkpoint`] saves
-//! and loads runs, [`sample`] generates text, [`inspect`] reports on a checkpoint, [`interop`]
-//! exports to transformers and llama.cpp and imports GPT-2, [`serve`] shows a checkpoint in the
-//! browser, and [`lock`] keeps a run directory to one writer; [`device`] says where a run's tensors
-//! live (the CPU, or a GPU through candle's CUDA backend).
+//! Data flows config ([`run`]) → [`data`] (tokenizer, batches) → [`model`] → [`train`]; [`run`]
+//! also saves and loads checkpoints and resolves once how a command runs (its context);
+//! [`sample`] generates text, [`circuits`] and [`viz`] show what a model learned, [`interop`]
+//! exports to transformers and llama.cpp and imports GPT-2, and [`serve`] shows a checkpoint in
+//! the browser.
 //!
-//! Dependencies point one way: [`cli`] → [`train`] / [`sample`] / [`inspect`] / [`interop`] /
-//! [`serve`] → [`engine`] (the reference model or its fused copy, chosen once) → [`model`] (the
-//! readable reference) → [`kernels`] (fused CPU ops, which know nothing above them).
+//! Dependencies point one way: [`cli`] → [`serve`] / [`train`] / [`interop`] / … → [`run`] →
+//! [`engine`] (the reference model or its fused copy, on a device) → [`model`] (the readable
+//! reference) and [`kernels`] (fused CPU ops), which know nothing of each other and share only
+//! [`layout`], the parameter layout of a block. docs/architecture.md has every arrow.
 
 pub mod circuits;
 pub mod cli;

@@ -33,12 +33,12 @@ fn bf16_runs_on_the_reference_engine_and_fused_refuses_it() {
     let ws = Workspace::new(2000);
     let cfg = config(&ws, 10, &["training.dtype=\"bf16\""]);
     let (kind, note) = EngineChoice::Auto
-        .resolve_on(&cfg.model, &Device::Cpu, Precision::Bf16)
+        .resolve(&cfg.model, &Device::Cpu, Precision::Bf16)
         .unwrap();
     assert_eq!(kind, EngineKind::Reference);
     assert!(note.unwrap().contains("training.dtype = \"bf16\""));
     let e = EngineChoice::Fused
-        .resolve_on(&cfg.model, &Device::Cpu, Precision::Bf16)
+        .resolve(&cfg.model, &Device::Cpu, Precision::Bf16)
         .unwrap_err()
         .to_string();
     assert!(
@@ -47,7 +47,7 @@ fn bf16_runs_on_the_reference_engine_and_fused_refuses_it() {
     );
     // TF32 is a GPU's: on the CPU the fused kernels take it as the f32 it is there.
     let (kind, _) = EngineChoice::Auto
-        .resolve_on(&cfg.model, &Device::Cpu, Precision::Tf32)
+        .resolve(&cfg.model, &Device::Cpu, Precision::Tf32)
         .unwrap();
     assert_eq!(kind, EngineKind::Fused);
 }
@@ -58,7 +58,7 @@ fn bf16_runs_on_the_reference_engine_and_fused_refuses_it() {
 fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
     let ws = Workspace::new(4000);
     let engine = "training.engine=\"reference\"";
-    let mut f32_run = Trainer::new(
+    let mut f32_run = Trainer::on_device(
         config(&ws, 10, &[engine]),
         &Device::Cpu,
         ProgressMode::Quiet,
@@ -69,7 +69,7 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
         .unwrap();
     let bf16 = ["training.dtype=\"bf16\"", engine];
     let mut whole =
-        Trainer::new(config(&ws, 10, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
+        Trainer::on_device(config(&ws, 10, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
     assert_eq!(whole.engine.precision(), Precision::Bf16);
     whole
         .run(&common::run_options(&ws.path("whole"), false))
@@ -90,7 +90,7 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
     let map = candle_core::safetensors::load_buffer(&st, &Device::Cpu).unwrap();
     assert!(map.values().all(|t| t.dtype() == DType::F32));
 
-    let mut first = Trainer::new(config(&ws, 5, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut first = Trainer::on_device(config(&ws, 5, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
     first
         .run(&common::run_options(&ws.path("half"), false))
         .unwrap();
@@ -173,8 +173,8 @@ fn cuda_trains_like_the_cpu_and_its_checkpoints_resume_on_the_cpu() {
         "training.eval_interval=20",
         "training.checkpoint_interval=20",
     ];
-    let mut cpu = Trainer::new(config(&ws, 20, &set), &Device::Cpu, ProgressMode::Quiet).unwrap();
-    let mut cuda = Trainer::new(config(&ws, 20, &set), &gpu, ProgressMode::Quiet).unwrap();
+    let mut cpu = Trainer::on_device(config(&ws, 20, &set), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut cuda = Trainer::on_device(config(&ws, 20, &set), &gpu, ProgressMode::Quiet).unwrap();
     let mut worst = 0.0f64;
     for step in 0..20 {
         let (a, b) = (cpu.train_step().unwrap(), cuda.train_step().unwrap());
@@ -190,8 +190,8 @@ fn cuda_trains_like_the_cpu_and_its_checkpoints_resume_on_the_cpu() {
     // bf16 on the GPU trains too, within bf16's rounding of f32.
     let mut set16 = set.to_vec();
     set16.push("training.dtype=\"bf16\"");
-    let mut half = Trainer::new(config(&ws, 20, &set16), &gpu, ProgressMode::Quiet).unwrap();
-    let mut exact = Trainer::new(config(&ws, 20, &set), &gpu, ProgressMode::Quiet).unwrap();
+    let mut half = Trainer::on_device(config(&ws, 20, &set16), &gpu, ProgressMode::Quiet).unwrap();
+    let mut exact = Trainer::on_device(config(&ws, 20, &set), &gpu, ProgressMode::Quiet).unwrap();
     for _ in 0..10 {
         let (a, b) = (half.train_step().unwrap(), exact.train_step().unwrap());
         assert!((a - b).abs() < 0.05, "bf16 {a} vs f32 {b}");

@@ -15,7 +15,7 @@ use common::{fails_with, stderr, stdout, tinygpt, train_tiny, Workspace};
 
 fn trained(ws: &Workspace) -> Trainer {
     let cfg = Config::load(&ws.path("tiny.toml"), &[]).unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     for _ in 0..5 {
         t.train_step().unwrap();
     }

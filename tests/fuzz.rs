@@ -46,7 +46,7 @@ fn fixture() -> &'static Fixture {
         )
         .unwrap();
         let config = std::fs::read_to_string(ws.path("tiny.toml")).unwrap();
-        let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+        let mut t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
         t.train_step().unwrap();
         let dir = ws.path("ck");
         t.save(&dir).unwrap();

@@ -53,7 +53,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn random_checkpoint(ws: &Workspace, name: &str, sets: &[&str]) -> PathBuf {
     let over: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg = Config::load(&ws.path("tiny.toml"), &over).unwrap();
-    let t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     for (name, var) in t.params.vars() {
         if name.ends_with(".bias") || name.contains("ln_") {
             let t = var.as_tensor();
@@ -250,7 +250,8 @@ fn fine_tuning_starts_from_the_imported_weights() {
     let over: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let mut cfg = Config::load(&config, &over).unwrap();
     cfg.data.path = corpus.clone();
-    let t = Trainer::init_from(cfg, &ck, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let ctx = tinygpt::run::context::RunContext::for_training(&cfg, &Device::Cpu).unwrap();
+    let t = Trainer::init_from(cfg, &ck, &ctx, ProgressMode::Quiet).unwrap();
     assert_eq!(
         common::param_values(&t.params),
         common::checkpoint_weights(&ck),

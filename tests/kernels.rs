@@ -320,7 +320,7 @@ fn trainer(ws: &Workspace, kernels: Kernels, extra: &[&str]) -> Trainer {
     ];
     over.extend(extra.iter().map(|s| s.to_string()));
     let cfg = Config::load(&ws.path("tiny.toml"), &over).unwrap();
-    Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap()
+    Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, D};
 use tinygpt::model::attention::causal_mask;
-use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params};
+use tinygpt::model::{Gpt, Head, MultiHeadAttention, Params, Precision};
 use tinygpt::rng::seeded;
 use tinygpt::run::config::{Config, ModelConfig, Position};
 
@@ -461,13 +461,15 @@ fn norm_options_are_written_once_and_run_everywhere() {
         FusedGpt::supports(&only_qk).unwrap_err().key,
         "model.qk_norm"
     );
-    let (kind, note) = EngineChoice::Auto.resolve(&cfg).unwrap();
+    let (kind, note) = EngineChoice::Auto.resolve(&cfg, &Device::Cpu, Precision::F32).unwrap();
     assert_eq!(kind, EngineKind::Reference);
     assert!(note.unwrap().contains("model.norm = \"rms\""));
-    let e = EngineChoice::Fused.resolve(&only_qk).unwrap_err();
+    let e = EngineChoice::Fused.resolve(&only_qk, &Device::Cpu, Precision::F32).unwrap_err();
     assert!(e.to_string().contains("model.qk_norm = true"), "{e}");
     assert_eq!(
-        EngineChoice::Auto.resolve(&model_cfg(2)).unwrap(),
+        EngineChoice::Auto
+            .resolve(&model_cfg(2), &Device::Cpu, Precision::F32)
+            .unwrap(),
         (EngineKind::Fused, None)
     );
 }

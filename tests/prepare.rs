@@ -227,11 +227,11 @@ fn a_run_on_prepared_data_resumes_exactly() {
         )
         .unwrap()
     };
-    let mut whole = Trainer::new(cfg(10), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut whole = Trainer::on_device(cfg(10), &Device::Cpu, ProgressMode::Quiet).unwrap();
     whole
         .run(&common::run_options(&ws.path("whole"), false))
         .unwrap();
-    let mut first = Trainer::new(cfg(5), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut first = Trainer::on_device(cfg(5), &Device::Cpu, ProgressMode::Quiet).unwrap();
     first
         .run(&common::run_options(&ws.path("half"), false))
         .unwrap();

@@ -28,7 +28,7 @@ fn tiny_model_overfits_a_tiny_corpus() {
         ],
     )
     .unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let out = ws.path("run");
     let s = t.run(&common::run_options(&out, false)).unwrap();
     let first = t.state.history[0].train_loss;
@@ -61,7 +61,7 @@ fn tiny_model_overfits_a_tiny_corpus() {
 fn save_then_load_gives_identical_logits() {
     let ws = Workspace::new(3000);
     let cfg = Config::load(&ws.path("tiny.toml"), &["training.max_iters=5".into()]).unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     t.train_step().unwrap();
     let dir = ws.path("ck");
     t.save(&dir).unwrap();
@@ -140,14 +140,14 @@ fn resume_continues_exactly_on(kernels: &str, extra: &[&str], runs_on: &str) {
         .collect::<Vec<_>>()
     };
     let cfg = Config::load(&ws.path("tiny.toml"), &over(20)).unwrap();
-    let mut whole = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut whole = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     assert_eq!(whole.engine.kind().name(), runs_on);
     whole
         .run(&common::run_options(&ws.path("whole"), false))
         .unwrap();
 
     let cfg = Config::load(&ws.path("tiny.toml"), &over(10)).unwrap();
-    let mut first = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut first = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     let half = ws.path("half");
     first.run(&common::run_options(&half, false)).unwrap();
     let mut second = common::resume_on_cpu(&half.join("last"), &["training.max_iters=20"]);
@@ -185,7 +185,7 @@ fn resume_continues_exactly_on(kernels: &str, extra: &[&str], runs_on: &str) {
 fn same_seed_same_generation_and_cache_agrees_within_block() {
     let ws = Workspace::new(3000);
     let cfg = Config::load(&ws.path("tiny.toml"), &[]).unwrap();
-    let mut t = Trainer::new(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut t = Trainer::on_device(cfg, &Device::Cpu, ProgressMode::Quiet).unwrap();
     for _ in 0..5 {
         t.train_step().unwrap();
     }

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::engine::device::DeviceChoice;
-use crate::engine::{EngineChoice, EngineOptions};
+use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
 use crate::model::Precision;
 use crate::run::config::Config;
+use crate::run::context::RunContext;
 use crate::train::bench::{self, BenchOptions};
 
 #[derive(Debug, Args)]
@@ -56,12 +57,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let device = args.device.resolve()?;
     let t = &config.training;
-    EngineOptions::choose_on(t.engine, &config.model, &device, t.dtype)?;
+    let ctx = RunContext::start(&device, t.engine, &config.model, t.dtype)?;
     let opts = BenchOptions {
         iters: args.iters,
         warmup: args.warmup,
         gen_tokens: args.gen_tokens,
-        device,
+        ctx,
     };
     let json = args.json;
     let report = bench::run(config, args.data.as_deref(), &opts, |s| {

@@ -23,10 +23,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::device::DeviceChoice;
-use crate::engine::{Engine, EngineChoice, EngineOptions};
+use crate::engine::{Engine, EngineChoice};
 use crate::error::{Error, Result};
 use crate::model::Precision;
 use crate::run::checkpoint::Checkpoint;
+use crate::run::context::RunContext;
 
 /// Train, sample and inspect a tiny GPT.
 #[derive(Debug, Parser)]
@@ -208,22 +209,21 @@ pub(crate) struct EngineArg {
 }
 
 /// Loads the checkpoint a user named onto the device `arg` asks for, with the engine it
-/// resolves to (once per run: a note when `auto` passes over the fused kernels, the thread
-/// counts set). The device is resolved first: a GPU that does not answer fails before any
-/// file is read.
+/// resolves to ([`load_with_context`]).
 pub(crate) fn load_with_engine(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, Engine)> {
-    let (ck, opts) = load_with_options(dir, arg)?;
-    let engine = opts.engine(&ck.model, false)?;
+    let (ck, ctx) = load_with_context(dir, arg)?;
+    let engine = ctx.engine.engine(&ck.model, false)?;
     Ok((ck, engine))
 }
 
-/// [`load_with_engine`]'s checkpoint and engine options, for a caller that adjusts the options
-/// before building the engine.
-pub(crate) fn load_with_options(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, EngineOptions)> {
+/// The checkpoint a user named and the run context of a command on it, started once (a note
+/// when `auto` passes over the fused kernels, the thread counts set). The device is resolved
+/// first: a GPU that does not answer fails before any file is read.
+pub(crate) fn load_with_context(dir: &Path, arg: EngineArg) -> Result<(Checkpoint, RunContext)> {
     let device = arg.device.resolve()?;
     let ck = crate::run::checkpoint::load(&checkpoint_dir(dir), &device)?;
-    let opts = EngineOptions::choose_on(arg.engine, &ck.config.model, &device, Precision::F32)?;
-    Ok((ck, opts))
+    let ctx = RunContext::start(&device, arg.engine, &ck.config.model, Precision::F32)?;
+    Ok((ck, ctx))
 }
 
 /// Reads a prompt file, naming the problem.

@@ -30,10 +30,10 @@ pub struct ServeArgs {
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     let dir = super::checkpoint_dir(&args.checkpoint);
-    let (ck, mut opts) = super::load_with_options(&args.checkpoint, args.engine)?;
+    let (ck, mut ctx) = super::load_with_context(&args.checkpoint, args.engine)?;
     // Requests decode side by side: one core each, no partner threads spinning for a second.
-    opts.partner_threads = false;
-    let engine = opts.engine(&ck.model, false)?;
+    ctx.engine.partner_threads = false;
+    let engine = ctx.engine.engine(&ck.model, false)?;
     // The run's metrics.csv: beside best/ and last/, or in the directory given.
     let metrics = [Some(args.checkpoint.as_path()), dir.parent()]
         .into_iter()

@@ -1,19 +1,19 @@
 //! `tinygpt train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
+use candle_core::Device;
 use clap::{Args, ValueEnum};
 
 use crate::engine::device::DeviceChoice;
-use crate::engine::{EngineChoice, EngineOptions};
+use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
 use crate::rng::seeded;
 use crate::run::config::Config;
-use crate::run::lock::RunLock;
+use crate::run::context::{RunContext, RunDir};
 use crate::sample::{generate, SampleOptions};
-use crate::train::trainer::{prepare_out_dir, resume_paths};
 use crate::train::{ProgressMode, RunOptions, Trainer};
 
 #[derive(Debug, Args)]
@@ -80,105 +80,114 @@ fn install_signal_handlers() -> Result<Arc<AtomicUsize>> {
     Ok(stop)
 }
 
+/// A run ready to train: its context, its directory (locked) and the trainer.
+struct Started {
+    ctx: RunContext,
+    dir: RunDir,
+    trainer: Trainer,
+}
+
+/// Resumes the run `resume` names: its checkpoint's config with the overrides, the context
+/// that config resolves to, the run directory locked.
+fn start_resumed(args: &TrainArgs, resume: &Path, device: &Device) -> Result<Started> {
+    let dir = RunDir::resume(resume, args.out.clone())?;
+    let ck_dir = dir.resume.clone().unwrap_or_default();
+    let ck = crate::run::checkpoint::load(&ck_dir, device)?;
+    let mut overrides = args.set.clone();
+    overrides.extend(args.engine.map(engine_override));
+    let config = Trainer::resumed_config(&ck, &overrides, args.data.as_deref())?;
+    let ctx = context_for(&config, device)?;
+    let trainer = Trainer::resume(ck, config, &ctx, ProgressMode::detect(args.quiet))?;
+    Ok(Started { ctx, dir, trainer })
+}
+
+/// Starts a fresh run of `--config` (or from `--init-from`'s weights) in a new run directory;
+/// a start that fails leaves no run directory it created behind.
+fn start_fresh(args: &TrainArgs, device: &Device) -> Result<Started> {
+    let path = args
+        .config
+        .as_ref()
+        .ok_or_else(|| Error::Usage("--config is required unless --resume is given".into()))?;
+    let mut config = Config::load(path, &args.set)?;
+    if let Some(e) = args.engine {
+        config.training.engine = e;
+    }
+    let ctx = context_for(&config, device)?;
+    if let Some(d) = &args.data {
+        config.data.path = d.clone();
+    }
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
+    let dir = RunDir::fresh(out, args.force)?;
+    let progress = ProgressMode::detect(args.quiet);
+    let trainer = match &args.init_from {
+        Some(ck) => Trainer::init_from(config, &super::checkpoint_dir(ck), &ctx, progress),
+        None => Trainer::new(config, &ctx, progress),
+    };
+    match trainer {
+        Ok(trainer) => Ok(Started { ctx, dir, trainer }),
+        Err(e) => Err(dir.discard(e)),
+    }
+}
+
+/// The run context of a training run of `config` on `device`, started once.
+fn context_for(config: &Config, device: &Device) -> Result<RunContext> {
+    let t = &config.training;
+    RunContext::start(device, t.engine, &config.model, t.dtype)
+}
+
+/// The line that opens a run: the model, the data, the engine and the run directory.
+fn opening_line(s: &Started) -> String {
+    let (t, c) = (&s.trainer, &s.trainer.config);
+    format!(
+        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}",
+        t.params.count(),
+        c.tokenizer.kind.name(),
+        t.tokenizer.vocab_size(),
+        t.dataset.len(crate::data::corpus::Split::Train),
+        t.dataset.len(crate::data::corpus::Split::Val),
+        s.ctx.engine.kind.name(),
+        crate::engine::device::name(&s.ctx.device),
+        c.training.dtype.name(),
+        s.dir.path.display(),
+        match &s.dir.resume {
+            Some(_) => format!(", resuming at step {}", t.state.step),
+            None => String::new(),
+        }
+    )
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     // First: a GPU that does not answer fails before anything is read or written.
     let device = args.device.resolve()?;
     let stop = install_signal_handlers()?;
     let progress = ProgressMode::detect(args.quiet);
-    // The run directory's lock, held to the end: a second writer fails at once.
-    let (mut trainer, out, resumed, _lock) = if let Some(resume) = &args.resume {
-        let (ck_dir, run_dir) = resume_paths(resume);
-        // A mistyped path must not leave a lock file in whatever directory holds it.
-        crate::run::checkpoint::check_is_dir(&ck_dir)?;
-        let out = args.out.clone().unwrap_or(run_dir);
-        let lock = RunLock::acquire(&out)?;
-        let mut overrides = args.set.clone();
-        overrides.extend(args.engine.map(engine_override));
-        let trainer =
-            Trainer::resume(&ck_dir, &overrides, args.data.as_deref(), &device, progress)?;
-        let t = &trainer.config.training;
-        EngineOptions::choose_on(t.engine, &trainer.config.model, &device, t.dtype)?;
-        (trainer, out, true, lock)
-    } else {
-        let path = args
-            .config
-            .as_ref()
-            .ok_or_else(|| Error::Usage("--config is required unless --resume is given".into()))?;
-        let mut config = Config::load(path, &args.set)?;
-        if let Some(e) = args.engine {
-            config.training.engine = e;
-        }
-        let t = &config.training;
-        EngineOptions::choose_on(t.engine, &config.model, &device, t.dtype)?;
-        if let Some(d) = &args.data {
-            config.data.path = d.clone();
-        }
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into());
-        let out = args
-            .out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
-        let opts = RunOptions {
-            out: out.clone(),
-            resume: None,
-            force: args.force,
-            progress,
-            stop: None,
-        };
-        let existed = out.exists();
-        let lock = RunLock::acquire(&out)?;
-        // Leave no empty run directory behind when the corpus, tokenizer or directory fails.
-        let discard = |_: &Error| {
-            if !existed {
-                let _ = std::fs::remove_file(out.join(crate::run::lock::LOCK_FILE));
-                let _ = std::fs::remove_dir(&out);
-            }
-        };
-        prepare_out_dir(&opts).inspect_err(discard)?;
-        let trainer = match &args.init_from {
-            Some(dir) => Trainer::init_from(config, &super::checkpoint_dir(dir), &device, progress),
-            None => Trainer::new(config, &device, progress),
-        };
-        let trainer = trainer.inspect_err(discard)?;
-        (trainer, out, false, lock)
+    // The run directory's lock is held to the end (by `started.dir`): a second writer fails.
+    let mut started = match &args.resume {
+        Some(resume) => start_resumed(&args, resume, &device)?,
+        None => start_fresh(&args, &device)?,
     };
+    let out = started.dir.path.clone();
     let opts = RunOptions {
         out: out.clone(),
-        resume: resumed.then(|| out.clone()),
-        force: args.force,
+        resume: started.dir.resume.as_ref().map(|_| out.clone()),
         progress,
         stop: Some(stop),
     };
-    if resumed {
-        prepare_out_dir(&opts)?;
-    }
-    trainer.check_disk_space(&out)?;
+    started.trainer.check_disk_space(&out)?;
     let say = |s: String| {
         if progress != ProgressMode::Quiet {
             println!("{s}");
         }
     };
-    let c = &trainer.config;
-    say(format!(
-        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}",
-        trainer.params.count(),
-        c.tokenizer.kind.name(),
-        trainer.tokenizer.vocab_size(),
-        trainer.dataset.len(crate::data::corpus::Split::Train),
-        trainer.dataset.len(crate::data::corpus::Split::Val),
-        trainer.engine.kind().name(),
-        crate::engine::device::name(&device),
-        c.training.dtype.name(),
-        out.display(),
-        if resumed {
-            format!(", resuming at step {}", trainer.state.step)
-        } else {
-            String::new()
-        }
-    ));
+    say(opening_line(&started));
+    let trainer = &mut started.trainer;
     let summary = trainer.run(&opts)?;
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     say(format!(
@@ -196,17 +205,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Err(e) => eprintln!("warning: could not draw the loss curves: {e}"),
     }
     if args.sample_tokens > 0 && progress != ProgressMode::Quiet {
-        let start = trainer.tokenizer.newline_id().unwrap_or(0);
-        let opts = SampleOptions {
-            max_new_tokens: args.sample_tokens,
-            ..SampleOptions::default()
-        };
-        let mut rng = seeded(trainer.config.training.seed);
-        let ids = generate(&trainer.engine, &[start], &opts, &mut rng, |_| Ok(true))?;
-        println!(
-            "--- sample ---\n{}\n--------------",
-            trainer.tokenizer.decode(&ids)?
-        );
+        print_sample(trainer, args.sample_tokens)?;
     }
+    Ok(())
+}
+
+/// `n` tokens sampled from the trained model after a newline, printed between rules.
+fn print_sample(trainer: &Trainer, n: usize) -> Result<()> {
+    let start = trainer.tokenizer.newline_id().unwrap_or(0);
+    let opts = SampleOptions {
+        max_new_tokens: n,
+        ..SampleOptions::default()
+    };
+    let mut rng = seeded(trainer.config.training.seed);
+    let ids = generate(&trainer.engine, &[start], &opts, &mut rng, |_| Ok(true))?;
+    println!(
+        "--- sample ---\n{}\n--------------",
+        trainer.tokenizer.decode(&ids)?
+    );
     Ok(())
 }

@@ -159,7 +159,7 @@ impl Decoder {
             wpe: model.wpe.as_ref().map(data).transpose()?,
             rope: fused.rope.clone(),
             head: Dense::new(&data(model.head_weight())?, None, c, false), // never shared
-            partner: two.then(Partner::new),
+            partner: two.then(Partner::spawn),
             softcap: model.cfg.logit_softcap,
             bigram: model.bigram.as_ref().map(data).transpose()?,
             last: None,

@@ -1,7 +1,7 @@
 //! What runs a model: the reference [`Gpt`] itself (candle's composed ops and autograd), or
 //! its fused copy on tinygpt's CPU kernels ([`FusedGpt`]). An engine is a run option, not a
 //! property of the model: `--engine auto|reference|fused` ([`EngineChoice`]) is resolved once
-//! per run, for the model's config, into an [`EngineOptions`] that the commands pass down. The
+//! per run, for the model's config, into the [`EngineOptions`] of a run's context (`run::context`). The
 //! fused path is an accelerator that may lag behind the model: it declares what it supports
 //! ([`FusedGpt::supports`]), and `auto` runs anything else on the reference engine.
 //!
@@ -63,17 +63,12 @@ impl EngineKind {
 }
 
 impl EngineChoice {
-    /// The engine that runs a model of `cfg` on the CPU in f32 ([`EngineChoice::resolve_on`]).
-    pub fn resolve(self, cfg: &ModelConfig) -> Result<(EngineKind, Option<String>)> {
-        self.resolve_on(cfg, &Device::Cpu, Precision::F32)
-    }
-
     /// The engine that runs a model of `cfg` on `device` with matrix products in `precision`,
     /// and, when `auto` passed over the fused kernels for a reason the user may not expect,
     /// the one line that says why. The fused kernels run on the CPU in f32 only: `auto` on a
     /// GPU is the reference engine without a note; `fused` on what they do not support is
     /// refused, naming it.
-    pub fn resolve_on(
+    pub fn resolve(
         self,
         cfg: &ModelConfig,
         device: &Device,
@@ -131,42 +126,6 @@ impl EngineOptions {
             precision: Precision::F32,
             partner_threads: true,
         }
-    }
-
-    /// Resolves `choice` for a model of `cfg` on `device` with products in `precision`
-    /// ([`EngineChoice::resolve_on`]), prints its note (if any) on stderr, and sets the thread
-    /// counts for the engine ([`configure_threads`]) and candle's TF32 switch. Call it once per
-    /// run, before the first tensor op.
-    pub fn choose_on(
-        choice: EngineChoice,
-        cfg: &ModelConfig,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<EngineOptions> {
-        let (opts, note) = EngineOptions::resolve(choice, cfg, device, precision)?;
-        if let Some(note) = note {
-            eprintln!("{note}");
-        }
-        configure_threads(opts.kind);
-        crate::model::precision::set_tf32(precision == Precision::Tf32);
-        Ok(opts)
-    }
-
-    /// The options `choice` resolves to for a model of `cfg` on `device` with products in
-    /// `precision`, and the note of a fallback ([`EngineChoice::resolve_on`]), with nothing
-    /// printed or set: [`EngineOptions::choose_on`] does that once per run.
-    pub fn resolve(
-        choice: EngineChoice,
-        cfg: &ModelConfig,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<(EngineOptions, Option<String>)> {
-        let (kind, note) = choice.resolve_on(cfg, device, precision)?;
-        let opts = EngineOptions {
-            precision,
-            ..EngineOptions::new(kind)
-        };
-        Ok((opts, note))
     }
 
     /// The engine for `model`; `recompute`: training passes keep only each block's input and
@@ -281,7 +240,7 @@ impl Engine {
             },
             EngineKind::Fused => {
                 // The refusal `--engine fused` gives, for options built by hand.
-                EngineChoice::Fused.resolve_on(&model.cfg, model.wte.device(), opts.precision)?;
+                EngineChoice::Fused.resolve(&model.cfg, model.wte.device(), opts.precision)?;
                 Runner::Fused(FusedGpt::new(model, recompute))
             }
         };

@@ -109,6 +109,13 @@ pub fn export(ck: &Checkpoint, out: &Path, dtype: GgufDtype, force: bool) -> Res
         )));
     }
     let w = Gpt2Weights::from_model(&ck.model)?;
+    let tensors = tensor_list(&w, dtype)?;
+    let meta = metadata(ck, dtype)?;
+    write_atomically(out, &meta, &tensors)
+}
+
+/// The file's tensors in llama.cpp's `gpt2` names: 2-D weights as `dtype`, norms and biases f32.
+fn tensor_list(w: &Gpt2Weights, dtype: GgufDtype) -> Result<Vec<(String, QTensor)>> {
     let matrix = |t: &Tensor| -> Result<QTensor> {
         let d = match dtype {
             GgufDtype::F32 => GgmlDType::F32,
@@ -145,6 +152,12 @@ pub fn export(ck: &Checkpoint, out: &Path, dtype: GgufDtype, force: bool) -> Res
             tensors.push((format!("blk.{i}.{name}.bias"), vector(bias)?));
         }
     }
+    Ok(tensors)
+}
+
+/// The file's key-value metadata: architecture, hyperparameters and the tokenizer.
+fn metadata(ck: &Checkpoint, dtype: GgufDtype) -> Result<Vec<(&'static str, Value)>> {
+    let cfg = &ck.config.model;
     let (tokens, types, merges) = vocabulary(&ck.tokenizer)?;
     let special = ck.tokenizer.special_ids().first().copied();
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
@@ -185,6 +198,16 @@ pub fn export(ck: &Checkpoint, out: &Path, dtype: GgufDtype, force: bool) -> Res
         meta.push(("tokenizer.ggml.bos_token_id", Value::U32(id)));
         meta.push(("tokenizer.ggml.eos_token_id", Value::U32(id)));
     }
+    Ok(meta)
+}
+
+/// Writes `meta` and `tensors` to a temporary file beside `out`, then renames it into place
+/// (the temporary file is removed on failure).
+fn write_atomically(
+    out: &Path,
+    meta: &[(&str, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
     let tmp = out.with_file_name(format!(
         ".{}.tmp",
         out.file_name()

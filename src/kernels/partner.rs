@@ -44,7 +44,7 @@ pub struct Partner {
 }
 
 impl Partner {
-    pub fn new() -> Partner {
+    pub fn spawn() -> Partner {
         let shared = Arc::new(Shared {
             posted: AtomicU64::new(0),
             done: AtomicU64::new(0),

@@ -182,107 +182,133 @@ impl Config {
 
     /// Checks every value against what it may be; the message names key, value and range.
     pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        let t = &self.training;
-        positive("model.block_size", m.block_size)?;
-        positive("model.n_layer", m.n_layer)?;
-        positive("model.n_head", m.n_head)?;
-        positive("model.n_embd", m.n_embd)?;
-        if !m.n_embd.is_multiple_of(m.n_head) {
-            return Err(Error::Config(format!(
-                "model.n_embd = {} is not a multiple of model.n_head = {}: each head gets n_embd / n_head dimensions",
-                m.n_embd, m.n_head
-            )));
-        }
-        if !(0.0..1.0).contains(&m.dropout) {
-            return Err(Error::Config(format!(
-                "model.dropout = {} must be in [0, 1)",
-                m.dropout
-            )));
-        }
-        let hs = m.n_embd / m.n_head;
-        if m.position == Position::Rope && !hs.is_multiple_of(2) {
-            return Err(Error::Config(format!(
-                "model.position = \"rope\" turns pairs of a head's entries, but the head size n_embd / n_head = {hs} is odd: choose n_embd and n_head for an even head size"
-            )));
-        }
-        if !(m.logit_softcap == 0.0 || m.logit_softcap.is_finite() && m.logit_softcap > 0.0) {
-            return Err(Error::Config(format!(
-                "model.logit_softcap = {} must be 0 (off) or a positive number (e.g. 30)",
-                m.logit_softcap
-            )));
-        }
-        if self.tokenizer.kind == TokenizerKind::Bpe && self.tokenizer.vocab_size < MIN_BPE_VOCAB {
-            return Err(Error::Config(format!(
-                "tokenizer.vocab_size = {} is too small for a byte-level BPE: it needs at least {MIN_BPE_VOCAB} (256 bytes + special tokens)",
-                self.tokenizer.vocab_size
-            )));
-        }
-        positive("training.batch_size", t.batch_size)?;
-        positive("training.max_iters", t.max_iters)?;
-        positive("training.grad_accum_steps", t.grad_accum_steps)?;
-        positive("training.eval_interval", t.eval_interval)?;
-        positive("training.eval_iters", t.eval_iters)?;
-        positive("training.checkpoint_interval", t.checkpoint_interval)?;
-        positive_f("training.learning_rate", t.learning_rate)?;
-        if !(t.min_lr >= 0.0 && t.min_lr <= t.learning_rate) {
-            return Err(Error::Config(format!(
-                "training.min_lr = {} must be in [0, learning_rate = {}]",
-                t.min_lr, t.learning_rate
-            )));
-        }
-        if t.warmup_iters > t.max_iters {
-            return Err(Error::Config(format!(
-                "training.warmup_iters = {} is larger than training.max_iters = {}",
-                t.warmup_iters, t.max_iters
-            )));
-        }
-        if t.lr_decay_iters < t.warmup_iters {
-            return Err(Error::Config(format!(
-                "training.lr_decay_iters = {} must be at least training.warmup_iters = {}",
-                t.lr_decay_iters, t.warmup_iters
-            )));
-        }
-        for (key, v) in [("training.beta1", t.beta1), ("training.beta2", t.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(Error::Config(format!("{key} = {v} must be in [0, 1)")));
-            }
-        }
-        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
-            return Err(Error::Config(format!(
-                "training.weight_decay = {} must be a finite number ≥ 0",
-                t.weight_decay
-            )));
-        }
-        if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
-            return Err(Error::Config(format!(
-                "training.grad_clip = {} must be ≥ 0 (0 turns clipping off)",
-                t.grad_clip
-            )));
-        }
-        positive_f("training.muon_learning_rate", t.muon_learning_rate)?;
-        if !(0.0..1.0).contains(&t.muon_momentum) {
-            return Err(Error::Config(format!(
-                "training.muon_momentum = {} must be in [0, 1)",
-                t.muon_momentum
-            )));
-        }
-        if t.lr_schedule == LrSchedule::Wsd && t.cooldown_iters > t.lr_decay_iters - t.warmup_iters
-        {
-            return Err(Error::Config(format!(
-                "training.cooldown_iters = {} must be at most lr_decay_iters − warmup_iters = {}",
-                t.cooldown_iters,
-                t.lr_decay_iters - t.warmup_iters
-            )));
-        }
-        if !(t.val_fraction > 0.0 && t.val_fraction < 1.0) {
-            return Err(Error::Config(format!(
-                "training.val_fraction = {} must be in (0, 1)",
-                t.val_fraction
-            )));
-        }
-        Ok(())
+        validate_model(&self.model)?;
+        validate_tokenizer(&self.tokenizer)?;
+        validate_training_counts(&self.training)?;
+        validate_optimizer(&self.training)?;
+        validate_cooldown_and_split(&self.training)
     }
+}
+
+/// Checks the `[model]` table: sizes, head split, dropout, RoPE head size and soft cap.
+fn validate_model(m: &ModelConfig) -> Result<()> {
+    positive("model.block_size", m.block_size)?;
+    positive("model.n_layer", m.n_layer)?;
+    positive("model.n_head", m.n_head)?;
+    positive("model.n_embd", m.n_embd)?;
+    if !m.n_embd.is_multiple_of(m.n_head) {
+        return Err(Error::Config(format!(
+            "model.n_embd = {} is not a multiple of model.n_head = {}: each head gets n_embd / n_head dimensions",
+            m.n_embd, m.n_head
+        )));
+    }
+    if !(0.0..1.0).contains(&m.dropout) {
+        return Err(Error::Config(format!(
+            "model.dropout = {} must be in [0, 1)",
+            m.dropout
+        )));
+    }
+    let hs = m.n_embd / m.n_head;
+    if m.position == Position::Rope && !hs.is_multiple_of(2) {
+        return Err(Error::Config(format!(
+            "model.position = \"rope\" turns pairs of a head's entries, but the head size n_embd / n_head = {hs} is odd: choose n_embd and n_head for an even head size"
+        )));
+    }
+    if !(m.logit_softcap == 0.0 || m.logit_softcap.is_finite() && m.logit_softcap > 0.0) {
+        return Err(Error::Config(format!(
+            "model.logit_softcap = {} must be 0 (off) or a positive number (e.g. 30)",
+            m.logit_softcap
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a BPE `[tokenizer]` has room for the bytes and the special tokens.
+fn validate_tokenizer(tok: &TokenizerConfig) -> Result<()> {
+    if tok.kind == TokenizerKind::Bpe && tok.vocab_size < MIN_BPE_VOCAB {
+        return Err(Error::Config(format!(
+            "tokenizer.vocab_size = {} is too small for a byte-level BPE: it needs at least {MIN_BPE_VOCAB} (256 bytes + special tokens)",
+            tok.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the `[training]` counts, learning rates and the warmup / decay lengths.
+fn validate_training_counts(t: &TrainingConfig) -> Result<()> {
+    positive("training.batch_size", t.batch_size)?;
+    positive("training.max_iters", t.max_iters)?;
+    positive("training.grad_accum_steps", t.grad_accum_steps)?;
+    positive("training.eval_interval", t.eval_interval)?;
+    positive("training.eval_iters", t.eval_iters)?;
+    positive("training.checkpoint_interval", t.checkpoint_interval)?;
+    positive_f("training.learning_rate", t.learning_rate)?;
+    if !(t.min_lr >= 0.0 && t.min_lr <= t.learning_rate) {
+        return Err(Error::Config(format!(
+            "training.min_lr = {} must be in [0, learning_rate = {}]",
+            t.min_lr, t.learning_rate
+        )));
+    }
+    if t.warmup_iters > t.max_iters {
+        return Err(Error::Config(format!(
+            "training.warmup_iters = {} is larger than training.max_iters = {}",
+            t.warmup_iters, t.max_iters
+        )));
+    }
+    if t.lr_decay_iters < t.warmup_iters {
+        return Err(Error::Config(format!(
+            "training.lr_decay_iters = {} must be at least training.warmup_iters = {}",
+            t.lr_decay_iters, t.warmup_iters
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the `[training]` optimizer settings: betas, weight decay, clipping and Muon's.
+fn validate_optimizer(t: &TrainingConfig) -> Result<()> {
+    for (key, v) in [("training.beta1", t.beta1), ("training.beta2", t.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(Error::Config(format!("{key} = {v} must be in [0, 1)")));
+        }
+    }
+    if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+        return Err(Error::Config(format!(
+            "training.weight_decay = {} must be a finite number ≥ 0",
+            t.weight_decay
+        )));
+    }
+    if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
+        return Err(Error::Config(format!(
+            "training.grad_clip = {} must be ≥ 0 (0 turns clipping off)",
+            t.grad_clip
+        )));
+    }
+    positive_f("training.muon_learning_rate", t.muon_learning_rate)?;
+    if !(0.0..1.0).contains(&t.muon_momentum) {
+        return Err(Error::Config(format!(
+            "training.muon_momentum = {} must be in [0, 1)",
+            t.muon_momentum
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the WSD cooldown length and the validation fraction.
+fn validate_cooldown_and_split(t: &TrainingConfig) -> Result<()> {
+    if t.lr_schedule == LrSchedule::Wsd && t.cooldown_iters > t.lr_decay_iters - t.warmup_iters {
+        return Err(Error::Config(format!(
+            "training.cooldown_iters = {} must be at most lr_decay_iters − warmup_iters = {}",
+            t.cooldown_iters,
+            t.lr_decay_iters - t.warmup_iters
+        )));
+    }
+    if !(t.val_fraction > 0.0 && t.val_fraction < 1.0) {
+        return Err(Error::Config(format!(
+            "training.val_fraction = {} must be in (0, 1)",
+            t.val_fraction
+        )));
+    }
+    Ok(())
 }
 
 /// `model.kernels` ("fused" or "reference"), the engine key of configs and checkpoints written

@@ -4,5 +4,6 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod context;
 pub mod inspect;
 pub mod lock;

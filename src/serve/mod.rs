@@ -173,6 +173,23 @@ where
 
 /// The routes: the page, its two assets, and the API.
 pub fn router(served: Served) -> Router {
+    Router::new()
+        .merge(page_routes())
+        .merge(model_routes())
+        .merge(circuit_routes())
+        .merge(extra_routes())
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"error": "no such page or API endpoint; the page is at /"}).to_string(),
+            )
+        })
+        .with_state(Arc::new(served))
+}
+
+/// The page and its two assets, each with a policy that lets it load nothing from elsewhere.
+fn page_routes() -> Router<Shared> {
     let page = |body: &'static str, kind: &'static str| {
         move || async move {
             (
@@ -198,6 +215,11 @@ pub fn router(served: Served) -> Router {
             "/style.css",
             get(page(STYLE_CSS, "text/css; charset=utf-8")),
         )
+}
+
+/// The model's views of a prompt: its info, tokens, attention, trace, next token, samples, lens.
+fn model_routes() -> Router<Shared> {
+    Router::new()
         .route(
             "/api/model",
             get(|State(s): State<Shared>| async move {
@@ -241,6 +263,11 @@ pub fn router(served: Served) -> Router {
                 Ok(views::lens(&s.ck, &views::prompt(&s.ck, &r.prompt)?)?.to_string())
             }),
         )
+}
+
+/// What each head does: its scores, ablation, activation patching, direct logit attribution.
+fn circuit_routes() -> Router<Shared> {
+    Router::new()
         .route(
             "/api/heads",
             get(|State(s): State<Shared>| async move {
@@ -259,6 +286,11 @@ pub fn router(served: Served) -> Router {
             "/api/dla",
             post_json(|s, r: circuits::DlaReq| Ok(circuits::dla(s, &r)?.to_string())),
         )
+}
+
+/// The rest of the API: embedding neighbours, the run's training curves, textbook attention.
+fn extra_routes() -> Router<Shared> {
+    Router::new()
         .route(
             "/api/neighbours",
             get(
@@ -289,14 +321,6 @@ pub fn router(served: Served) -> Router {
                 )
             }),
         )
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                [(header::CONTENT_TYPE, "application/json")],
-                json!({"error": "no such page or API endpoint; the page is at /"}).to_string(),
-            )
-        })
-        .with_state(Arc::new(served))
 }
 
 /// Serves `served` on `host:port` (port 0: any free one) until Ctrl-C or SIGTERM, printing the

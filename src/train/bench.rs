@@ -15,7 +15,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::Serialize;
 
 use crate::data::corpus::{Dataset, TokenIds};
@@ -25,6 +24,7 @@ use crate::kernels::matmul::{matmul, MatMut, MatRef};
 use crate::progress::ProgressMode;
 use crate::rng::seeded;
 use crate::run::config::{Config, TokenizerKind};
+use crate::run::context::RunContext;
 use crate::sample::{generate, SampleOptions};
 use crate::train::Trainer;
 
@@ -37,8 +37,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// New tokens per generation measurement.
     pub gen_tokens: usize,
-    /// Where to run.
-    pub device: Device,
+    /// Where and how to run: the device and the engine the config resolved to.
+    pub ctx: RunContext,
 }
 
 /// The measurements; `--json` prints this struct.
@@ -123,7 +123,7 @@ fn median(xs: &mut [f64]) -> f64 {
 
 /// A trainer on random tokens: a vocabulary of 65 (tinyshakespeare's character count) for a
 /// char config, `vocab_size` for BPE. Speed does not depend on what the tokens say.
-fn synthetic_trainer(config: Config, device: &Device) -> Result<Trainer> {
+fn synthetic_trainer(config: Config, ctx: &RunContext) -> Result<Trainer> {
     let vocab = match config.tokenizer.kind {
         TokenizerKind::Char => 65,
         TokenizerKind::Bpe => config.tokenizer.vocab_size,
@@ -145,7 +145,7 @@ fn synthetic_trainer(config: Config, device: &Device) -> Result<Trainer> {
         config.model.block_size,
         Path::new("(random tokens)"),
     )?;
-    Trainer::from_parts(config, tokenizer, dataset, device)
+    Trainer::from_parts(config, tokenizer, dataset, ctx)
 }
 
 /// Measures `config` (trained on `data`, or on random tokens when `None`). `say` gets a line
@@ -161,13 +161,13 @@ pub fn run(
             "--iters and --gen-tokens must be at least 1".into(),
         ));
     }
-    let device = opts.device.clone();
+    let device = opts.ctx.device.clone();
     let mut trainer = match data {
         Some(p) => {
             config.data.path = p.to_path_buf();
-            Trainer::new(config, &device, ProgressMode::Quiet)?
+            Trainer::new(config, &opts.ctx, ProgressMode::Quiet)?
         }
-        None => synthetic_trainer(config, &device)?,
+        None => synthetic_trainer(config, &opts.ctx)?,
     };
     let cfg = trainer.config.clone();
     let tokens_per_iter =

@@ -2,7 +2,7 @@
 //! checkpoints. Every random draw comes from the run's one RNG, which the checkpoint saves, so
 //! N steps in one go and N/2 + resume + N/2 give identical weights.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,13 +17,14 @@ use crate::data::corpus::{load_for, read_corpus, Dataset, Split};
 use crate::data::shards::Prepared;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::tokenizer::TokenizerKind;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
 use crate::rng::seeded;
-use crate::run::checkpoint::{self, LossPoint, TrainState, FORMAT_VERSION};
+use crate::run::checkpoint::{self, Checkpoint, LossPoint, TrainState, FORMAT_VERSION};
 use crate::run::config::Config;
+use crate::run::context::RunContext;
 
 /// Header of `metrics.csv`.
 pub const METRICS_HEADER: &str = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s";
@@ -35,8 +36,6 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue from this checkpoint (its config, weights, optimizer and RNG).
     pub resume: Option<PathBuf>,
-    /// Write into a run directory that already holds checkpoints.
-    pub force: bool,
     pub progress: ProgressMode,
     /// Set (to the signal number) to stop after the current step, save `last/` and return
     /// [`Error::Interrupted`].
@@ -69,31 +68,6 @@ pub struct Trainer {
     pub state: TrainState,
     pub dataset: Dataset,
     device: Device,
-}
-
-fn has_checkpoints(dir: &Path) -> bool {
-    ["last", "best", ".last.old", ".best.old"]
-        .iter()
-        .any(|n| dir.join(n).exists())
-}
-
-/// Checks early that checkpoints can be written into `dir`.
-fn probe_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::Usage(format!(
-            "cannot create the run directory {}: {e}; pass another --out",
-            dir.display()
-        ))
-    })?;
-    let probe = dir.join(".write-probe");
-    let res = std::fs::write(&probe, vec![0u8; 4096]);
-    let _ = std::fs::remove_file(&probe);
-    res.map_err(|e| {
-        Error::Usage(format!(
-            "cannot write checkpoints into {}: {e}; pass another --out",
-            dir.display()
-        ))
-    })
 }
 
 /// Bytes free for an unprivileged user on the filesystem holding `dir`, if the OS says.
@@ -130,7 +104,7 @@ impl Trainer {
     /// A fresh run of `config` (tokenizer trained on the corpus, weights from the seed).
     /// A prepared folder (`tinygpt prepare`) brings its own tokenizer, which must be of the
     /// config's kind (and, for BPE, size).
-    pub fn new(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
+    pub fn new(config: Config, ctx: &RunContext, progress: ProgressMode) -> Result<Trainer> {
         let path = &config.data.path;
         if crate::data::shards::is_prepared(path) {
             let prepared = Prepared::open(path)?;
@@ -153,14 +127,22 @@ impl Trainer {
                 )));
             }
             let dataset = Dataset::from_prepared(prepared, config.model.block_size)?;
-            return Trainer::from_parts(config, tokenizer, dataset, device);
+            return Trainer::from_parts(config, tokenizer, dataset, ctx);
         }
         let text = read_corpus(path)?;
         let tokenizer =
             Tokenizer::train(config.tokenizer.kind, &text, config.tokenizer.vocab_size)?;
         let dataset = make_dataset(&config, &tokenizer, &text, progress)?;
         drop(text);
-        Trainer::from_parts(config, tokenizer, dataset, device)
+        Trainer::from_parts(config, tokenizer, dataset, ctx)
+    }
+
+    /// [`Trainer::new`] on `device`, with the context its config's `training.engine` and
+    /// `training.dtype` resolve to ([`RunContext::for_training`]): for library callers and
+    /// tests, which set nothing process-wide.
+    pub fn on_device(config: Config, device: &Device, progress: ProgressMode) -> Result<Trainer> {
+        let ctx = RunContext::for_training(&config, device)?;
+        Trainer::new(config, &ctx, progress)
     }
 
     /// A fresh run of `config` on an already tokenized `dataset`.
@@ -168,14 +150,17 @@ impl Trainer {
         config: Config,
         tokenizer: Tokenizer,
         dataset: Dataset,
-        device: &Device,
+        ctx: &RunContext,
     ) -> Result<Trainer> {
+        let device = &ctx.device;
         let mut rng = seeded(config.training.seed);
         // Weights are drawn first, then the same stream feeds batches and dropout.
         let mut params = Params::fresh(rng.clone(), device);
         let vocab = tokenizer.vocab_size();
         let model = params.build(|vb| Gpt::new(&config.model, vocab, vb))?;
-        let engine = engine_for(&model, &config)?;
+        let engine = ctx
+            .engine
+            .engine(&model, config.training.recompute_activations)?;
         // Batches and dropout draw from a second stream of the same seed, independent of how
         // many numbers the initialisation took.
         rng.set_stream(1);
@@ -208,10 +193,10 @@ impl Trainer {
     pub fn init_from(
         mut config: Config,
         dir: &Path,
-        device: &Device,
+        ctx: &RunContext,
         progress: ProgressMode,
     ) -> Result<Trainer> {
-        let ck = checkpoint::load(dir, device)?;
+        let ck = checkpoint::load(dir, &ctx.device)?;
         let mut want = ck.config.model.clone();
         let m = &config.model;
         (want.dropout, want.zero_init) = (m.dropout, m.zero_init);
@@ -241,7 +226,7 @@ impl Trainer {
         }
         config.tokenizer = ck.config.tokenizer.clone();
         let dataset = dataset_for(&config, &ck.tokenizer, progress)?;
-        let trainer = Trainer::from_parts(config, ck.tokenizer, dataset, device)?;
+        let trainer = Trainer::from_parts(config, ck.tokenizer, dataset, ctx)?;
         for (name, var) in trainer.params.vars() {
             // Same names and shapes: the configs agree and both checkpoints were built by Gpt::new.
             var.set(ck.params.vars()[name].as_tensor())?;
@@ -249,19 +234,10 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// Continues the run saved in checkpoint `dir`. `overrides` may change training settings
-    /// (e.g. `training.max_iters` to train longer) but not the model or tokenizer.
-    pub fn resume(
-        dir: &Path,
-        overrides: &[String],
-        data: Option<&Path>,
-        device: &Device,
-        progress: ProgressMode,
-    ) -> Result<Trainer> {
-        let ck = checkpoint::load(dir, device)?;
-        let state = ck.state.clone().ok_or_else(|| {
-            Error::checkpoint(&ck.dir, "state.json is missing, so this checkpoint cannot be resumed (it can still be used to generate)")
-        })?;
+    /// The config a resumed run of checkpoint `ck` trains with: the checkpoint's own, with
+    /// `overrides` (e.g. `training.max_iters` to train longer) and `data` applied; the model and
+    /// tokenizer settings may not change.
+    pub fn resumed_config(ck: &Checkpoint, overrides: &[String], data: Option<&Path>) -> Result<Config> {
         let mut config = if overrides.is_empty() {
             ck.config.clone()
         } else {
@@ -276,12 +252,28 @@ impl Trainer {
         if let Some(p) = data {
             config.data.path = p.to_path_buf();
         }
+        Ok(config)
+    }
+
+    /// Continues the run saved in checkpoint `ck` (loaded onto `ctx.device`) exactly where it
+    /// stopped, with `config` from [`Trainer::resumed_config`].
+    pub fn resume(
+        ck: Checkpoint,
+        config: Config,
+        ctx: &RunContext,
+        progress: ProgressMode,
+    ) -> Result<Trainer> {
+        let state = ck.state.clone().ok_or_else(|| {
+            Error::checkpoint(&ck.dir, "state.json is missing, so this checkpoint cannot be resumed (it can still be used to generate)")
+        })?;
         let dataset = dataset_for(&config, &ck.tokenizer, progress)?;
         let mut optimizer = Optimizer::new(ck.params.vars(), &config.training)?;
-        let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, device)?;
+        let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, &ctx.device)?;
         optimizer.load_state(&opt_state)?;
         let model = ck.model;
-        let engine = engine_for(&model, &config)?;
+        let engine = ctx
+            .engine
+            .engine(&model, config.training.recompute_activations)?;
         Ok(Trainer {
             config,
             tokenizer: ck.tokenizer,
@@ -291,7 +283,7 @@ impl Trainer {
             optimizer,
             state,
             dataset,
-            device: device.clone(),
+            device: ctx.device.clone(),
         })
     }
 
@@ -444,32 +436,11 @@ impl Trainer {
             );
             append_row(&mut metrics, &out, row)?;
             if step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters {
-                metrics
-                    .flush()
-                    .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+                flush_metrics(&mut metrics, &out)?;
                 self.save(&out.join("last"))?;
             }
-            if let Some(signal) = opts
-                .stop
-                .as_ref()
-                .map(|s| s.load(Ordering::SeqCst))
-                .filter(|&s| s != 0)
-            {
-                progress.finish();
-                metrics
-                    .flush()
-                    .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
-                let saved = out.join("last");
-                if !(step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters) {
-                    self.save(&saved)?;
-                }
-                return Err(Error::Interrupted {
-                    signal: signal as i32,
-                    step,
-                    saved,
-                    run_dir: out,
-                });
-            }
+            let saved_now = step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters;
+            self.stop_if_signalled(opts, &mut metrics, &progress, saved_now)?;
             progress.update(
                 step as u64,
                 &format!("loss {loss:.4} {status} lr {lr:.2e} {:.0} tok/s", tok_s),
@@ -477,9 +448,7 @@ impl Trainer {
             );
         }
         progress.finish();
-        metrics
-            .flush()
-            .map_err(|e| Error::io(out.join("metrics.csv"), e))?;
+        flush_metrics(&mut metrics, &out)?;
         // A run resumed at its end still leaves a complete last/.
         if !out.join("last").exists() {
             self.save(&out.join("last"))?;
@@ -501,6 +470,37 @@ impl Trainer {
         })
     }
 
+    /// When a signal asked the run to stop: ends the progress bar, flushes the metrics, saves
+    /// `last/` (unless this step's checkpoint just did) and returns [`Error::Interrupted`].
+    fn stop_if_signalled(
+        &self,
+        opts: &RunOptions,
+        metrics: &mut File,
+        progress: &Progress,
+        saved_now: bool,
+    ) -> Result<()> {
+        let Some(signal) = opts
+            .stop
+            .as_ref()
+            .map(|s| s.load(Ordering::SeqCst))
+            .filter(|&s| s != 0)
+        else {
+            return Ok(());
+        };
+        progress.finish();
+        flush_metrics(metrics, &opts.out)?;
+        let saved = opts.out.join("last");
+        if !saved_now {
+            self.save(&saved)?;
+        }
+        Err(Error::Interrupted {
+            signal: signal as i32,
+            step: self.state.step,
+            saved,
+            run_dir: opts.out.clone(),
+        })
+    }
+
     fn record_eval(&mut self, out: &Path, train: f64, val: f64, progress: &Progress) -> Result<()> {
         let step = self.state.step;
         self.state.history.push(LossPoint {
@@ -519,13 +519,12 @@ impl Trainer {
     }
 }
 
-/// The engine a run of `config` trains `model` with: `training.engine` resolved for the model,
-/// its device and `training.dtype` (the CLI has printed the note of a fallback already).
-fn engine_for(model: &Gpt, config: &Config) -> Result<Engine> {
-    let t = &config.training;
-    let device = model.wte.device();
-    let (opts, _note) = EngineOptions::resolve(t.engine, &config.model, device, t.dtype)?;
-    opts.engine(model, t.recompute_activations)
+
+/// Writes what `metrics.csv` has buffered.
+fn flush_metrics(metrics: &mut File, out: &Path) -> Result<()> {
+    metrics
+        .flush()
+        .map_err(|e| Error::io(out.join("metrics.csv"), e))
 }
 
 fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
@@ -602,34 +601,3 @@ fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File>
         .map_err(|e| Error::io(&path, e))
 }
 
-/// Prepares the run directory: refuses one holding checkpoints unless resuming or forced, and
-/// checks that it is writable.
-pub fn prepare_out_dir(opts: &RunOptions) -> Result<()> {
-    if opts.resume.is_none() && !opts.force && has_checkpoints(&opts.out) {
-        return Err(Error::Usage(format!(
-            "{} already holds checkpoints; pass --resume {} to continue that run, --force to overwrite it, or another --out",
-            opts.out.display(),
-            opts.out.display()
-        )));
-    }
-    probe_writable(&opts.out)
-}
-
-/// Where to resume from: `dir/last` when `dir` is a run directory, else `dir/best` (a run
-/// stopped between its first evaluation, which saves `best/`, and its first `last/`), else
-/// `dir` itself; and the run directory the resumed run writes to.
-pub fn resume_paths(dir: &Path) -> (PathBuf, PathBuf) {
-    if let Some(ck) = ["last", "best"]
-        .into_iter()
-        .map(|name| dir.join(name))
-        .find(|ck| checkpoint::resolve(ck).is_dir())
-    {
-        (ck, dir.to_path_buf())
-    } else {
-        let run = dir
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        (dir.to_path_buf(), run)
-    }
-}

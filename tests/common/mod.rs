@@ -115,7 +115,6 @@ pub fn run_options(out: &Path, resume: bool) -> tinygpt::train::RunOptions {
     tinygpt::train::RunOptions {
         out: out.to_path_buf(),
         resume: resume.then(|| out.to_path_buf()),
-        force: false,
         progress: tinygpt::train::ProgressMode::Quiet,
         stop: None,
     }
@@ -124,14 +123,12 @@ pub fn run_options(out: &Path, resume: bool) -> tinygpt::train::RunOptions {
 /// The run saved in checkpoint `dir`, continued on the CPU with `overrides`.
 pub fn resume_on_cpu(dir: &Path, overrides: &[&str]) -> tinygpt::train::Trainer {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    tinygpt::train::Trainer::resume(
-        dir,
-        &overrides,
-        None,
-        &candle_core::Device::Cpu,
-        tinygpt::train::ProgressMode::Quiet,
-    )
-    .unwrap()
+    use tinygpt::train::Trainer;
+    let cpu = candle_core::Device::Cpu;
+    let ck = tinygpt::run::checkpoint::load(dir, &cpu).unwrap();
+    let config = Trainer::resumed_config(&ck, &overrides, None).unwrap();
+    let ctx = tinygpt::run::context::RunContext::for_training(&config, &cpu).unwrap();
+    Trainer::resume(ck, config, &ctx, tinygpt::train::ProgressMode::Quiet).unwrap()
 }
 
 /// A temporary directory holding `corpus.txt` and `tiny.toml`.

@@ -105,6 +105,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     report
 }
 
+/// The preparation itself; [`prepare`] only cleans up after a failure.
 fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
@@ -117,12 +118,7 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
     let options = options_json(opts);
     let old = check_out_dir(&opts.out)?;
     if let Some(old) = &old {
-        let same_inputs =
-            old.inputs.len() == sources.len()
-                && old.inputs.iter().zip(&sources).all(|(a, b)| {
-                    a.path == b.path && a.bytes == b.bytes && a.modified == b.modified
-                });
-        if same_inputs && old.options == options {
+        if is_unchanged(old, &sources, &options) {
             return Ok(PrepareReport {
                 manifest: old.clone(),
                 unchanged: true,
@@ -132,35 +128,87 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
         }
     }
     let total: u64 = sources.iter().map(|s| s.bytes).sum();
-    let (tokenizer, trained_on) = match &opts.tokenizer {
-        TokenizerSource::Given(t) => ((**t).clone(), 0),
-        TokenizerSource::Train(cfg) => train_tokenizer(cfg, &sources, opts, total)?,
-    };
-    let eot = tokenizer.end_of_document().ok_or_else(|| {
-        Error::Tokenizer(
-            "the tokenizer has no end-of-document token (<|endoftext|> or a newline)".into(),
-        )
-    })?;
+    let (tokenizer, trained_on, eot) = load_tokenizer(opts, &sources, total)?;
     let vocab = tokenizer.vocab_size();
 
-    // Leftovers of interrupted runs: never listed by a manifest, so never read; removed here.
-    for entry in std::fs::read_dir(&opts.out)
-        .map_err(|e| Error::io(&opts.out, e))?
-        .flatten()
-    {
-        if entry.file_name().to_string_lossy().ends_with(".partial") {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    remove_partials(&opts.out)?;
     let id = format!(
         "data-{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    let written = write_data_dir(opts, &sources, &tokenizer, eot, &id, total)?;
+
+    let tok_json = save_tokenizer(&tokenizer, &opts.out)?;
+    let record = tokenizer_record(&tokenizer, vocab, &tok_json, trained_on);
+    let manifest = manifest_for(opts, record, written, &id, options);
+    manifest.save(&opts.out)?;
+    remove_old_data_dirs(&opts.out, &id)?;
+    Ok(PrepareReport {
+        manifest,
+        unchanged: false,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: total,
+    })
+}
+
+/// Whether `old` already holds these very inputs (path, size, time) prepared with `options`.
+fn is_unchanged(old: &Manifest, sources: &[Source], options: &serde_json::Value) -> bool {
+    let same_inputs = old.inputs.len() == sources.len()
+        && old
+            .inputs
+            .iter()
+            .zip(sources)
+            .all(|(a, b)| a.path == b.path && a.bytes == b.bytes && a.modified == b.modified);
+    same_inputs && old.options == *options
+}
+
+/// The tokenizer (given, or trained on the corpus), the bytes it was trained on, and its
+/// end-of-document token.
+fn load_tokenizer(
+    opts: &PrepareOptions,
+    sources: &[Source],
+    total: u64,
+) -> Result<(Tokenizer, u64, u32)> {
+    let (tokenizer, trained_on) = match &opts.tokenizer {
+        TokenizerSource::Given(t) => ((**t).clone(), 0),
+        TokenizerSource::Train(cfg) => train_tokenizer(cfg, sources, opts, total)?,
+    };
+    let eot = tokenizer.end_of_document().ok_or_else(|| {
+        Error::Tokenizer(
+            "the tokenizer has no end-of-document token (<|endoftext|> or a newline)".into(),
+        )
+    })?;
+    Ok((tokenizer, trained_on, eot))
+}
+
+/// Removes the leftovers of interrupted runs: never listed by a manifest, so never read.
+fn remove_partials(out: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().ends_with(".partial") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Writes the shards into `{id}.partial` under `--out`, renamed to `id` once whole (removed
+/// on failure, so nothing half-written stays).
+fn write_data_dir(
+    opts: &PrepareOptions,
+    sources: &[Source],
+    tokenizer: &Tokenizer,
+    eot: u32,
+    id: &str,
+    total: u64,
+) -> Result<Written> {
     let partial = opts.out.join(format!("{id}.partial"));
     std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    let result = write_shards(opts, &sources, &tokenizer, eot, &partial, total);
+    let result = write_shards(opts, sources, tokenizer, eot, &partial, total);
     let written = match result {
         Ok(w) => w,
         Err(e) => {
@@ -168,32 +216,59 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
             return Err(e);
         }
     };
-    let final_dir = opts.out.join(&id);
+    let final_dir = opts.out.join(id);
     std::fs::rename(&partial, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    Ok(written)
+}
 
+/// Writes `tokenizer.json` into `out` (through a temporary file, renamed into place) and
+/// returns the JSON written.
+fn save_tokenizer(tokenizer: &Tokenizer, out: &Path) -> Result<String> {
     let tok_json = tokenizer.to_json()?;
-    let tok_path = opts.out.join("tokenizer.json");
-    let tmp = opts.out.join(".tokenizer.json.tmp");
+    let tok_path = out.join("tokenizer.json");
+    let tmp = out.join(".tokenizer.json.tmp");
     std::fs::write(&tmp, &tok_json).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &tok_path).map_err(|e| Error::io(&tok_path, e))?;
+    Ok(tok_json)
+}
+
+/// The manifest's record of the tokenizer saved as `tok_json`.
+fn tokenizer_record(
+    tokenizer: &Tokenizer,
+    vocab: usize,
+    tok_json: &str,
+    trained_on: u64,
+) -> TokenizerRecord {
+    TokenizerRecord {
+        kind: tokenizer.kind(),
+        vocab_size: vocab,
+        sha256: sha256_hex(tok_json.as_bytes()),
+        trained_on_bytes: trained_on,
+        end_of_document: match tokenizer.kind() {
+            TokenizerKind::Bpe => "<|endoftext|>".into(),
+            TokenizerKind::Char => "\n".into(),
+        },
+    }
+}
+
+/// The manifest of what was written into the data folder `id`.
+fn manifest_for(
+    opts: &PrepareOptions,
+    tokenizer: TokenizerRecord,
+    written: Written,
+    id: &str,
+    options: serde_json::Value,
+) -> Manifest {
+    let vocab = tokenizer.vocab_size;
     let val_documents: u64 = written.inputs.iter().map(|i| i.val_documents).sum();
     let tokens_in = |split: &str| -> u64 {
         let shards = written.shards.iter().filter(|s| s.split == split);
         shards.map(|s| s.tokens).sum()
     };
-    let manifest = Manifest {
+    Manifest {
         format_version: FORMAT_VERSION,
         writer: format!("tinygpt {}", env!("CARGO_PKG_VERSION")),
-        tokenizer: TokenizerRecord {
-            kind: tokenizer.kind(),
-            vocab_size: vocab,
-            sha256: sha256_hex(tok_json.as_bytes()),
-            trained_on_bytes: trained_on,
-            end_of_document: match tokenizer.kind() {
-                TokenizerKind::Bpe => "<|endoftext|>".into(),
-                TokenizerKind::Char => "\n".into(),
-            },
-        },
+        tokenizer,
         token_bytes: crate::data::shards::token_width(vocab),
         val_fraction: opts.val_fraction,
         split_rule: written.split_rule.clone(),
@@ -206,17 +281,19 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
             .shards
             .iter()
             .map(|s| ShardRecord {
-                file: Path::new(&id).join(&s.file),
+                file: Path::new(id).join(&s.file),
                 ..s.clone()
             })
             .collect(),
         inputs: written.inputs,
         options,
-    };
-    manifest.save(&opts.out)?;
-    // The previous preparation's shards, now listed by no manifest.
-    for entry in std::fs::read_dir(&opts.out)
-        .map_err(|e| Error::io(&opts.out, e))?
+    }
+}
+
+/// Removes the previous preparation's data folders, now listed by no manifest.
+fn remove_old_data_dirs(out: &Path, id: &str) -> Result<()> {
+    for entry in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
         .flatten()
     {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -224,12 +301,7 @@ fn prepare_into(opts: &PrepareOptions) -> Result<PrepareReport> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    Ok(PrepareReport {
-        manifest,
-        unchanged: false,
-        seconds: started.elapsed().as_secs_f64(),
-        bytes: total,
-    })
+    Ok(())
 }
 
 /// The options that decide the output, for the manifest and the no-op check.
@@ -507,6 +579,14 @@ impl SplitWriter {
     }
 }
 
+/// What the tokenizing pass read: each source's sha256, document count and first skip reason,
+/// and the ids of the documents that went to validation.
+struct Encoded {
+    per_source: Vec<(String, u64, Option<String>)>,
+    val_ids: Vec<u64>,
+}
+
+/// The tokenizing pass: the corpus encoded into train and val shards under `dir`.
 fn write_shards(
     opts: &PrepareOptions,
     sources: &[Source],
@@ -524,6 +604,37 @@ fn write_shards(
         current: None,
         done: Vec::new(),
     });
+    let Encoded {
+        per_source,
+        val_ids,
+    } = encode_corpus(opts, sources, tokenizer, eot, total, &mut writers)?;
+    for w in &mut writers {
+        w.close()?;
+    }
+    let [mut train, mut val] = writers;
+    let documents: u64 = per_source.iter().map(|(_, d, _)| d).sum();
+    let split_rule = split_rule(opts, documents, &val_ids, &mut train, &mut val)?;
+    let inputs = input_records(sources, per_source, &val_ids);
+    let mut shards = train.done;
+    shards.append(&mut val.done);
+    Ok(Written {
+        inputs,
+        shards,
+        val_ids,
+        split_rule,
+    })
+}
+
+/// Streams the corpus through the tokenizer into `writers` (train, val), each document to
+/// the split [`is_val`] gives it, showing progress.
+fn encode_corpus(
+    opts: &PrepareOptions,
+    sources: &[Source],
+    tokenizer: &Tokenizer,
+    eot: u32,
+    total: u64,
+    writers: &mut [SplitWriter; 2],
+) -> Result<Encoded> {
     let raw = Arc::new(AtomicU64::new(0));
     let bar = Progress::new(opts.progress, "prepare", total, 0);
     let started = Instant::now();
@@ -538,16 +649,7 @@ fn write_shards(
         |batch| {
             let ids: Vec<Vec<u32>> = batch
                 .par_iter()
-                .map(|p| {
-                    let mut v = Vec::with_capacity(p.text.len() / 2 + 1);
-                    for chunk in tokenizer.corpus_chunks(&p.text, PIECE_BYTES) {
-                        v.extend(tokenizer.encode(chunk)?);
-                    }
-                    if p.last {
-                        v.push(eot);
-                    }
-                    Ok(v)
-                })
+                .map(|p| encode_piece(tokenizer, p, eot))
                 .collect::<Result<_>>()?;
             for (p, ids) in batch.iter().zip(&ids) {
                 let val = is_val(p.doc, opts.val_fraction);
@@ -568,11 +670,34 @@ fn write_shards(
         },
     )?;
     bar.finish();
-    for w in &mut writers {
-        w.close()?;
+    Ok(Encoded {
+        per_source,
+        val_ids,
+    })
+}
+
+/// The ids of one piece, in chunks the tokenizer encodes alike, and the end-of-document token
+/// after a document's last piece.
+fn encode_piece(tokenizer: &Tokenizer, p: &Piece, eot: u32) -> Result<Vec<u32>> {
+    let mut v = Vec::with_capacity(p.text.len() / 2 + 1);
+    for chunk in tokenizer.corpus_chunks(&p.text, PIECE_BYTES) {
+        v.extend(tokenizer.encode(chunk)?);
     }
-    let [mut train, mut val] = writers;
-    let documents: u64 = per_source.iter().map(|(_, d, _)| d).sum();
+    if p.last {
+        v.push(eot);
+    }
+    Ok(v)
+}
+
+/// How the corpus was split, for the manifest. With no document in validation (too few of
+/// them), the tail of the train tokens is moved into validation first.
+fn split_rule(
+    opts: &PrepareOptions,
+    documents: u64,
+    val_ids: &[u64],
+    train: &mut SplitWriter,
+    val: &mut SplitWriter,
+) -> Result<String> {
     let mut split_rule = format!(
         "by document, in input order: document i (from 0) validates when ⌊(i+1)·{f}⌋ > ⌊i·{f}⌋, one in every {:.0}",
         1.0 / opts.val_fraction,
@@ -582,16 +707,24 @@ fn write_shards(
         // Too few documents to give one to validation: split the tokens instead.
         let n_train: u64 = train.done.iter().map(|s| s.tokens).sum();
         let n_val = ((n_train as f64) * opts.val_fraction).round() as u64;
-        move_tail(&mut train, &mut val, n_val)?;
+        move_tail(train, val, n_val)?;
         split_rule = format!(
             "by tokens: {documents} document(s) are too few to split by document at {}, so the last {n_val} tokens validate",
             opts.val_fraction
         );
     }
-    // Per-input document counts, and how many of each went to validation.
+    Ok(split_rule)
+}
+
+/// Per-input document counts, and how many of each went to validation.
+fn input_records(
+    sources: &[Source],
+    per_source: Vec<(String, u64, Option<String>)>,
+    val_ids: &[u64],
+) -> Vec<InputRecord> {
     let mut first = 0u64;
     let val_set: std::collections::HashSet<u64> = val_ids.iter().copied().collect();
-    let inputs = sources
+    sources
         .iter()
         .zip(per_source)
         .map(|(s, (sha256, documents, skipped))| {
@@ -607,15 +740,7 @@ fn write_shards(
                 skipped,
             }
         })
-        .collect();
-    let mut shards = train.done;
-    shards.append(&mut val.done);
-    Ok(Written {
-        inputs,
-        shards,
-        val_ids,
-        split_rule,
-    })
+        .collect()
 }
 
 /// Moves the last `n` tokens of `train`'s shards into a new shard of `val`: read, then cut
