@@ -90,7 +90,8 @@ fn bf16_trains_like_f32_saves_f32_and_resumes_exactly() {
     let map = candle_core::safetensors::load_buffer(&st, &Device::Cpu).unwrap();
     assert!(map.values().all(|t| t.dtype() == DType::F32));
 
-    let mut first = Trainer::on_device(config(&ws, 5, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut first =
+        Trainer::on_device(config(&ws, 5, &bf16), &Device::Cpu, ProgressMode::Quiet).unwrap();
     first
         .run(&common::run_options(&ws.path("half"), false))
         .unwrap();
@@ -173,7 +174,8 @@ fn cuda_trains_like_the_cpu_and_its_checkpoints_resume_on_the_cpu() {
         "training.eval_interval=20",
         "training.checkpoint_interval=20",
     ];
-    let mut cpu = Trainer::on_device(config(&ws, 20, &set), &Device::Cpu, ProgressMode::Quiet).unwrap();
+    let mut cpu =
+        Trainer::on_device(config(&ws, 20, &set), &Device::Cpu, ProgressMode::Quiet).unwrap();
     let mut cuda = Trainer::on_device(config(&ws, 20, &set), &gpu, ProgressMode::Quiet).unwrap();
     let mut worst = 0.0f64;
     for step in 0..20 {

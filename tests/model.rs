@@ -461,10 +461,14 @@ fn norm_options_are_written_once_and_run_everywhere() {
         FusedGpt::supports(&only_qk).unwrap_err().key,
         "model.qk_norm"
     );
-    let (kind, note) = EngineChoice::Auto.resolve(&cfg, &Device::Cpu, Precision::F32).unwrap();
+    let (kind, note) = EngineChoice::Auto
+        .resolve(&cfg, &Device::Cpu, Precision::F32)
+        .unwrap();
     assert_eq!(kind, EngineKind::Reference);
     assert!(note.unwrap().contains("model.norm = \"rms\""));
-    let e = EngineChoice::Fused.resolve(&only_qk, &Device::Cpu, Precision::F32).unwrap_err();
+    let e = EngineChoice::Fused
+        .resolve(&only_qk, &Device::Cpu, Precision::F32)
+        .unwrap_err();
     assert!(e.to_string().contains("model.qk_norm = true"), "{e}");
     assert_eq!(
         EngineChoice::Auto

@@ -29,6 +29,7 @@
 //! The weights' gradients cannot be outputs of a one-input op, so backward leaves them, named
 //! ([`BlockParams`]), in a [`GradSlot`] that whoever ran the op adds to candle's gradients.
 
+use std::borrow::Cow;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
@@ -173,6 +174,66 @@ struct Activations {
     probs: Option<Vec<f32>>,
     ln1: Option<Vec<f32>>,
     ln2: Option<Vec<f32>>,
+}
+
+/// The optional activations ([`Activations`]) as backward asks for them: each one kept from the
+/// forward pass, or recomputed where it was too large to keep ([`KEEP_BYTES`]), and handed out
+/// once, so that it is freed after its last use.
+struct Recall<'a> {
+    op: &'a BlockOp,
+    w: &'a W<'a>,
+    /// The part's input `(N, C)`, and the number of its first element in the whole batch.
+    x: &'a [f32],
+    first: usize,
+    g: Option<Vec<f32>>,
+    x1: Option<Vec<f32>>,
+    probs: Option<Vec<f32>>,
+    ln1: Option<Vec<f32>>,
+    ln2: Option<Vec<f32>>,
+}
+
+impl Recall<'_> {
+    /// x₁ `(N, C)`: kept, or recomputed from `att` `(N, C)` ([`BlockOp::attention_residual`]).
+    fn take_x1(&mut self, att: &[f32]) -> Vec<f32> {
+        let (op, w, x, first) = (self.op, self.w, self.x, self.first);
+        self.x1
+            .take()
+            .unwrap_or_else(|| op.attention_residual(w, x, att, first))
+    }
+
+    /// GELU(h) `(N, 4C)` when kept; `None` has [`mlp_backward`] recompute it a block of rows
+    /// at a time.
+    fn take_g(&mut self) -> Option<Vec<f32>> {
+        self.g.take()
+    }
+
+    /// LN₂(x₁) `(N, C)`: kept, or recomputed from `x1` into a new buffer.
+    fn take_ln2(&mut self, x1: &[f32]) -> Vec<f32> {
+        let (ln_2, eps) = (&self.w.p.ln_2, self.op.eps);
+        self.ln2.take().unwrap_or_else(|| {
+            let mut b = vec![0.0f32; x1.len()];
+            layer_norm_forward_into(x1, ln_2.weight, ln_2.bias, eps, &mut b);
+            b
+        })
+    }
+
+    /// The attention weights `(B, n_head, T, T)` when kept; `None` has
+    /// [`attention::attention_backward`] recompute them.
+    fn take_probs(&mut self) -> Option<Vec<f32>> {
+        self.probs.take()
+    }
+
+    /// LN₁(x) `(N, C)`: kept (handed over, to be freed after use), or recomputed into `buf`.
+    fn take_ln1<'b>(&mut self, buf: &'b mut [f32]) -> Cow<'b, [f32]> {
+        match self.ln1.take() {
+            Some(ln1) => Cow::Owned(ln1),
+            None => {
+                let ln_1 = &self.w.p.ln_1;
+                layer_norm_forward_into(self.x, ln_1.weight, ln_1.bias, self.op.eps, buf);
+                Cow::Borrowed(buf)
+            }
+        }
+    }
 }
 
 /// Read locks on the storage of every parameter tensor, for the length of one pass.
@@ -400,6 +461,56 @@ fn mlp_backward(
     (dw, h)
 }
 
+/// The gradients by name, dW_QKV `(3C, C)` (and its bias `(3C)`) cut into W_Q's, W_K's and
+/// W_V's.
+fn block_gradients(
+    c: usize,
+    ln_1: Affine<Vec<f32>>,
+    qkv: Affine<Vec<f32>>,
+    attn_proj: Affine<Vec<f32>>,
+    ln_2: Affine<Vec<f32>>,
+    fc: Affine<Vec<f32>>,
+    mlp_proj: Affine<Vec<f32>>,
+) -> Gradients {
+    // dW_QKV's rows are dW_Q's, then dW_K's, then dW_V's.
+    let mut d_w_q = qkv.weight;
+    let mut d_w_k = d_w_q.split_off(c * c);
+    let d_w_v = d_w_k.split_off(c * c);
+    let (d_b_q, d_b_k, d_b_v) = match qkv.bias {
+        Some(mut q) => {
+            let mut k = q.split_off(c);
+            let v = k.split_off(c);
+            (Some(q), Some(k), Some(v))
+        }
+        None => (None, None, None),
+    };
+    BlockParams {
+        ln_1,
+        w_q: Affine {
+            weight: d_w_q,
+            bias: d_b_q,
+        },
+        w_k: Affine {
+            weight: d_w_k,
+            bias: d_b_k,
+        },
+        w_v: Affine {
+            weight: d_w_v,
+            bias: d_b_v,
+        },
+        attn_proj,
+        ln_2,
+        fc,
+        mlp_proj,
+    }
+}
+
+/// The number of the first element of the part `dims` in the whole batch: where its dropout
+/// masks start.
+fn batch_offset(dims: &Dims) -> usize {
+    dims.b0 * dims.t * dims.c
+}
+
 impl BlockOp {
     fn attention_dropout(&self) -> Option<AttentionDropout> {
         self.dropout.map(|d| AttentionDropout {
@@ -485,9 +596,6 @@ impl BlockOp {
         act: Activations,
         dx: &mut [f32],
     ) -> Gradients {
-        let (n, c, eps) = (dims.b * dims.t, dims.c, self.eps);
-        let first = dims.b0 * dims.t * c;
-        let hid = act.h.len() / n;
         let Activations {
             qkv,
             att,
@@ -498,22 +606,57 @@ impl BlockOp {
             ln1,
             ln2,
         } = act;
-        let x1 = x1.unwrap_or_else(|| self.attention_residual(w, x, &att, first));
-        let p = self.dropout.map_or(0.0, |d| d.p);
-        let dropped = |d: &[f32], seed: Option<u64>| -> Option<Vec<f32>> {
-            let seed = seed?;
-            let mut out = vec![0.0f32; d.len()];
-            dropout_forward_into(d, &mut out, seed, p, first);
-            Some(out)
+        let first = batch_offset(dims);
+        let mut saved = Recall {
+            op: self,
+            w,
+            x,
+            first,
+            g,
+            x1,
+            probs,
+            ln1,
+            ln2,
         };
-        // The MLP branch.
-        let dm_own = dropped(dy, self.dropout.map(|d| d.mlp_proj));
+        let x1 = saved.take_x1(&att);
+        let (dln2, fc, mlp_proj) = self.mlp_branch_backward(w, dims, dy, h, &x1, &mut saved);
+        let (dx1, ln_2) = self.ln2_backward(w, x1, dln2, dy);
+        let (dln1, qkv, attn_proj) =
+            self.attention_branch_backward(w, dims, &dx1, qkv, att, &mut saved);
+        let ln_1 = self.ln1_backward(w, x, dln1, &dx1, dx);
+        block_gradients(dims.c, ln_1, qkv, attn_proj, ln_2, fc, mlp_proj)
+    }
+
+    /// `d` `(N, C)` through the dropout mask of `seed` as the forward pass drew it (`first`:
+    /// the number of d's first element in the whole batch); `None` without dropout.
+    fn dropped(&self, d: &[f32], seed: fn(&BlockDropout) -> u64, first: usize) -> Option<Vec<f32>> {
+        let dropout = self.dropout?;
+        let mut out = vec![0.0f32; d.len()];
+        dropout_forward_into(d, &mut out, seed(&dropout), dropout.p, first);
+        Some(out)
+    }
+
+    /// The MLP branch backward, from dy `(N, C)` through W₄, the activation and W₃ to
+    /// dL/dLN₂(x₁) `(N, C)` (written over LN₂(x₁)), with W₃'s (`fc`) and W₄'s (`mlp_proj`)
+    /// gradients; `h` `(N, 4C)` becomes dL/dh, freed here.
+    fn mlp_branch_backward(
+        &self,
+        w: &W,
+        dims: &Dims,
+        dy: &[f32],
+        h: Vec<f32>,
+        x1: &[f32],
+        saved: &mut Recall,
+    ) -> (Vec<f32>, Affine<Vec<f32>>, Affine<Vec<f32>>) {
+        let (n, c) = (dims.b * dims.t, dims.c);
+        let hid = h.len() / n;
+        let dm_own = self.dropped(dy, |d| d.mlp_proj, batch_offset(dims));
         let dm = dm_own.as_deref().unwrap_or(dy);
         let d_mlp_b = w.p.mlp_proj.bias.map(|_| column_sums(dm, c));
         let (d_mlp_w, g) = mlp_backward(
             self.activation,
             h,
-            g,
+            saved.take_g(),
             dm,
             w.p.mlp_proj.weight,
             c,
@@ -522,26 +665,63 @@ impl BlockOp {
         ); // g: dL/dh
         drop(dm_own);
         let d_fc_b = w.p.fc.bias.map(|_| column_sums(&g, hid));
-        let mut b = ln2.unwrap_or_else(|| {
-            let mut b = vec![0.0f32; n * c];
-            layer_norm_forward_into(&x1, w.p.ln_2.weight, w.p.ln_2.bias, eps, &mut b);
-            b
-        });
+        let mut b = saved.take_ln2(x1);
         let d_fc_w = linear_backward_weight(&g, hid, &b, c);
         linear_backward_input_into(&g, hid, w.p.fc.weight, c, &mut b); // b now holds dL/dLN₂(x₁)
         drop(g);
-        let (mut dx1, d_ln2_w, d_ln2_b) = layer_norm_backward(&x1, w.p.ln_2.weight, &b, eps);
+        let fc = Affine {
+            weight: d_fc_w,
+            bias: d_fc_b,
+        };
+        let mlp_proj = Affine {
+            weight: d_mlp_w,
+            bias: d_mlp_b,
+        };
+        (b, fc, mlp_proj)
+    }
+
+    /// The second LayerNorm's backward and the residual: dx₁ `(N, C)` = dy + LN₂ᵀ(dln2), and
+    /// LN₂'s gradients; x₁ and dln2 `(N, C)` are freed here.
+    fn ln2_backward(
+        &self,
+        w: &W,
+        x1: Vec<f32>,
+        dln2: Vec<f32>,
+        dy: &[f32],
+    ) -> (Vec<f32>, Affine<Vec<f32>>) {
+        let (mut dx1, d_ln2_w, d_ln2_b) =
+            layer_norm_backward(&x1, w.p.ln_2.weight, &dln2, self.eps);
         drop(x1);
         dropout_add_into(&mut dx1, dy, None);
-        // The attention branch.
-        let dp_own = dropped(&dx1, self.dropout.map(|d| d.attn_proj));
-        let dp = dp_own.as_deref().unwrap_or(&dx1);
+        let ln_2 = Affine {
+            weight: d_ln2_w,
+            bias: w.p.ln_2.bias.map(|_| d_ln2_b),
+        };
+        (dx1, ln_2)
+    }
+
+    /// The attention branch backward, from dx₁ `(N, C)` through W_O, attention and
+    /// [W_Q; W_K; W_V] to dL/dLN₁(x) `(N, C)` (written over `att`), with W_O's gradient and
+    /// the stacked W_QKV's `(3C, C)`; `qkv` `(N, 3C)` is freed here.
+    fn attention_branch_backward(
+        &self,
+        w: &W,
+        dims: &Dims,
+        dx1: &[f32],
+        qkv: Vec<f32>,
+        att: Vec<f32>,
+        saved: &mut Recall,
+    ) -> (Vec<f32>, Affine<Vec<f32>>, Affine<Vec<f32>>) {
+        let c = dims.c;
+        let dp_own = self.dropped(dx1, |d| d.attn_proj, batch_offset(dims));
+        let dp = dp_own.as_deref().unwrap_or(dx1);
         let d_proj_b = w.p.attn_proj.bias.map(|_| column_sums(dp, c));
         let d_proj_w = linear_backward_weight(dp, c, &att, c);
         let mut datt = att; // att is not needed after dW_O
         linear_backward_input_into(dp, c, w.p.attn_proj.weight, c, &mut datt);
         drop(dp_own);
         let dropout = self.attention_dropout();
+        let probs = saved.take_probs();
         let mut dqkv = attention::attention_backward(dims, &qkv, &datt, dropout, probs.as_deref());
         if let Some(rope) = &self.rope {
             rope.apply_qkv(&mut dqkv, c, dims.t, 0, true); // the gradients of the unturned Q, K
@@ -549,62 +729,36 @@ impl BlockOp {
         drop((qkv, probs));
         let d_qkv_b = w.bqkv.as_ref().map(|_| column_sums(&dqkv, 3 * c));
         let mut a = datt; // datt is not needed any more
-        let d_qkv_w = match &ln1 {
-            Some(ln1) => linear_backward_weight(&dqkv, 3 * c, ln1, c),
-            None => {
-                layer_norm_forward_into(x, w.p.ln_1.weight, w.p.ln_1.bias, eps, &mut a);
-                linear_backward_weight(&dqkv, 3 * c, &a, c)
-            }
-        };
+        let ln1 = saved.take_ln1(&mut a);
+        let d_qkv_w = linear_backward_weight(&dqkv, 3 * c, &ln1, c);
         drop(ln1);
         linear_backward_input_into(&dqkv, 3 * c, &w.wqkv, c, &mut a); // a now holds dL/dLN₁(x)
-        let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.p.ln_1.weight, &a, eps, dx);
-        dropout_add_into(dx, &dx1, None);
-        // dW_QKV's rows are dW_Q's, then dW_K's, then dW_V's.
-        let mut d_w_q = d_qkv_w;
-        let mut d_w_k = d_w_q.split_off(c * c);
-        let d_w_v = d_w_k.split_off(c * c);
-        let (d_b_q, d_b_k, d_b_v) = match d_qkv_b {
-            Some(mut q) => {
-                let mut k = q.split_off(c);
-                let v = k.split_off(c);
-                (Some(q), Some(k), Some(v))
-            }
-            None => (None, None, None),
+        let qkv = Affine {
+            weight: d_qkv_w,
+            bias: d_qkv_b,
         };
-        BlockParams {
-            ln_1: Affine {
-                weight: d_ln1_w,
-                bias: w.p.ln_1.bias.map(|_| d_ln1_b),
-            },
-            w_q: Affine {
-                weight: d_w_q,
-                bias: d_b_q,
-            },
-            w_k: Affine {
-                weight: d_w_k,
-                bias: d_b_k,
-            },
-            w_v: Affine {
-                weight: d_w_v,
-                bias: d_b_v,
-            },
-            attn_proj: Affine {
-                weight: d_proj_w,
-                bias: d_proj_b,
-            },
-            ln_2: Affine {
-                weight: d_ln2_w,
-                bias: w.p.ln_2.bias.map(|_| d_ln2_b),
-            },
-            fc: Affine {
-                weight: d_fc_w,
-                bias: d_fc_b,
-            },
-            mlp_proj: Affine {
-                weight: d_mlp_w,
-                bias: d_mlp_b,
-            },
+        let attn_proj = Affine {
+            weight: d_proj_w,
+            bias: d_proj_b,
+        };
+        (a, qkv, attn_proj)
+    }
+
+    /// The first LayerNorm's backward and the residual: dx `(N, C)` = dx₁ + LN₁ᵀ(dln1), written
+    /// into `dx`, and LN₁'s gradients; dln1 `(N, C)` is freed here.
+    fn ln1_backward(
+        &self,
+        w: &W,
+        x: &[f32],
+        dln1: Vec<f32>,
+        dx1: &[f32],
+        dx: &mut [f32],
+    ) -> Affine<Vec<f32>> {
+        let (d_ln1_w, d_ln1_b) = layer_norm_backward_into(x, w.p.ln_1.weight, &dln1, self.eps, dx);
+        dropout_add_into(dx, dx1, None);
+        Affine {
+            weight: d_ln1_w,
+            bias: w.p.ln_1.bias.map(|_| d_ln1_b),
         }
     }
 
@@ -883,7 +1037,7 @@ mod tests {
                 };
                 for ((name, w), (_, g)) in weights.iter().zip(&got) {
                     let what = format!("{what}: gradient of {name} {:?}", w.dims());
-                    if *name == "w_k.bias" {
+                    if *name == "attn.w_k.bias" {
                         // q·(k + b) − q·k is the same for every key, and softmax ignores it:
                         // the gradient is zero up to rounding, in both.
                         let scale = max_abs(g1.get(&block.w_k.weight).unwrap());

@@ -237,7 +237,11 @@ impl Trainer {
     /// The config a resumed run of checkpoint `ck` trains with: the checkpoint's own, with
     /// `overrides` (e.g. `training.max_iters` to train longer) and `data` applied; the model and
     /// tokenizer settings may not change.
-    pub fn resumed_config(ck: &Checkpoint, overrides: &[String], data: Option<&Path>) -> Result<Config> {
+    pub fn resumed_config(
+        ck: &Checkpoint,
+        overrides: &[String],
+        data: Option<&Path>,
+    ) -> Result<Config> {
         let mut config = if overrides.is_empty() {
             ck.config.clone()
         } else {
@@ -519,7 +523,6 @@ impl Trainer {
     }
 }
 
-
 /// Writes what `metrics.csv` has buffered.
 fn flush_metrics(metrics: &mut File, out: &Path) -> Result<()> {
     metrics
@@ -600,4 +603,3 @@ fn open_metrics(out: &Path, step: usize, resumed: bool) -> Result<std::fs::File>
         .open(&path)
         .map_err(|e| Error::io(&path, e))
 }
-
