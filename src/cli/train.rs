@@ -89,7 +89,12 @@ struct Started {
 
 /// Resumes the run `resume` names: its checkpoint's config with the overrides, the context
 /// that config resolves to, the run directory locked.
-fn start_resumed(args: &TrainArgs, resume: &Path, device: &Device) -> Result<Started> {
+fn start_resumed(
+    args: &TrainArgs,
+    resume: &Path,
+    device: &Device,
+    progress: ProgressMode,
+) -> Result<Started> {
     let dir = RunDir::resume(resume, args.out.clone())?;
     let ck_dir = dir.resume.clone().unwrap_or_default();
     let ck = crate::run::checkpoint::load(&ck_dir, device)?;
@@ -97,13 +102,13 @@ fn start_resumed(args: &TrainArgs, resume: &Path, device: &Device) -> Result<Sta
     overrides.extend(args.engine.map(engine_override));
     let config = Trainer::resumed_config(&ck, &overrides, args.data.as_deref())?;
     let ctx = context_for(&config, device)?;
-    let trainer = Trainer::resume(ck, config, &ctx, ProgressMode::detect(args.quiet))?;
+    let trainer = Trainer::resume(ck, config, &ctx, progress)?;
     Ok(Started { ctx, dir, trainer })
 }
 
 /// Starts a fresh run of `--config` (or from `--init-from`'s weights) in a new run directory;
 /// a start that fails leaves no run directory it created behind.
-fn start_fresh(args: &TrainArgs, device: &Device) -> Result<Started> {
+fn start_fresh(args: &TrainArgs, device: &Device, progress: ProgressMode) -> Result<Started> {
     let path = args
         .config
         .as_ref()
@@ -125,7 +130,6 @@ fn start_fresh(args: &TrainArgs, device: &Device) -> Result<Started> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
     let dir = RunDir::fresh(out, args.force)?;
-    let progress = ProgressMode::detect(args.quiet);
     let trainer = match &args.init_from {
         Some(ck) => Trainer::init_from(config, &super::checkpoint_dir(ck), &ctx, progress),
         None => Trainer::new(config, &ctx, progress),
@@ -170,8 +174,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let progress = ProgressMode::detect(args.quiet);
     // The run directory's lock is held to the end (by `started.dir`): a second writer fails.
     let mut started = match &args.resume {
-        Some(resume) => start_resumed(&args, resume, &device)?,
-        None => start_fresh(&args, &device)?,
+        Some(resume) => start_resumed(&args, resume, &device, progress)?,
+        None => start_fresh(&args, &device, progress)?,
     };
     let out = started.dir.path.clone();
     let opts = RunOptions {

@@ -167,8 +167,12 @@ struct Activations {
     qkv: Vec<f32>,
     att: Vec<f32>,
     h: Vec<f32>,
-    /// GELU(h), x₁, the attention weights `(B, n_head, T, T)` and the LayerNorms' outputs,
-    /// each when small enough to keep ([`KEEP_BYTES`]).
+    kept: Kept,
+}
+
+/// GELU(h), x₁, the attention weights `(B, n_head, T, T)` and the LayerNorms' outputs, each
+/// kept from the forward pass when small enough ([`KEEP_BYTES`]).
+struct Kept {
     g: Option<Vec<f32>>,
     x1: Option<Vec<f32>>,
     probs: Option<Vec<f32>>,
@@ -176,7 +180,7 @@ struct Activations {
     ln2: Option<Vec<f32>>,
 }
 
-/// The optional activations ([`Activations`]) as backward asks for them: each one kept from the
+/// The optional activations ([`Kept`]) as backward asks for them: each one kept from the
 /// forward pass, or recomputed where it was too large to keep ([`KEEP_BYTES`]), and handed out
 /// once, so that it is freed after its last use.
 struct Recall<'a> {
@@ -185,18 +189,15 @@ struct Recall<'a> {
     /// The part's input `(N, C)`, and the number of its first element in the whole batch.
     x: &'a [f32],
     first: usize,
-    g: Option<Vec<f32>>,
-    x1: Option<Vec<f32>>,
-    probs: Option<Vec<f32>>,
-    ln1: Option<Vec<f32>>,
-    ln2: Option<Vec<f32>>,
+    kept: Kept,
 }
 
 impl Recall<'_> {
     /// x₁ `(N, C)`: kept, or recomputed from `att` `(N, C)` ([`BlockOp::attention_residual`]).
     fn take_x1(&mut self, att: &[f32]) -> Vec<f32> {
         let (op, w, x, first) = (self.op, self.w, self.x, self.first);
-        self.x1
+        self.kept
+            .x1
             .take()
             .unwrap_or_else(|| op.attention_residual(w, x, att, first))
     }
@@ -204,13 +205,13 @@ impl Recall<'_> {
     /// GELU(h) `(N, 4C)` when kept; `None` has [`mlp_backward`] recompute it a block of rows
     /// at a time.
     fn take_g(&mut self) -> Option<Vec<f32>> {
-        self.g.take()
+        self.kept.g.take()
     }
 
     /// LN₂(x₁) `(N, C)`: kept, or recomputed from `x1` into a new buffer.
     fn take_ln2(&mut self, x1: &[f32]) -> Vec<f32> {
         let (ln_2, eps) = (&self.w.p.ln_2, self.op.eps);
-        self.ln2.take().unwrap_or_else(|| {
+        self.kept.ln2.take().unwrap_or_else(|| {
             let mut b = vec![0.0f32; x1.len()];
             layer_norm_forward_into(x1, ln_2.weight, ln_2.bias, eps, &mut b);
             b
@@ -220,12 +221,12 @@ impl Recall<'_> {
     /// The attention weights `(B, n_head, T, T)` when kept; `None` has
     /// [`attention::attention_backward`] recompute them.
     fn take_probs(&mut self) -> Option<Vec<f32>> {
-        self.probs.take()
+        self.kept.probs.take()
     }
 
     /// LN₁(x) `(N, C)`: kept (handed over, to be freed after use), or recomputed into `buf`.
     fn take_ln1<'b>(&mut self, buf: &'b mut [f32]) -> Cow<'b, [f32]> {
-        match self.ln1.take() {
+        match self.kept.ln1.take() {
             Some(ln1) => Cow::Owned(ln1),
             None => {
                 let ln_1 = &self.w.p.ln_1;
@@ -567,11 +568,13 @@ impl BlockOp {
             qkv,
             att,
             h,
-            g,
-            x1,
-            probs,
-            ln1,
-            ln2,
+            kept: Kept {
+                g,
+                x1,
+                probs,
+                ln1,
+                ln2,
+            },
         }
     }
 
@@ -596,27 +599,13 @@ impl BlockOp {
         act: Activations,
         dx: &mut [f32],
     ) -> Gradients {
-        let Activations {
-            qkv,
-            att,
-            h,
-            g,
-            x1,
-            probs,
-            ln1,
-            ln2,
-        } = act;
-        let first = batch_offset(dims);
+        let Activations { qkv, att, h, kept } = act;
         let mut saved = Recall {
             op: self,
             w,
             x,
-            first,
-            g,
-            x1,
-            probs,
-            ln1,
-            ln2,
+            first: batch_offset(dims),
+            kept,
         };
         let x1 = saved.take_x1(&att);
         let (dln2, fc, mlp_proj) = self.mlp_branch_backward(w, dims, dy, h, &x1, &mut saved);

@@ -231,7 +231,7 @@ pub fn run(
         device: device_name,
         dtype: cfg.training.dtype.name().to_string(),
         data: data.map_or("random tokens".into(), |p| p.display().to_string()),
-        threads: rayon::current_num_threads(),
+        threads: opts.ctx.threads,
         parameters: trainer.params.count(),
         batch_size: cfg.training.batch_size,
         block_size: m.block_size,
