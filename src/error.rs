@@ -51,6 +51,13 @@ pub enum Error {
         saved: PathBuf,
         run_dir: PathBuf,
     },
+    /// Another rank of a data-parallel job failed to start; it printed its own message.
+    #[error("rank {rank} failed; its message is above")]
+    OtherRank { rank: usize, code: u8 },
+    /// An error every rank of a data-parallel job knows of (they agreed on it), so none is
+    /// left waiting and the job need not be aborted.
+    #[error(transparent)]
+    Agreed(Box<Error>),
     /// A tensor operation failed; this is a bug or a shape mismatch inside tinygpt.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
@@ -72,6 +79,8 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Interrupted { signal, .. } => (128 + signal).clamp(0, 255) as u8,
+            Error::OtherRank { code, .. } => *code,
+            Error::Agreed(e) => e.exit_code(),
             _ => 1,
         }
     }

@@ -14,6 +14,7 @@
 pub mod circuits;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod interop;

@@ -18,6 +18,16 @@ pub enum ProgressMode {
 }
 
 impl ProgressMode {
+    /// [`ProgressMode::detect`] for one of `ranks` data-parallel processes: rank 0 alone
+    /// reports, in plain lines when there are several (an MPI launcher hands every rank a
+    /// terminal of its own, whatever its own output is).
+    pub fn for_rank(quiet: bool, rank: usize, ranks: usize) -> ProgressMode {
+        match ProgressMode::detect(quiet || rank > 0) {
+            ProgressMode::Bar if ranks > 1 => ProgressMode::Lines,
+            mode => mode,
+        }
+    }
+
     /// Bar on a terminal, lines otherwise; `quiet` wins.
     pub fn detect(quiet: bool) -> ProgressMode {
         if quiet {

@@ -8,6 +8,7 @@ use tinygpt::data::corpus::Split;
 use tinygpt::engine::Engine;
 use tinygpt::engine::{EngineKind, EngineOptions};
 use tinygpt::run::config::Config;
+use tinygpt::dist::Comm;
 use tinygpt::train::eval::evaluate;
 use tinygpt::train::{ProgressMode, Trainer};
 
@@ -36,6 +37,7 @@ fn whole_split_loss_is_the_mean_over_every_token_once() {
             split,
             block,
             ProgressMode::Quiet,
+            &Comm::single(),
         )
         .unwrap();
         assert_eq!(
@@ -89,6 +91,7 @@ fn both_engines_give_the_same_number_every_time() {
             Split::Val,
             block,
             ProgressMode::Quiet,
+            &Comm::single(),
         )
         .unwrap()
     };

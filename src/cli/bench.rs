@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::dist::Comm;
 use crate::engine::device::DeviceChoice;
 use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
@@ -47,7 +48,8 @@ pub struct BenchArgs {
     dtype: Option<Precision>,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Measures; under `mpirun` every rank trains its share of each step and rank 0 reports.
+pub fn run(args: BenchArgs, comm: &Comm) -> Result<()> {
     let mut config = Config::load(&args.config, &args.set)?;
     if let Some(e) = args.engine {
         config.training.engine = e;
@@ -55,22 +57,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(d) = args.dtype {
         config.training.dtype = d;
     }
-    let device = args.device.resolve()?;
+    let device = comm.agree(args.device.for_local_rank(comm.local_rank()).resolve())?;
     let t = &config.training;
     let ctx = RunContext::start(&device, t.engine, &config.model, t.dtype)?;
+    let ctx = RunContext {
+        comm: comm.clone(),
+        ..ctx
+    };
     let opts = BenchOptions {
         iters: args.iters,
         warmup: args.warmup,
         gen_tokens: args.gen_tokens,
         ctx,
     };
-    let json = args.json;
+    let quiet = args.json || !comm.is_root();
     let report = bench::run(config, args.data.as_deref(), &opts, |s| {
-        if !json {
+        if !quiet {
             eprintln!("bench: {s}");
         }
     })?;
-    if json {
+    if !comm.is_root() {
+        return Ok(());
+    }
+    if args.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Usage(format!("writing JSON: {e}")))?;
         println!("{text}");

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::progress::ProgressMode;
 use crate::train::eval::evaluate;
@@ -25,13 +26,19 @@ pub struct EvalArgs {
     engine: super::EngineArg,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
-    let (ck, engine) = super::load_with_engine(&args.checkpoint, args.engine)?;
-    let progress = ProgressMode::detect(args.quiet || args.json);
-    let (data, path) = args.corpus.load(&ck, progress)?;
+/// Evaluates the checkpoint; under `mpirun` every rank reads it and evaluates its share of
+/// the windows, and rank 0 prints.
+pub fn run(args: EvalArgs, comm: &Comm) -> Result<()> {
+    let loaded = super::load_with_engine(&args.checkpoint, args.engine.for_rank(comm));
+    let (ck, engine) = comm.agree(loaded)?;
+    let progress = ProgressMode::for_rank(args.quiet || args.json, comm.rank(), comm.size());
+    let (data, path) = comm.agree(args.corpus.load(&ck, progress))?;
     let (split, _) = args.corpus.split();
     let block = ck.config.model.block_size;
-    let e = evaluate(&engine, &ck.tokenizer, &data, split, block, progress)?;
+    let e = evaluate(&engine, &ck.tokenizer, &data, split, block, progress, comm)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
     if args.json {
         let mut v = serde_json::to_value(&e).map_err(|e| Error::Usage(e.to_string()))?;
         v["checkpoint"] = ck.dir.display().to_string().into();

@@ -22,6 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::dist::{Comm, Session};
 use crate::engine::device::DeviceChoice;
 use crate::engine::{Engine, EngineChoice};
 use crate::error::{Error, Result};
@@ -102,10 +103,20 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Training, eval and bench join the ranks an MPI launcher started (one process otherwise);
+    // MPI is finalised when `session` is dropped, after the command.
+    let session = match &cli.command {
+        Command::Train(_) | Command::Eval(_) | Command::Bench(_) => match Session::start() {
+            Ok(s) => s,
+            Err(e) => return report(Err(e), &Comm::single()),
+        },
+        _ => Session::single(),
+    };
+    let comm = session.comm.clone();
     let result = match cli.command {
         Command::Prepare(a) => prepare::run(a),
-        Command::Train(a) => train::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Train(a) => train::run(a, &comm),
+        Command::Eval(a) => eval::run(a, &comm),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
@@ -118,18 +129,43 @@ pub fn main() -> ExitCode {
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Serve(a) => serve::run_serve(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(a, &comm),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e @ Error::Interrupted { .. }) => {
-            eprintln!("{e}");
-            ExitCode::from(e.exit_code())
+    let code = report(result, &comm);
+    drop(session);
+    code
+}
+
+/// The exit code of a command's `result`, its error printed as one line on stderr. Among
+/// ranks, an error every rank reached at the same point (a start-up they agreed on, a
+/// divergence, a signal) is printed by rank 0 alone; any other error is this rank's own, so
+/// it is printed with the rank and ends the whole job, which would otherwise wait for it.
+fn report(result: Result<()>, comm: &Comm) -> ExitCode {
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let code = e.exit_code();
+    match e {
+        Error::OtherRank { .. } => {}
+        _ if comm.size() == 1 => print_error(&e),
+        Error::Agreed(e) if comm.is_root() => print_error(&e),
+        Error::Agreed(e) => eprintln!("error: rank {}: {e}", comm.rank()),
+        Error::Interrupted { .. } | Error::Diverged { .. } if comm.is_root() => print_error(&e),
+        Error::Interrupted { .. } | Error::Diverged { .. } => {}
+        e => {
+            eprintln!("error: rank {}: {e}", comm.rank());
+            comm.abort(code);
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
-        }
+    }
+    ExitCode::from(code)
+}
+
+/// `e` as one line: an interruption as it is (it is not a failure), anything else after
+/// "error: ".
+fn print_error(e: &Error) {
+    match e {
+        Error::Interrupted { .. } => eprintln!("{e}"),
+        e => eprintln!("error: {e}"),
     }
 }
 
@@ -206,6 +242,16 @@ pub(crate) struct EngineArg {
     /// this binary has CUDA and one answers, else the CPU).
     #[arg(long, default_value_t = DeviceChoice::Auto, value_name = "DEVICE")]
     pub device: DeviceChoice,
+}
+
+impl EngineArg {
+    /// The same choice for a rank of a data-parallel job: its own GPU on a host with several.
+    pub(crate) fn for_rank(self, comm: &Comm) -> EngineArg {
+        EngineArg {
+            device: self.device.for_local_rank(comm.local_rank()),
+            ..self
+        }
+    }
 }
 
 /// Loads the checkpoint a user named onto the device `arg` asks for, with the engine it

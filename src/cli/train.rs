@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 
+use crate::dist::Comm;
 use crate::engine::device::DeviceChoice;
 use crate::engine::EngineChoice;
 use crate::error::{Error, Result};
@@ -93,22 +94,36 @@ fn start_resumed(
     args: &TrainArgs,
     resume: &Path,
     device: &Device,
+    comm: &Comm,
     progress: ProgressMode,
 ) -> Result<Started> {
-    let dir = RunDir::resume(resume, args.out.clone())?;
+    let dir = match comm.is_root() {
+        true => RunDir::resume(resume, args.out.clone())?,
+        false => RunDir::follower(PathBuf::new(), Some(resume), args.out.clone()),
+    };
     let ck_dir = dir.resume.clone().unwrap_or_default();
     let ck = crate::run::checkpoint::load(&ck_dir, device)?;
     let mut overrides = args.set.clone();
     overrides.extend(args.engine.map(engine_override));
     let config = Trainer::resumed_config(&ck, &overrides, args.data.as_deref())?;
-    let ctx = context_for(&config, device)?;
+    if let Some(note) = ck.state.as_ref().and_then(|s| s.legacy_note()) {
+        if comm.is_root() {
+            eprintln!("{note}");
+        }
+    }
+    let ctx = context_for(&config, device, comm)?;
     let trainer = Trainer::resume(ck, config, &ctx, progress)?;
     Ok(Started { ctx, dir, trainer })
 }
 
 /// Starts a fresh run of `--config` (or from `--init-from`'s weights) in a new run directory;
 /// a start that fails leaves no run directory it created behind.
-fn start_fresh(args: &TrainArgs, device: &Device, progress: ProgressMode) -> Result<Started> {
+fn start_fresh(
+    args: &TrainArgs,
+    device: &Device,
+    comm: &Comm,
+    progress: ProgressMode,
+) -> Result<Started> {
     let path = args
         .config
         .as_ref()
@@ -117,7 +132,7 @@ fn start_fresh(args: &TrainArgs, device: &Device, progress: ProgressMode) -> Res
     if let Some(e) = args.engine {
         config.training.engine = e;
     }
-    let ctx = context_for(&config, device)?;
+    let ctx = context_for(&config, device, comm)?;
     if let Some(d) = &args.data {
         config.data.path = d.clone();
     }
@@ -129,7 +144,10 @@ fn start_fresh(args: &TrainArgs, device: &Device, progress: ProgressMode) -> Res
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
-    let dir = RunDir::fresh(out, args.force)?;
+    let dir = match comm.is_root() {
+        true => RunDir::fresh(out, args.force)?,
+        false => RunDir::follower(out, None, None),
+    };
     let trainer = match &args.init_from {
         Some(ck) => Trainer::init_from(config, &super::checkpoint_dir(ck), &ctx, progress),
         None => Trainer::new(config, &ctx, progress),
@@ -141,16 +159,70 @@ fn start_fresh(args: &TrainArgs, device: &Device, progress: ProgressMode) -> Res
 }
 
 /// The run context of a training run of `config` on `device`, started once.
-fn context_for(config: &Config, device: &Device) -> Result<RunContext> {
+fn context_for(config: &Config, device: &Device, comm: &Comm) -> Result<RunContext> {
     let t = &config.training;
-    RunContext::start(device, t.engine, &config.model, t.dtype)
+    let ctx = RunContext::start(device, t.engine, &config.model, t.dtype)?;
+    Ok(RunContext {
+        comm: comm.clone(),
+        ..ctx
+    })
+}
+
+/// The checks a run makes once it is ready, before its first step: the accumulation steps
+/// divide among the ranks, and (rank 0) the disk holds its checkpoints.
+fn check_ready(s: &Started) -> Result<()> {
+    s.trainer.micro_batches()?;
+    if s.ctx.comm.is_root() {
+        s.trainer.check_disk_space(&s.dir.path)?;
+    }
+    Ok(())
+}
+
+/// A digest of what every rank must hold alike: the config, the tokenizer, the data's size,
+/// the weights and the step.
+fn digest(t: &Trainer) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.config.to_toml()?.hash(&mut h);
+    t.tokenizer.vocab_size().hash(&mut h);
+    for id in 0..t.tokenizer.vocab_size() as u32 {
+        t.tokenizer.decode(&[id]).unwrap_or_default().hash(&mut h);
+    }
+    for split in [crate::data::corpus::Split::Train, crate::data::corpus::Split::Val] {
+        t.dataset.len(split).hash(&mut h);
+    }
+    t.state.step.hash(&mut h);
+    let vars = t.params.vars();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        name.hash(&mut h);
+        let v = vars[name].as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        for x in v.to_vec1::<f32>()? {
+            x.to_bits().hash(&mut h);
+        }
+    }
+    Ok(h.finish())
+}
+
+/// ", on N ranks × T threads" for a data-parallel run; nothing for one process.
+fn ranks(ctx: &RunContext) -> String {
+    let (c, exact) = (&ctx.comm, ctx.comm.exact());
+    match c.size() {
+        1 => String::new(),
+        n => format!(
+            ", {n} ranks × {} threads (gradients summed {})",
+            ctx.threads,
+            if exact { "bitwise as one process" } else { "within float rounding of one process" }
+        ),
+    }
 }
 
 /// The line that opens a run: the model, the data, the engine and the run directory.
 fn opening_line(s: &Started) -> String {
     let (t, c) = (&s.trainer, &s.trainer.config);
     format!(
-        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}",
+        "tinygpt: {} parameters, {} tokenizer ({} tokens), {} train / {} val tokens, {} engine on {} ({}), run dir {}{}{}",
         t.params.count(),
         c.tokenizer.kind.name(),
         t.tokenizer.vocab_size(),
@@ -160,6 +232,7 @@ fn opening_line(s: &Started) -> String {
         crate::engine::device::name(&s.ctx.device),
         c.training.dtype.name(),
         s.dir.path.display(),
+        ranks(&s.ctx),
         match &s.dir.resume {
             Some(_) => format!(", resuming at step {}", t.state.step),
             None => String::new(),
@@ -167,16 +240,33 @@ fn opening_line(s: &Started) -> String {
     )
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs, comm: &Comm) -> Result<()> {
     // First: a GPU that does not answer fails before anything is read or written.
-    let device = args.device.resolve()?;
+    let device = args.device.for_local_rank(comm.local_rank()).resolve();
+    let device = comm.agree(device)?;
     let stop = install_signal_handlers()?;
-    let progress = ProgressMode::detect(args.quiet);
+    let progress = ProgressMode::for_rank(args.quiet, comm.rank(), comm.size());
     // The run directory's lock is held to the end (by `started.dir`): a second writer fails.
-    let mut started = match &args.resume {
-        Some(resume) => start_resumed(&args, resume, &device, progress)?,
-        None => start_fresh(&args, &device, progress)?,
+    let started = match &args.resume {
+        Some(resume) => start_resumed(&args, resume, &device, comm, progress),
+        None => start_fresh(&args, &device, comm, progress),
     };
+    let started = started.and_then(|s| match check_ready(&s) {
+        Ok(()) => Ok(s),
+        Err(e) => Err(s.dir.discard(e)),
+    });
+    // Every rank waits here for the others' start: a failure anywhere ends them all, and a
+    // run directory rank 0 created for this run goes again.
+    let mut started = match started {
+        Ok(s) => s,
+        Err(e) => return Err(comm.agree::<()>(Err(e)).unwrap_err()),
+    };
+    if let Err(e) = comm.agree(Ok(())) {
+        return Err(started.dir.discard(e));
+    }
+    if comm.size() > 1 {
+        comm.check_same("config, tokenizer, data or weights", digest(&started.trainer)?)?;
+    }
     let out = started.dir.path.clone();
     let opts = RunOptions {
         out: out.clone(),
@@ -184,7 +274,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         progress,
         stop: Some(stop),
     };
-    started.trainer.check_disk_space(&out)?;
     let say = |s: String| {
         if progress != ProgressMode::Quiet {
             println!("{s}");
@@ -204,6 +293,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.tokens_per_s,
         out.display()
     ));
+    if !comm.is_root() {
+        return Ok(());
+    }
     match super::plot::plot_run(&out, &out.join("loss.png")) {
         Ok(p) => say(format!("loss curves: {}", p.display())),
         Err(e) => eprintln!("warning: could not draw the loss curves: {e}"),

@@ -52,6 +52,19 @@ impl fmt::Display for DeviceChoice {
 pub const HAS_CUDA: bool = cfg!(feature = "cuda");
 
 impl DeviceChoice {
+    /// [`DeviceChoice::resolve`] for the `local_rank`-th rank on a host: `cuda:N` becomes
+    /// GPU N + local_rank and `auto` GPU local_rank, so each rank has a GPU of its own.
+    pub fn for_local_rank(self, local_rank: usize) -> DeviceChoice {
+        match self {
+            DeviceChoice::Cuda(n) => DeviceChoice::Cuda(n + local_rank),
+            DeviceChoice::Auto if HAS_CUDA && local_rank > 0 => match Device::new_cuda(local_rank) {
+                Ok(_) => DeviceChoice::Cuda(local_rank),
+                Err(_) => DeviceChoice::Cpu,
+            },
+            other => other,
+        }
+    }
+
     /// The device: `cuda` on a binary without CUDA, or on a machine whose driver or GPU does
     /// not answer, is refused with the cause and the fix.
     pub fn resolve(self) -> Result<Device> {

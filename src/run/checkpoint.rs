@@ -22,11 +22,15 @@ use serde::{Deserialize, Serialize};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
-use crate::rng::Rng;
 use crate::run::config::Config;
 
 /// The checkpoint format this build writes, and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The `state.json` format this build writes, and the newest it reads. Version 2 draws each
+/// micro-batch from a stream of its own ([`crate::rng::micro_batch`]); version 1 kept one
+/// stream for the whole run, drawn in sequence, and its position (`rng`).
+pub const STATE_VERSION: u32 = 2;
 
 /// One evaluation: mean losses over `eval_iters` batches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,12 +47,25 @@ pub struct TrainState {
     /// Optimizer steps taken.
     pub step: usize,
     pub best_val_loss: Option<f64>,
-    /// The run's random stream, exactly where it stands.
-    pub rng: Rng,
     /// Wall-clock seconds spent training so far (over all resumes).
     pub elapsed_s: f64,
     /// Every evaluation so far.
     pub history: Vec<LossPoint>,
+}
+
+impl TrainState {
+    /// What changes when this state was written by a tinygpt that drew its batches from one
+    /// stream in sequence (state version 1): the run goes on, from the same weights and
+    /// optimizer, with batches drawn per micro-batch, so not the ones the older build would
+    /// have drawn.
+    pub fn legacy_note(&self) -> Option<String> {
+        (self.format_version < 2).then(|| {
+            format!(
+                "note: this checkpoint (step {}) was written by an older tinygpt that drew batches and dropout from one stream in sequence; it resumes with this build's per-micro-batch streams, so the run continues with other (equally random) batches than the older build would have drawn",
+                self.step
+            )
+        })
+    }
 }
 
 /// AdamW's state: first and second moments by parameter name, and its step count.
@@ -354,8 +371,8 @@ fn load_once(dir: &Path, device: &Device) -> Result<Checkpoint> {
         Err(e) => return Err(Error::checkpoint(&dir, format!("state.json: {e}"))),
     };
     if let Some(s) = &state {
-        if s.format_version > FORMAT_VERSION {
-            return Err(Error::checkpoint(&dir, format!("state.json has format version {}, newer than this tinygpt reads ({FORMAT_VERSION}); upgrade tinygpt", s.format_version)));
+        if s.format_version > STATE_VERSION {
+            return Err(Error::checkpoint(&dir, format!("state.json has format version {}, newer than this tinygpt reads ({STATE_VERSION}); upgrade tinygpt", s.format_version)));
         }
     }
     Ok(Checkpoint {

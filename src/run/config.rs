@@ -243,6 +243,22 @@ fn validate_training_counts(t: &TrainingConfig) -> Result<()> {
     positive("training.eval_iters", t.eval_iters)?;
     positive("training.checkpoint_interval", t.checkpoint_interval)?;
     positive_f("training.learning_rate", t.learning_rate)?;
+    let most = crate::rng::MAX_BATCHES_PER_STEP;
+    for (key, v) in [
+        ("training.grad_accum_steps", t.grad_accum_steps),
+        ("training.eval_iters", t.eval_iters),
+    ] {
+        if v > most {
+            return Err(Error::Config(format!("{key} = {v} is more than {most}, the most batches a step draws streams for")));
+        }
+    }
+    if t.max_iters > crate::rng::MAX_STEPS {
+        return Err(Error::Config(format!(
+            "training.max_iters = {} is more than {}, the most steps a run draws streams for",
+            t.max_iters,
+            crate::rng::MAX_STEPS
+        )));
+    }
     if !(t.min_lr >= 0.0 && t.min_lr <= t.learning_rate) {
         return Err(Error::Config(format!(
             "training.min_lr = {} must be in [0, learning_rate = {}]",

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
+use crate::dist::Comm;
 use crate::engine::{configure_threads, EngineChoice, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, Precision};
@@ -25,6 +26,8 @@ pub struct RunContext {
     pub threads: usize,
     /// Why `--engine auto` passed over the fused kernels, when the user may not expect it.
     pub note: Option<String>,
+    /// This process's rank and the world's size (one rank outside `mpirun`).
+    pub comm: Comm,
 }
 
 impl RunContext {
@@ -45,6 +48,7 @@ impl RunContext {
             },
             threads: rayon::current_num_threads(),
             note,
+            comm: Comm::single(),
         })
     }
 
@@ -82,7 +86,8 @@ pub struct RunDir {
     pub resume: Option<PathBuf>,
     /// Whether opening the run created the directory (a failed start removes it again).
     created: bool,
-    _lock: RunLock,
+    /// Held by rank 0 alone: the other ranks of a data-parallel run write nothing.
+    _lock: Option<RunLock>,
 }
 
 impl RunDir {
@@ -99,8 +104,26 @@ impl RunDir {
             path,
             resume: Some(ck_dir),
             created: false,
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// The run directory as a rank other than 0 sees it: [`RunDir::resume`]'s paths (or the
+    /// fresh run's `path`) with no lock taken and nothing created; rank 0 holds the directory.
+    pub fn follower(path: PathBuf, resume: Option<&Path>, out: Option<PathBuf>) -> RunDir {
+        let (path, resume) = match resume {
+            Some(arg) => {
+                let (ck_dir, run_dir) = resume_paths(arg);
+                (out.unwrap_or(run_dir), Some(ck_dir))
+            }
+            None => (path, None),
+        };
+        RunDir {
+            path,
+            resume,
+            created: false,
+            _lock: None,
+        }
     }
 
     /// A fresh run's directory `path`, locked; one that holds checkpoints already is refused
@@ -112,7 +135,7 @@ impl RunDir {
             path,
             resume: None,
             created: !existed,
-            _lock: lock,
+            _lock: Some(lock),
         };
         if !force && has_checkpoints(&dir.path) {
             let p = dir.path.display();

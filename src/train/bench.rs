@@ -8,6 +8,10 @@
 //!   with and without the KV cache;
 //! - peak RSS: the process's high-water mark after training (`getrusage`); on a GPU also the
 //!   memory pool's high-water mark;
+//! - under `mpirun`: every rank trains its share of each step's micro-batches; the report is
+//!   rank 0's, with the global tokens/s and the share of the step spent summing gradients
+//!   across ranks; generation runs on rank 0 alone, the sgemm peak on every rank at once
+//!   (their sum is the peak the ranks share);
 //! - MFU: model flops per second over the peak (the sgemm peak measured on the spot on the
 //!   CPU, the data sheet's for the dtype on a GPU), with nanoGPT's count of flops per token,
 //!   6·N + 12·L·T·C (N: parameters without the position embedding).
@@ -50,7 +54,12 @@ pub struct BenchReport {
     /// The matrix products' dtype.
     pub dtype: String,
     pub data: String,
+    /// Threads per rank.
     pub threads: usize,
+    /// Data-parallel ranks (1 outside `mpirun`).
+    pub ranks: usize,
+    /// The share of a timed step spent summing gradients across ranks (0 for one rank).
+    pub allreduce_share: f64,
     pub parameters: usize,
     pub batch_size: usize,
     pub block_size: usize,
@@ -176,10 +185,12 @@ pub fn run(
         "training: {} warm-up + {} timed steps of {} tokens",
         opts.warmup, opts.iters, tokens_per_iter
     ));
+    trainer.micro_batches()?;
     for _ in 0..opts.warmup {
         trainer.train_step()?;
     }
     device.synchronize()?;
+    trainer.reduce_s = 0.0;
     let mut times = Vec::with_capacity(opts.iters);
     for _ in 0..opts.iters {
         let t = Instant::now();
@@ -192,6 +203,8 @@ pub fn run(
     let peak_rss_mb = peak_rss_mb();
     let min = times.iter().cloned().fold(f64::MAX, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
+    let timed_s = times.iter().sum::<f64>() / 1000.0;
+    let allreduce_share = trainer.reduce_s / timed_s;
     let ms = median(&mut times);
 
     let gen = |use_cache: bool| -> Result<f64> {
@@ -209,10 +222,17 @@ pub fn run(
         "generation: {} tokens with the KV cache, then without",
         opts.gen_tokens
     ));
-    let generate_tokens_per_s = gen(true)?;
-    let generate_tokens_per_s_no_cache = gen(false)?;
+    let comm = &opts.ctx.comm;
+    let (generate_tokens_per_s, generate_tokens_per_s_no_cache) = match comm.is_root() {
+        true => (gen(true)?, gen(false)?),
+        false => (f64::NAN, f64::NAN),
+    };
     say("sgemm peak: 1024³ products");
-    let sgemm_gflops = sgemm_peak_gflops();
+    let mut sgemm = [0.0];
+    comm.sum_f64(&mut [0.0])?; // the ranks start the products together
+    sgemm[0] = sgemm_peak_gflops();
+    comm.sum_f64(&mut sgemm)?;
+    let sgemm_gflops = sgemm[0];
 
     let m = &cfg.model;
     let n_params = trainer.params.count() - m.block_size * m.n_embd;
@@ -232,6 +252,8 @@ pub fn run(
         dtype: cfg.training.dtype.name().to_string(),
         data: data.map_or("random tokens".into(), |p| p.display().to_string()),
         threads: opts.ctx.threads,
+        ranks: comm.size(),
+        allreduce_share,
         parameters: trainer.params.count(),
         batch_size: cfg.training.batch_size,
         block_size: m.block_size,
@@ -259,6 +281,16 @@ impl BenchReport {
             ("device", format!("{} ({})", self.device, self.dtype)),
             ("data", self.data.clone()),
             ("threads", self.threads.to_string()),
+            (
+                "ranks",
+                match self.ranks {
+                    1 => "1".to_string(),
+                    n => format!(
+                        "{n} (all-reduce {:.1}% of the step)",
+                        self.allreduce_share * 100.0
+                    ),
+                },
+            ),
             ("parameters", self.parameters.to_string()),
             (
                 "batch × block",

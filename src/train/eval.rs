@@ -11,6 +11,10 @@
 //! perplexity = exp(loss)
 //! bits_per_byte = Σ −log₂ p(token) / Σ UTF-8 bytes of the predicted tokens
 //! ```
+//! On N ranks (`mpirun`), rank r evaluates the passes r, r + N, r + 2N, …; each pass's loss is
+//! summed on its own and the passes' sums added in order, so the numbers are the same bits on
+//! any number of ranks, N times sooner.
+//!
 //! Bits per byte compare models with different tokenizers (a char and a BPE model of the same
 //! text): the sum of their token losses is the bits they need to encode the same bytes.
 
@@ -19,6 +23,7 @@ use serde::Serialize;
 
 use crate::data::corpus::{Dataset, Split};
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::Comm;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressMode};
@@ -41,7 +46,8 @@ pub struct Evaluation {
     pub split: String,
 }
 
-/// Evaluates `engine` on every token of `split` of `data` ([module docs](self)).
+/// Evaluates `engine` on every token of `split` of `data` ([module docs](self)), sharing the
+/// passes among `comm`'s ranks.
 pub fn evaluate(
     engine: &Engine,
     tokenizer: &Tokenizer,
@@ -49,6 +55,7 @@ pub fn evaluate(
     split: Split,
     block_size: usize,
     progress: ProgressMode,
+    comm: &Comm,
 ) -> Result<Evaluation> {
     let n = data.len(split);
     if n < 2 {
@@ -71,10 +78,14 @@ pub fn evaluate(
     if !predicted.is_multiple_of(block_size) {
         passes.push((vec![full * block_size], predicted % block_size));
     }
+    let progress = if comm.is_root() { progress } else { ProgressMode::Quiet };
     let bar = Progress::new(progress, "eval", predicted as u64, 0);
-    let (mut nats, mut bytes, mut done) = (0.0f64, 0usize, 0usize);
+    // Per pass: its nats and its bytes (whole numbers, exact in f64).
+    let mut sums = vec![0.0f64; 2 * passes.len()];
+    let mut done = 0usize;
     let log_every = (passes.len() / 10).max(1);
-    for (k, (starts, t)) in passes.iter().enumerate() {
+    let mine = passes.iter().enumerate().skip(comm.rank()).step_by(comm.size());
+    for (k, (starts, t)) in mine {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for &s in starts {
             data.tokens(split, s..s + t, &mut x)?;
@@ -84,11 +95,13 @@ pub fn evaluate(
         let logits = engine.forward(&idx)?; // (B, T, V)
         let v = logits.dim(2)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let (mut nats, mut bytes) = (0.0f64, 0usize);
         for (row, &target) in logits.chunks_exact(v).zip(&y) {
             nats += neg_log_prob(row, target as usize);
             bytes += bytes_of[target as usize];
         }
-        done += y.len();
+        (sums[2 * k], sums[2 * k + 1]) = (nats, bytes as f64);
+        done += y.len() * comm.size();
         bar.update(
             done as u64,
             "tokens predicted",
@@ -96,6 +109,9 @@ pub fn evaluate(
         );
     }
     bar.finish();
+    comm.sum_f64(&mut sums)?;
+    let nats: f64 = sums.iter().step_by(2).sum();
+    let bytes = sums.iter().skip(1).step_by(2).sum::<f64>() as usize;
     let loss = nats / predicted as f64;
     Ok(Evaluation {
         loss,

@@ -1,6 +1,9 @@
 //! The training loop: batches → loss → backward → clip → AdamW, with evaluation, metrics and
-//! checkpoints. Every random draw comes from the run's one RNG, which the checkpoint saves, so
-//! N steps in one go and N/2 + resume + N/2 give identical weights.
+//! checkpoints. Every micro-batch draws from a stream addressed by its step and index
+//! ([`crate::rng::micro_batch`]), so N steps in one go and N/2 + resume + N/2 give identical
+//! weights, and so do the same steps split over ranks ([`crate::dist`]): each rank runs a
+//! contiguous block of the step's micro-batches, the gradients are summed in one fixed tree
+//! ([`crate::dist::tree`]), and every rank takes the same optimizer step. Rank 0 alone writes.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use candle_core::DType;
 
 use candle_core::{Device, Tensor};
 
@@ -17,12 +22,14 @@ use crate::data::corpus::{load_for, read_corpus, Dataset, Split};
 use crate::data::shards::Prepared;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::tokenizer::TokenizerKind;
+use crate::dist::tree::tree_sum;
+use crate::dist::Comm;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{Gpt, Params};
 use crate::progress::{Progress, ProgressMode};
-use crate::rng::seeded;
-use crate::run::checkpoint::{self, Checkpoint, LossPoint, TrainState, FORMAT_VERSION};
+use crate::rng::{eval_batch, micro_batch, seeded};
+use crate::run::checkpoint::{self, Checkpoint, LossPoint, TrainState, STATE_VERSION};
 use crate::run::config::Config;
 use crate::run::context::RunContext;
 
@@ -67,8 +74,15 @@ pub struct Trainer {
     pub optimizer: Optimizer,
     pub state: TrainState,
     pub dataset: Dataset,
+    /// This process's place among the ranks (one rank outside `mpirun`).
+    pub comm: Comm,
+    /// Seconds spent summing gradients across ranks, over the run so far.
+    pub reduce_s: f64,
     device: Device,
 }
+
+/// One parameter gradient per optimizer name, `None` where the loss does not reach it.
+type Grads = Vec<Option<Tensor>>;
 
 /// Bytes free for an unprivileged user on the filesystem holding `dir`, if the OS says.
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -153,23 +167,18 @@ impl Trainer {
         ctx: &RunContext,
     ) -> Result<Trainer> {
         let device = &ctx.device;
-        let mut rng = seeded(config.training.seed);
-        // Weights are drawn first, then the same stream feeds batches and dropout.
-        let mut params = Params::fresh(rng.clone(), device);
+        let rng = seeded(config.training.seed);
+        let mut params = Params::fresh(rng, device);
         let vocab = tokenizer.vocab_size();
         let model = params.build(|vb| Gpt::new(&config.model, vocab, vb))?;
         let engine = ctx
             .engine
             .engine(&model, config.training.recompute_activations)?;
-        // Batches and dropout draw from a second stream of the same seed, independent of how
-        // many numbers the initialisation took.
-        rng.set_stream(1);
         let optimizer = Optimizer::new(params.vars(), &config.training)?;
         let state = TrainState {
-            format_version: FORMAT_VERSION,
+            format_version: STATE_VERSION,
             step: 0,
             best_val_loss: None,
-            rng,
             elapsed_s: 0.0,
             history: Vec::new(),
         };
@@ -182,6 +191,8 @@ impl Trainer {
             optimizer,
             state,
             dataset,
+            comm: ctx.comm.clone(),
+            reduce_s: 0.0,
             device: device.clone(),
         })
     }
@@ -287,67 +298,72 @@ impl Trainer {
             optimizer,
             state,
             dataset,
+            comm: ctx.comm.clone(),
+            reduce_s: 0.0,
             device: ctx.device.clone(),
         })
     }
 
-    /// Mean loss over `eval_iters` batches of each split (dropout off). The batches come from
-    /// a stream of their own, fixed by seed and step, so evaluating (or not) never changes
-    /// the training stream: a run stopped early and resumed matches one run straight through.
+    /// Mean loss over `eval_iters` batches of each split (dropout off). Batch j draws from a
+    /// stream of its own, fixed by seed, step, split and j, so evaluating (or not) never
+    /// changes training, and the ranks can share the batches out: each evaluates a
+    /// contiguous block, and the losses are added in batch order, the same on any number of
+    /// ranks.
     pub fn evaluate(&self) -> Result<(f64, f64)> {
         let t = &self.config.training;
-        let mut rng = seeded(t.seed);
-        rng.set_stream(2 + self.state.step as u64);
-        let mut out = [0.0f64; 2];
-        for (i, split) in [Split::Train, Split::Val].into_iter().enumerate() {
-            let mut sum = 0.0;
-            for _ in 0..t.eval_iters {
-                let (x, y) = self.dataset.batch(
-                    split,
-                    t.batch_size,
-                    self.config.model.block_size,
-                    &mut rng,
-                    &self.device,
-                )?;
-                sum += self.engine.loss(&x, &y)?;
+        let n = t.eval_iters;
+        let mut losses = vec![0.0f64; 2 * n];
+        let (r, size) = (self.comm.rank(), self.comm.size());
+        for (s, split) in [Split::Train, Split::Val].into_iter().enumerate() {
+            for j in r * n / size..(r + 1) * n / size {
+                let mut rng = eval_batch(t.seed, self.state.step, s, j);
+                let block = self.config.model.block_size;
+                let (x, y) =
+                    self.dataset
+                        .batch(split, t.batch_size, block, &mut rng, &self.device)?;
+                losses[s * n + j] = self.engine.loss(&x, &y)?;
             }
-            out[i] = sum / t.eval_iters as f64;
         }
-        Ok((out[0], out[1]))
+        self.comm.sum_f64(&mut losses)?;
+        let mean = |l: &[f64]| l.iter().sum::<f64>() / n as f64;
+        Ok((mean(&losses[..n]), mean(&losses[n..])))
+    }
+
+    /// The micro-batches of a step this rank runs: its contiguous share of
+    /// `grad_accum_steps`, which must divide among the ranks.
+    pub fn micro_batches(&self) -> Result<std::ops::Range<usize>> {
+        let (a, size) = (self.config.training.grad_accum_steps, self.comm.size());
+        if !a.is_multiple_of(size) {
+            return Err(Error::Config(format!(
+                "training.grad_accum_steps = {a} does not divide among {size} ranks; set it to a multiple of {size} (it counts the micro-batches of a step over all ranks; e.g. --set training.grad_accum_steps={}, with training.batch_size divided to keep the batch)",
+                a.div_ceil(size) * size
+            )));
+        }
+        let per = a / size;
+        Ok(self.comm.rank() * per..(self.comm.rank() + 1) * per)
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss.
     pub fn train_step(&mut self) -> Result<f64> {
         let t = self.config.training.clone();
-        let block = self.config.model.block_size;
-        let names: Vec<String> = self.optimizer.names().map(str::to_string).collect();
-        let vars = self.params.vars();
-        let mut grads: Vec<Option<Tensor>> = vec![None; names.len()];
-        let mut loss_sum = 0.0;
-        for _ in 0..t.grad_accum_steps {
-            let (x, y) = self.dataset.batch(
-                Split::Train,
-                t.batch_size,
-                block,
-                &mut self.state.rng,
-                &self.device,
-            )?;
-            let (l, store) =
-                self.engine
-                    .loss_and_grads(&x, &y, &mut self.state.rng, t.grad_accum_steps)?;
-            if !l.is_finite() {
-                return Err(non_finite(self.state.step + 1, "loss", t.learning_rate));
-            }
-            loss_sum += l;
-            for (acc, name) in grads.iter_mut().zip(&names) {
-                if let Some(g) = store.get(vars[name].as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+        let a = t.grad_accum_steps;
+        let mut losses = vec![0.0f64; a];
+        let mine = self.micro_batches()?;
+        let grads = tree_sum(
+            mine.start,
+            mine.end,
+            &mut |i| {
+                let (loss, grads) = self.micro_batch_grads(i)?;
+                losses[i] = loss;
+                Ok(grads)
+            },
+            &add_grads,
+        )?;
+        self.comm.sum_f64(&mut losses)?;
+        if losses.iter().any(|l| !l.is_finite()) {
+            return Err(non_finite(self.state.step + 1, "loss", t.learning_rate));
         }
+        let grads = self.sum_across_ranks(grads)?;
         let norm = global_norm(&grads)?;
         if !norm.is_finite() {
             return Err(non_finite(
@@ -364,12 +380,64 @@ impl Trainer {
         let lr = learning_rate(&t, self.state.step);
         self.optimizer.step(&grads, grad_scale, lr)?;
         self.state.step += 1;
-        Ok(loss_sum / t.grad_accum_steps as f64)
+        Ok(losses.iter().sum::<f64>() / a as f64)
+    }
+
+    /// The loss of micro-batch `i` of the coming step and its gradients, scaled by
+    /// 1 / `grad_accum_steps`.
+    fn micro_batch_grads(&self, i: usize) -> Result<(f64, Grads)> {
+        let t = &self.config.training;
+        let mut rng = micro_batch(t.seed, self.state.step, i);
+        let block = self.config.model.block_size;
+        let (x, y) =
+            self.dataset
+                .batch(Split::Train, t.batch_size, block, &mut rng, &self.device)?;
+        let (loss, store) = self
+            .engine
+            .loss_and_grads(&x, &y, &mut rng, t.grad_accum_steps)?;
+        let vars = self.params.vars();
+        let grads = self
+            .optimizer
+            .names()
+            .map(|name| store.get(vars[name].as_tensor()).cloned())
+            .collect();
+        Ok((loss, grads))
+    }
+
+    /// The ranks' gradients summed, on every rank: one flat buffer, one all-reduce.
+    fn sum_across_ranks(&mut self, grads: Grads) -> Result<Grads> {
+        if self.comm.size() == 1 {
+            return Ok(grads);
+        }
+        let t0 = Instant::now();
+        let mut flat = Vec::new();
+        for g in grads.iter().flatten() {
+            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.comm.sum_f32(&mut flat)?;
+        let mut at = 0;
+        let summed = grads
+            .into_iter()
+            .map(|g| {
+                g.map(|g| {
+                    let n = g.elem_count();
+                    at += n;
+                    Tensor::from_slice(&flat[at - n..at], g.shape(), &self.device)?
+                        .to_dtype(g.dtype())
+                })
+                .transpose()
+            })
+            .collect::<candle_core::Result<Grads>>()?;
+        self.reduce_s += t0.elapsed().as_secs_f64();
+        Ok(summed)
     }
 
     /// Saves the run's state to `dir` atomically; on failure the previous checkpoint in `dir`
-    /// is left as it was.
+    /// is left as it was. Only rank 0 writes; on the other ranks this does nothing.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if !self.comm.is_root() {
+            return Ok(());
+        }
         self.save_inner(dir).map_err(|e| Error::Save {
             dir: dir.to_path_buf(),
             step: self.state.step,
@@ -395,9 +463,10 @@ impl Trainer {
         let t = self.config.training.clone();
         let tokens_per_step =
             (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as f64;
-        let mut metrics = open_metrics(&out, self.state.step, opts.resume.is_some())?;
+        let root = self.comm.is_root();
+        let mut metrics = Metrics::open(&out, self.state.step, opts.resume.is_some(), root)?;
         let progress = Progress::new(
-            opts.progress,
+            if root { opts.progress } else { ProgressMode::Quiet },
             "train",
             t.max_iters as u64,
             self.state.step as u64,
@@ -412,7 +481,7 @@ impl Trainer {
         if self.state.step == 0 {
             let (tr, va) = self.evaluate()?;
             self.record_eval(&out, tr, va, &progress)?;
-            append_row(&mut metrics, &out, format!("0,{tr:.6},{va:.6},0,,0"))?;
+            metrics.append(format!("0,{tr:.6},{va:.6},0,,0"))?;
             last_train = Some(tr);
             last_val = Some(va);
         }
@@ -438,9 +507,9 @@ impl Trainer {
                 "{step},{loss:.6},{val_field},{lr:.6e},{tok_s:.1},{:.3}",
                 self.state.elapsed_s
             );
-            append_row(&mut metrics, &out, row)?;
+            metrics.append(row)?;
             if step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters {
-                flush_metrics(&mut metrics, &out)?;
+                metrics.flush()?;
                 self.save(&out.join("last"))?;
             }
             let saved_now = step.is_multiple_of(t.checkpoint_interval) || step == t.max_iters;
@@ -452,9 +521,9 @@ impl Trainer {
             );
         }
         progress.finish();
-        flush_metrics(&mut metrics, &out)?;
+        metrics.flush()?;
         // A run resumed at its end still leaves a complete last/.
-        if !out.join("last").exists() {
+        if root && !out.join("last").exists() {
             self.save(&out.join("last"))?;
         }
         step_ms.sort_by(|a, b| a.total_cmp(b));
@@ -476,23 +545,24 @@ impl Trainer {
 
     /// When a signal asked the run to stop: ends the progress bar, flushes the metrics, saves
     /// `last/` (unless this step's checkpoint just did) and returns [`Error::Interrupted`].
+    /// The ranks agree first (one tiny all-reduce a step), so all stop after the same step.
     fn stop_if_signalled(
         &self,
         opts: &RunOptions,
-        metrics: &mut File,
+        metrics: &mut Metrics,
         progress: &Progress,
         saved_now: bool,
     ) -> Result<()> {
-        let Some(signal) = opts
-            .stop
-            .as_ref()
-            .map(|s| s.load(Ordering::SeqCst))
-            .filter(|&s| s != 0)
-        else {
+        let mine = opts.stop.as_ref().map_or(0, |s| s.load(Ordering::SeqCst));
+        let mut any = [mine as f64];
+        self.comm.sum_f64(&mut any)?;
+        if any[0] == 0.0 {
             return Ok(());
-        };
+        }
+        // A rank the signal did not reach stops as if told to terminate.
+        let signal = if mine != 0 { mine } else { 15 };
         progress.finish();
-        flush_metrics(metrics, &opts.out)?;
+        metrics.flush()?;
         let saved = opts.out.join("last");
         if !saved_now {
             self.save(&saved)?;
@@ -523,11 +593,15 @@ impl Trainer {
     }
 }
 
-/// Writes what `metrics.csv` has buffered.
-fn flush_metrics(metrics: &mut File, out: &Path) -> Result<()> {
-    metrics
-        .flush()
-        .map_err(|e| Error::io(out.join("metrics.csv"), e))
+/// Two partial sums of gradients, parameter by parameter.
+fn add_grads(a: Grads, b: Grads) -> Result<Grads> {
+    a.into_iter()
+        .zip(b)
+        .map(|p| match p {
+            (Some(a), Some(b)) => Ok(Some((a + b)?)),
+            (a, b) => Ok(a.or(b)),
+        })
+        .collect()
 }
 
 fn non_finite(step: usize, what: &'static str, learning_rate: f64) -> Error {
@@ -567,13 +641,38 @@ fn make_dataset(
     )
 }
 
-/// Appends one row to `metrics.csv` in a single write, so that a reader never sees half of
-/// one (beyond a last line still being written, which ends without a newline).
-fn append_row(metrics: &mut std::fs::File, out: &Path, mut row: String) -> Result<()> {
-    row.push('\n');
-    metrics
-        .write_all(row.as_bytes())
-        .map_err(|e| Error::io(out.join("metrics.csv"), e))
+/// `metrics.csv`, open for appending on rank 0 (the other ranks write nothing).
+struct Metrics {
+    file: Option<File>,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(out: &Path, step: usize, resumed: bool, root: bool) -> Result<Metrics> {
+        Ok(Metrics {
+            file: root.then(|| open_metrics(out, step, resumed)).transpose()?,
+            path: out.join("metrics.csv"),
+        })
+    }
+
+    /// Appends one row in a single write, so that a reader never sees half of one (beyond a
+    /// last line still being written, which ends without a newline).
+    fn append(&mut self, mut row: String) -> Result<()> {
+        let Some(f) = &mut self.file else {
+            return Ok(());
+        };
+        row.push('\n');
+        f.write_all(row.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Writes what has been buffered.
+    fn flush(&mut self) -> Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush().map_err(|e| Error::io(&self.path, e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Opens `metrics.csv` for appending. A resumed run drops rows past its checkpoint's step
