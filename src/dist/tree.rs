@@ -124,14 +124,24 @@ mod tests {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     }
 
-    /// Values whose sums round differently in different orders.
+    /// Values whose sums round differently in different orders (a xorshift stream: mantissas
+    /// and magnitudes that vary).
     fn values(ranks: usize, len: usize) -> Vec<Vec<f32>> {
-        let mut rng = crate::rng::seeded(9);
-        use rand::Rng as _;
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
         (0..ranks)
             .map(|_| {
                 (0..len)
-                    .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..4)))
+                    .map(|_| {
+                        let r = next();
+                        let unit = (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                        unit * 10f32.powi((r % 7) as i32 - 3)
+                    })
                     .collect()
             })
             .collect()
