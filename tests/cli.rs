@@ -940,3 +940,47 @@ fn resuming_a_missing_checkpoint_locks_nothing() {
         "a mistyped --resume left a lock file behind"
     );
 }
+
+#[test]
+fn a_checkpoint_of_the_sequential_stream_resumes_with_a_note() {
+    let ws = Workspace::new(5000);
+    let (out, _) = train_tiny(&ws, "run", 6);
+    // What an older tinygpt wrote: state version 1, with its one stream's position.
+    let path = out.join("last/state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    state["format_version"] = 1.into();
+    state["rng"] = serde_json::json!({"seed": vec![7; 32], "stream": 1, "word_pos": 4096});
+    std::fs::write(&path, state.to_string()).unwrap();
+    let o = tinygpt(
+        &["train", "--resume", "run", "--quiet", "--set", "training.max_iters=8"],
+        ws.dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("written by an older tinygpt that drew batches and dropout from one stream"),
+        "{}",
+        stderr(&o)
+    );
+    let resumed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(resumed["step"], 8);
+    assert_eq!(resumed["format_version"], 2);
+}
+
+/// A build without MPI, started as one of several ranks, says how to get one that has it
+/// (instead of N processes each training alone into the same directory).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let ws = Workspace::new(5000);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(["train", "--config", "tiny.toml", "--out", "run"])
+        .current_dir(ws.dir.path())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .output()
+        .unwrap();
+    fails_with(&o, "built without MPI; build it with `cargo build --release --features mpi`");
+    assert!(!ws.path("run").exists());
+}

@@ -45,6 +45,8 @@ fn train_args<'a>(out: &'a str, accum: &'a str, steps: &'a str, extra: &[&'a str
         steps,
         "--set",
         "training.lr_decay_iters=40",
+        "--set",
+        "training.warmup_iters=1",
     ];
     a.extend_from_slice(extra);
     a

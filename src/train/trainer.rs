@@ -278,9 +278,12 @@ impl Trainer {
         ctx: &RunContext,
         progress: ProgressMode,
     ) -> Result<Trainer> {
-        let state = ck.state.clone().ok_or_else(|| {
+        let mut state = ck.state.clone().ok_or_else(|| {
             Error::checkpoint(&ck.dir, "state.json is missing, so this checkpoint cannot be resumed (it can still be used to generate)")
         })?;
+        // From here on it is this build's run, drawn as this build draws (an older state's
+        // one stream is left behind; `TrainState::legacy_note`).
+        state.format_version = STATE_VERSION;
         let dataset = dataset_for(&config, &ck.tokenizer, progress)?;
         let mut optimizer = Optimizer::new(ck.params.vars(), &config.training)?;
         let opt_state = checkpoint::load_optimizer(&ck.dir, &ck.params, &ctx.device)?;
