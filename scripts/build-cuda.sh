@@ -9,6 +9,7 @@
 #   scripts/build-cuda.sh                  # target/release/tinygpt, for compute capability 9.0 (H100/H200)
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh    # for an A100
 #   TINYGPT_CUDA_DIR=/somewhere scripts/build-cuda.sh   # where the packages go (default ~/.cache/tinygpt/cuda-13.0)
+#   scripts/build-cuda.sh --features nccl  # data-parallel GPUs: NCCL all-reduce over MPI (docs/distributed.md)
 #
 # Extra arguments go to `cargo build` (e.g. --target-dir).
 set -euo pipefail
@@ -20,7 +21,7 @@ py="$cuda_dir/py"
 packages=(
     "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88"
     "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-nvrtc==13.0.88"
-    "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35"
+    "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35" "nvidia-nccl-cu13==2.30.7"
 )
 stamp="$cuda_dir/installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ]; then
@@ -39,6 +40,11 @@ for lib in cublas cublasLt curand nvrtc cudart; do
     versioned=$(cd "$root/lib" && ls "lib$lib.so."* | sort | head -n1)
     [ -e "$root/lib/lib$lib.so" ] || ln -s "$versioned" "$root/lib/lib$lib.so"
 done
+# NCCL's wheel keeps its library in a folder of its own: linked into the same one (-lnccl).
+nccl=$(find "$py/nvidia" -name 'libnccl.so.*' | sort | head -n1)
+[ -n "$nccl" ] || { echo "build-cuda: no libnccl.so in $py; remove $cuda_dir and run again" >&2; exit 1; }
+[ -e "$root/lib/libnccl.so" ] || ln -s "$nccl" "$root/lib/libnccl.so"
+[ -e "$root/lib/libnccl.so.2" ] || ln -s "$nccl" "$root/lib/libnccl.so.2"
 
 # A link-time stand-in for the driver API (libcuda.so.1 ships with the driver, not the toolkit):
 # one function per symbol that cudarc declares, each answering CUDA_ERROR_STUB_LIBRARY (34), as

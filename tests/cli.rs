@@ -953,12 +953,20 @@ fn a_checkpoint_of_the_sequential_stream_resumes_with_a_note() {
     state["rng"] = serde_json::json!({"seed": vec![7; 32], "stream": 1, "word_pos": 4096});
     std::fs::write(&path, state.to_string()).unwrap();
     let o = tinygpt(
-        &["train", "--resume", "run", "--quiet", "--set", "training.max_iters=8"],
+        &[
+            "train",
+            "--resume",
+            "run",
+            "--quiet",
+            "--set",
+            "training.max_iters=8",
+        ],
         ws.dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("written by an older tinygpt that drew batches and dropout from one stream"),
+        stderr(&o)
+            .contains("written by an older tinygpt that drew batches and dropout from one stream"),
         "{}",
         stderr(&o)
     );
@@ -981,6 +989,9 @@ fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
         .env("OMPI_COMM_WORLD_RANK", "0")
         .output()
         .unwrap();
-    fails_with(&o, "built without MPI; build it with `cargo build --release --features mpi`");
+    fails_with(
+        &o,
+        "built without MPI; build it with `cargo build --release --features mpi`",
+    );
     assert!(!ws.path("run").exists());
 }

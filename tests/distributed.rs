@@ -14,13 +14,19 @@ use common::{checkpoint_weights, fails_with, stderr, stdout, tinygpt, Workspace}
 /// `mpirun -np N tinygpt ARGS` in `cwd`, unbound (tests run side by side), as root too (CI).
 fn mpirun_cmd(np: usize, args: &[&str], cwd: &Path) -> Command {
     let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "--bind-to", "none", "-np", &np.to_string()])
-        .arg(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c.args([
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        &np.to_string(),
+    ])
+    .arg(env!("CARGO_BIN_EXE_tinygpt"))
+    .args(args)
+    .current_dir(cwd)
+    .stdin(Stdio::null())
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     c
 }
 
@@ -53,12 +59,7 @@ fn train_args<'a>(out: &'a str, accum: &'a str, steps: &'a str, extra: &[&'a str
 }
 
 fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        stdout(o),
-        stderr(o)
-    );
+    assert!(o.status.success(), "failed: {}\n{}", stdout(o), stderr(o));
 }
 
 /// Weights as bit patterns, by name.
@@ -141,8 +142,15 @@ fn a_run_checkpointed_on_four_ranks_resumes_on_one_or_two_on_the_same_trajectory
     let ws = Workspace::new(20_000);
     let cwd = ws.dir.path();
     let accum = "training.grad_accum_steps=4";
-    ok(&tinygpt(&train_args("straight", accum, "training.max_iters=16", &[]), cwd));
-    ok(&mpirun(4, &train_args("four", accum, "training.max_iters=8", &[]), cwd));
+    ok(&tinygpt(
+        &train_args("straight", accum, "training.max_iters=16", &[]),
+        cwd,
+    ));
+    ok(&mpirun(
+        4,
+        &train_args("four", accum, "training.max_iters=8", &[]),
+        cwd,
+    ));
     for (np, name) in [(1, "on-one"), (2, "on-two")] {
         let copy = ws.path(name);
         std::fs::create_dir_all(&copy).unwrap();
@@ -169,9 +177,15 @@ fn a_run_checkpointed_on_four_ranks_resumes_on_one_or_two_on_the_same_trajectory
         // (The 4-rank run evaluated at its last step, 8, and the straight run did not.)
         let train_only = |run: &Path| -> Vec<String> {
             let rows = losses(run);
-            rows.iter().map(|r| r.split(',').take(2).collect::<Vec<_>>().join(",")).collect()
+            rows.iter()
+                .map(|r| r.split(',').take(2).collect::<Vec<_>>().join(","))
+                .collect()
         };
-        assert_eq!(train_only(&copy), train_only(&ws.path("straight")), "resumed on {np}");
+        assert_eq!(
+            train_only(&copy),
+            train_only(&ws.path("straight")),
+            "resumed on {np}"
+        );
     }
 }
 
@@ -180,10 +194,18 @@ fn an_accumulation_count_that_does_not_divide_is_refused_before_anything_starts(
     let ws = Workspace::new(5_000);
     let o = mpirun(
         2,
-        &train_args("run", "training.grad_accum_steps=3", "training.max_iters=5", &[]),
+        &train_args(
+            "run",
+            "training.grad_accum_steps=3",
+            "training.max_iters=5",
+            &[],
+        ),
         ws.dir.path(),
     );
-    fails_with(&o, "training.grad_accum_steps = 3 does not divide among 2 ranks");
+    fails_with(
+        &o,
+        "training.grad_accum_steps = 3 does not divide among 2 ranks",
+    );
     assert_eq!(
         stderr(&o).matches("does not divide").count(),
         1,
@@ -200,7 +222,12 @@ fn killing_one_rank_ends_the_job_and_leaves_a_checkpoint_that_resumes() {
         "run",
         "training.grad_accum_steps=2",
         "training.max_iters=1000000",
-        &["--set", "training.checkpoint_interval=5", "--set", "training.lr_decay_iters=1000000"],
+        &[
+            "--set",
+            "training.checkpoint_interval=5",
+            "--set",
+            "training.lr_decay_iters=1000000",
+        ],
     );
     let mut job = mpirun_cmd(2, &args, cwd)
         .stdout(Stdio::null())
@@ -218,7 +245,10 @@ fn killing_one_rank_ends_the_job_and_leaves_a_checkpoint_that_resumes() {
         if let Some(s) = job.try_wait().unwrap() {
             break s;
         }
-        assert!(killed.elapsed() < Duration::from_secs(30), "the job outlived its rank");
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the job outlived its rank"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
@@ -239,7 +269,10 @@ fn killing_one_rank_ends_the_job_and_leaves_a_checkpoint_that_resumes() {
         .as_u64()
         .unwrap() as usize;
     let more = format!("training.max_iters={}", step + 1);
-    ok(&tinygpt(&["train", "--resume", "run", "--quiet", "--set", &more], cwd));
+    ok(&tinygpt(
+        &["train", "--resume", "run", "--quiet", "--set", &more],
+        cwd,
+    ));
 }
 
 /// The tinygpt processes `mpirun` (pid `job`) started, with their ranks.
@@ -276,7 +309,13 @@ fn ranks_of(job: u32) -> Vec<(u32, usize)> {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(true)
 }
 
@@ -288,7 +327,12 @@ fn sigterm_to_mpirun_stops_every_rank_at_one_step_and_rank_0_saves_it() {
         "run",
         "training.grad_accum_steps=2",
         "training.max_iters=1000000",
-        &["--set", "training.checkpoint_interval=1000000", "--set", "training.lr_decay_iters=1000000"],
+        &[
+            "--set",
+            "training.checkpoint_interval=1000000",
+            "--set",
+            "training.lr_decay_iters=1000000",
+        ],
     );
     let job = mpirun_cmd(2, &args, cwd)
         .stdout(Stdio::null())
@@ -311,19 +355,34 @@ fn sigterm_to_mpirun_stops_every_rank_at_one_step_and_rank_0_saves_it() {
         .lines()
         .find(|l| l.starts_with("interrupted by SIGTERM"))
         .unwrap_or_else(|| panic!("no interruption line: {err}"));
-    assert_eq!(err.matches("interrupted by").count(), 1, "rank 0 alone says it");
+    assert_eq!(
+        err.matches("interrupted by").count(),
+        1,
+        "rank 0 alone says it"
+    );
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ws.path("run/last/state.json")).unwrap())
             .unwrap();
     let step = state["step"].as_u64().unwrap();
-    assert!(step > 0 && line.contains(&format!("at step {step};")), "{line}");
+    assert!(
+        step > 0 && line.contains(&format!("at step {step};")),
+        "{line}"
+    );
 }
 
 #[test]
 fn eval_on_two_ranks_gives_the_same_numbers_as_one_process() {
     let ws = Workspace::new(20_000);
     let cwd = ws.dir.path();
-    ok(&tinygpt(&train_args("run", "training.grad_accum_steps=1", "training.max_iters=3", &[]), cwd));
+    ok(&tinygpt(
+        &train_args(
+            "run",
+            "training.grad_accum_steps=1",
+            "training.max_iters=3",
+            &[],
+        ),
+        cwd,
+    ));
     let args = ["eval", "--checkpoint", "run", "--json"];
     let one = tinygpt(&args, cwd);
     let two = mpirun(2, &args, cwd);
@@ -370,7 +429,12 @@ fn a_rank_that_cannot_reach_the_others_fails_in_bounded_time_with_one_line() {
     let o = Command::new("mpirun")
         .args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
         .arg(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(train_args("run", "training.grad_accum_steps=2", "training.max_iters=5", &[]))
+        .args(train_args(
+            "run",
+            "training.grad_accum_steps=2",
+            "training.max_iters=5",
+            &[],
+        ))
         .args([":", "-np", "1", "sleep", "120"])
         .current_dir(ws.dir.path())
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -387,9 +451,46 @@ fn a_rank_that_cannot_reach_the_others_fails_in_bounded_time_with_one_line() {
 fn the_mpi_build_without_mpirun_trains_as_one_process() {
     let ws = Workspace::new(5_000);
     let o = tinygpt(
-        &train_args("run", "training.grad_accum_steps=3", "training.max_iters=2", &[]),
+        &train_args(
+            "run",
+            "training.grad_accum_steps=3",
+            "training.max_iters=2",
+            &[],
+        ),
         ws.dir.path(),
     );
     ok(&o);
     assert!(ws.path("run/last/state.json").exists());
+}
+
+#[test]
+fn ranks_that_read_different_corpora_are_refused_naming_the_rank() {
+    let ws = Workspace::new(5_000);
+    std::fs::write(ws.path("other.txt"), common::corpus(6_000)).unwrap();
+    let args = train_args(
+        "run",
+        "training.grad_accum_steps=2",
+        "training.max_iters=3",
+        &[],
+    );
+    // Rank 1 trains on another corpus, as a host with other files would.
+    let o = Command::new("mpirun")
+        .args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(&args)
+        .args([":", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_tinygpt"))
+        .args(&args)
+        .args(["--data", "other.txt"])
+        .current_dir(ws.dir.path())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    fails_with(
+        &o,
+        "rank 1's config, tokenizer, data or weights differs from rank 0's",
+    );
+    assert_eq!(stderr(&o).matches("differs from rank 0").count(), 1);
+    assert!(!ws.path("run").exists(), "nothing left behind");
 }

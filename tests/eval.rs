@@ -5,10 +5,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use tinygpt::data::corpus::Split;
+use tinygpt::dist::Comm;
 use tinygpt::engine::Engine;
 use tinygpt::engine::{EngineKind, EngineOptions};
 use tinygpt::run::config::Config;
-use tinygpt::dist::Comm;
 use tinygpt::train::eval::evaluate;
 use tinygpt::train::{ProgressMode, Trainer};
 

@@ -355,7 +355,13 @@ fn whole_model_loss_and_gradients_match() {
         let block = r.config.model.block_size;
         let (x, y) = r
             .dataset
-            .batch(Split::Train, 4, block, &mut tinygpt::rng::seeded(1), &Device::Cpu)
+            .batch(
+                Split::Train,
+                4,
+                block,
+                &mut tinygpt::rng::seeded(1),
+                &Device::Cpu,
+            )
             .unwrap();
         let rng = || tinygpt::rng::seeded(0);
         let (lr, gr) = r.engine.loss_and_grads(&x, &y, &mut rng(), 1).unwrap();

@@ -64,6 +64,7 @@ pub fn run(args: BenchArgs, comm: &Comm) -> Result<()> {
         comm: comm.clone(),
         ..ctx
     };
+    comm.join_device(&device)?;
     let opts = BenchOptions {
         iters: args.iters,
         warmup: args.warmup,

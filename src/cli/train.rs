@@ -178,6 +178,17 @@ fn check_ready(s: &Started) -> Result<()> {
     Ok(())
 }
 
+/// With several ranks: checks that every rank holds the same run ([`digest`]) and joins the
+/// GPUs' communicator when there is one.
+fn join_ranks(s: &Started, comm: &Comm, device: &Device) -> Result<()> {
+    if comm.size() > 1 {
+        let d = comm.agree(digest(&s.trainer))?;
+        comm.check_same("config, tokenizer, data or weights", d)?;
+        comm.join_device(device)?;
+    }
+    Ok(())
+}
+
 /// A digest of what every rank must hold alike: the config, the tokenizer, the data's size,
 /// the weights and the step.
 fn digest(t: &Trainer) -> Result<u64> {
@@ -188,7 +199,10 @@ fn digest(t: &Trainer) -> Result<u64> {
     for id in 0..t.tokenizer.vocab_size() as u32 {
         t.tokenizer.decode(&[id]).unwrap_or_default().hash(&mut h);
     }
-    for split in [crate::data::corpus::Split::Train, crate::data::corpus::Split::Val] {
+    for split in [
+        crate::data::corpus::Split::Train,
+        crate::data::corpus::Split::Val,
+    ] {
         t.dataset.len(split).hash(&mut h);
     }
     t.state.step.hash(&mut h);
@@ -197,7 +211,10 @@ fn digest(t: &Trainer) -> Result<u64> {
     names.sort();
     for name in names {
         name.hash(&mut h);
-        let v = vars[name].as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let v = vars[name]
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?;
         for x in v.to_vec1::<f32>()? {
             x.to_bits().hash(&mut h);
         }
@@ -213,7 +230,11 @@ fn ranks(ctx: &RunContext) -> String {
         n => format!(
             ", {n} ranks × {} threads (gradients summed {})",
             ctx.threads,
-            if exact { "bitwise as one process" } else { "within float rounding of one process" }
+            if exact {
+                "bitwise as one process"
+            } else {
+                "within float rounding of one process"
+            }
         ),
     }
 }
@@ -261,11 +282,11 @@ pub fn run(args: TrainArgs, comm: &Comm) -> Result<()> {
         Ok(s) => s,
         Err(e) => return Err(comm.agree::<()>(Err(e)).unwrap_err()),
     };
-    if let Err(e) = comm.agree(Ok(())) {
+    if let Err(e) = comm
+        .agree(Ok(()))
+        .and_then(|_| join_ranks(&started, comm, &device))
+    {
         return Err(started.dir.discard(e));
-    }
-    if comm.size() > 1 {
-        comm.check_same("config, tokenizer, data or weights", digest(&started.trainer)?)?;
     }
     let out = started.dir.path.clone();
     let opts = RunOptions {

@@ -9,7 +9,11 @@
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tree;
+
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -64,8 +68,13 @@ impl Comm {
         self.rank == 0
     }
 
-    /// Whether a gradient sum over these ranks is the same bits as one process's.
+    /// Whether a gradient sum over these ranks is the same bits as one process's: a
+    /// power-of-two count on MPI, at most two GPUs on NCCL.
     pub fn exact(&self) -> bool {
+        #[cfg(feature = "nccl")]
+        if nccl::active() && self.size > 2 {
+            return false;
+        }
         self.size.is_power_of_two()
     }
 
@@ -75,6 +84,39 @@ impl Comm {
             return Ok(());
         }
         self.backend()?.sum_f32(self, buf)
+    }
+
+    /// Sums the flat f32 tensor `flat` over the ranks: between GPUs on NCCL once
+    /// [`nccl::init`] has run (feature `nccl`), else through host memory with
+    /// [`Comm::sum_f32`].
+    pub fn sum_tensor(&self, flat: &Tensor) -> Result<Tensor> {
+        if self.size == 1 {
+            return Ok(flat.clone());
+        }
+        #[cfg(feature = "nccl")]
+        if let Some(summed) = nccl::sum(flat)? {
+            return Ok(summed);
+        }
+        let mut host = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.sum_f32(&mut host)?;
+        Ok(Tensor::from_vec(host, flat.elem_count(), flat.device())?)
+    }
+
+    /// Joins the NCCL communicator of the ranks' GPUs when this build has NCCL (feature
+    /// `nccl`) and `device` is a GPU; otherwise gradients go through host memory and MPI.
+    pub fn join_device(&self, device: &candle_core::Device) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        nccl::init(self, device)?;
+        let _ = device;
+        Ok(())
+    }
+
+    /// Rank 0's `buf`, on every rank.
+    pub fn broadcast(&self, buf: &mut [u8]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        self.backend()?.broadcast(buf)
     }
 
     /// Sums `buf` over the ranks in place. Exact where each element has one non-zero
@@ -100,9 +142,11 @@ impl Comm {
         let all = self.gather_u64(value)?;
         match all.iter().position(|&v| v != all[0]) {
             None => Ok(()),
-            Some(r) => Err(Error::Usage(format!(
+            // Every rank knows: rank 0 says it, the others end quietly.
+            Some(_) if !self.is_root() => Err(Error::OtherRank { rank: 0, code: 1 }),
+            Some(r) => Err(Error::Agreed(Box::new(Error::Usage(format!(
                 "rank {r}'s {what} differs from rank 0's; every rank must read the same config, corpus and checkpoint (the same files on every host, the same tinygpt)"
-            ))),
+            ))))),
         }
     }
 
@@ -169,15 +213,23 @@ impl NoBackend {
     fn gather_u64(&self, _: usize, _: u64) -> Result<Vec<u64>> {
         unreachable!("one rank has nothing to gather")
     }
+    fn broadcast(&self, _: &mut [u8]) -> Result<()> {
+        unreachable!("one rank has nothing to send")
+    }
 }
 
 /// The ranks an MPI launcher says it started, from the variables OpenMPI, MPICH/Hydra and
 /// PMIx (Slurm's `srun --mpi=pmix`) set; `None` when no launcher started this process.
 pub fn launched_ranks() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .or_else(|| std::env::var_os("PMIX_RANK").map(|_| 1))
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .or_else(|| std::env::var_os("PMIX_RANK").map(|_| 1))
 }
 
 /// This rank's number as the launcher set it, for messages before MPI answers.

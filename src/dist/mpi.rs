@@ -63,6 +63,11 @@ impl Backend {
         Ok(())
     }
 
+    pub fn broadcast(&self, buf: &mut [u8]) -> Result<()> {
+        world().process_at_rank(0).broadcast_into(buf);
+        Ok(())
+    }
+
     pub fn gather_u64(&self, size: usize, value: u64) -> Result<Vec<u64>> {
         let mut all = vec![0u64; size];
         world().all_gather_into(&value, &mut all[..]);

@@ -93,8 +93,9 @@ mod tests {
         let size = bufs.len();
         // links[a][b]: what rank a sends to rank b.
         let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = vec![vec![]; size];
-        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
-            (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..size)
+            .map(|_| (0..size).map(|_| None).collect())
+            .collect();
         for (a, row) in senders.iter_mut().enumerate() {
             for b in 0..size {
                 let (s, r) = channel();
@@ -193,7 +194,9 @@ mod tests {
         assert_eq!(s, "((0+1)+(2+(3+4)))");
         assert_eq!(*order.borrow(), vec![0, 1, 2, 3, 4]);
         // Ranks' blocks are subtrees: 8 micro-batches on 4 ranks, 2 each.
-        let s = tree_sum(0, 8, &mut |i| Ok(i.to_string()), &|a, b| Ok(format!("({a}+{b})")));
+        let s = tree_sum(0, 8, &mut |i| Ok(i.to_string()), &|a, b| {
+            Ok(format!("({a}+{b})"))
+        });
         assert_eq!(s.unwrap(), "(((0+1)+(2+3))+((4+5)+(6+7)))");
     }
 }

@@ -57,10 +57,12 @@ impl DeviceChoice {
     pub fn for_local_rank(self, local_rank: usize) -> DeviceChoice {
         match self {
             DeviceChoice::Cuda(n) => DeviceChoice::Cuda(n + local_rank),
-            DeviceChoice::Auto if HAS_CUDA && local_rank > 0 => match Device::new_cuda(local_rank) {
-                Ok(_) => DeviceChoice::Cuda(local_rank),
-                Err(_) => DeviceChoice::Cpu,
-            },
+            DeviceChoice::Auto if HAS_CUDA && local_rank > 0 => {
+                match Device::new_cuda(local_rank) {
+                    Ok(_) => DeviceChoice::Cuda(local_rank),
+                    Err(_) => DeviceChoice::Cpu,
+                }
+            }
             other => other,
         }
     }

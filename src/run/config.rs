@@ -249,7 +249,9 @@ fn validate_training_counts(t: &TrainingConfig) -> Result<()> {
         ("training.eval_iters", t.eval_iters),
     ] {
         if v > most {
-            return Err(Error::Config(format!("{key} = {v} is more than {most}, the most batches a step draws streams for")));
+            return Err(Error::Config(format!(
+                "{key} = {v} is more than {most}, the most batches a step draws streams for"
+            )));
         }
     }
     if t.max_iters > crate::rng::MAX_STEPS {

@@ -78,13 +78,21 @@ pub fn evaluate(
     if !predicted.is_multiple_of(block_size) {
         passes.push((vec![full * block_size], predicted % block_size));
     }
-    let progress = if comm.is_root() { progress } else { ProgressMode::Quiet };
+    let progress = if comm.is_root() {
+        progress
+    } else {
+        ProgressMode::Quiet
+    };
     let bar = Progress::new(progress, "eval", predicted as u64, 0);
     // Per pass: its nats and its bytes (whole numbers, exact in f64).
     let mut sums = vec![0.0f64; 2 * passes.len()];
     let mut done = 0usize;
     let log_every = (passes.len() / 10).max(1);
-    let mine = passes.iter().enumerate().skip(comm.rank()).step_by(comm.size());
+    let mine = passes
+        .iter()
+        .enumerate()
+        .skip(comm.rank())
+        .step_by(comm.size());
     for (k, (starts, t)) in mine {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for &s in starts {

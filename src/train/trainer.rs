@@ -407,17 +407,19 @@ impl Trainer {
         Ok((loss, grads))
     }
 
-    /// The ranks' gradients summed, on every rank: one flat buffer, one all-reduce.
+    /// The ranks' gradients summed, on every rank: one flat buffer, one all-reduce
+    /// ([`Comm::sum_tensor`]: NCCL between GPUs, MPI through host memory otherwise).
     fn sum_across_ranks(&mut self, grads: Grads) -> Result<Grads> {
         if self.comm.size() == 1 {
             return Ok(grads);
         }
         let t0 = Instant::now();
-        let mut flat = Vec::new();
-        for g in grads.iter().flatten() {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        self.comm.sum_f32(&mut flat)?;
+        let parts = grads
+            .iter()
+            .flatten()
+            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = self.comm.sum_tensor(&Tensor::cat(&parts, 0)?)?;
         let mut at = 0;
         let summed = grads
             .into_iter()
@@ -425,12 +427,14 @@ impl Trainer {
                 g.map(|g| {
                     let n = g.elem_count();
                     at += n;
-                    Tensor::from_slice(&flat[at - n..at], g.shape(), &self.device)?
+                    flat.narrow(0, at - n, n)?
+                        .reshape(g.shape())?
                         .to_dtype(g.dtype())
                 })
                 .transpose()
             })
             .collect::<candle_core::Result<Grads>>()?;
+        self.device.synchronize()?;
         self.reduce_s += t0.elapsed().as_secs_f64();
         Ok(summed)
     }
@@ -469,7 +473,11 @@ impl Trainer {
         let root = self.comm.is_root();
         let mut metrics = Metrics::open(&out, self.state.step, opts.resume.is_some(), root)?;
         let progress = Progress::new(
-            if root { opts.progress } else { ProgressMode::Quiet },
+            if root {
+                opts.progress
+            } else {
+                ProgressMode::Quiet
+            },
             "train",
             t.max_iters as u64,
             self.state.step as u64,
