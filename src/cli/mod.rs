@@ -131,9 +131,8 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => serve::run_serve(a),
         Command::Bench(a) => bench::run(a, &comm),
     };
-    let code = report(result, &comm);
-    drop(session);
-    code
+    // `session` lives to here: MPI is finalised after the report.
+    report(result, &comm)
 }
 
 /// The exit code of a command's `result`, its error printed as one line on stderr. Among

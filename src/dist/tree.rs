@@ -35,6 +35,9 @@ pub fn tree_sum<T>(
     add(left, right)
 }
 
+/// Sends the first slice to a rank while receiving as many elements from it into the second.
+pub type Exchange<'a> = dyn FnMut(usize, &[f32], &mut [f32]) -> Result<()> + 'a;
+
 /// Sums `buf` over `size` ranks (a power of two) in place, every element in the tree of the
 /// [module docs](self), each rank ending with the whole sum. `exchange(partner, send, recv)`
 /// sends `send` to rank `partner` while receiving as many elements from it into `recv`.
@@ -42,12 +45,7 @@ pub fn tree_sum<T>(
 /// Reduce-scatter by recursive halving (at distance d, keep one half of the segment, send the
 /// other, add what the partner sent for the kept half), then all-gather by recursive doubling:
 /// each rank sends and receives 2·(N−1)/N of the buffer in all, as a ring all-reduce does.
-pub fn butterfly(
-    rank: usize,
-    size: usize,
-    buf: &mut [f32],
-    exchange: &mut dyn FnMut(usize, &[f32], &mut [f32]) -> Result<()>,
-) -> Result<()> {
+pub fn butterfly(rank: usize, size: usize, buf: &mut [f32], exchange: &mut Exchange) -> Result<()> {
     assert!(size.is_power_of_two() && rank < size);
     let mut seg = 0..buf.len();
     let mut parents = Vec::new();
@@ -97,10 +95,10 @@ mod tests {
             .map(|_| (0..size).map(|_| None).collect())
             .collect();
         for (a, row) in senders.iter_mut().enumerate() {
-            for b in 0..size {
+            for from_a in receivers.iter_mut() {
                 let (s, r) = channel();
                 row.push(Some(s));
-                receivers[b][a] = Some(r);
+                from_a[a] = Some(r);
             }
         }
         let handles: Vec<_> = bufs
