@@ -41,7 +41,7 @@ for lib in cublas cublasLt curand nvrtc cudart; do
     [ -e "$root/lib/lib$lib.so" ] || ln -s "$versioned" "$root/lib/lib$lib.so"
 done
 # NCCL's wheel keeps its library in a folder of its own: linked into the same one (-lnccl).
-nccl=$(find "$py/nvidia" -name 'libnccl.so.*' | sort | head -n1)
+nccl=$(ls "$py"/nvidia/nccl/lib/libnccl.so.* 2>/dev/null | head -n1)
 [ -n "$nccl" ] || { echo "build-cuda: no libnccl.so in $py; remove $cuda_dir and run again" >&2; exit 1; }
 [ -e "$root/lib/libnccl.so" ] || ln -s "$nccl" "$root/lib/libnccl.so"
 [ -e "$root/lib/libnccl.so.2" ] || ln -s "$nccl" "$root/lib/libnccl.so.2"
