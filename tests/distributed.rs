@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{checkpoint_weights, fails_with, stderr, stdout, tinygpt, Workspace};
 
-/// `mpirun -np N tinygpt ARGS` in `cwd`, unbound (tests run side by side), as root too (CI).
+/// `mpirun -np N tinygpt ARGS` in `cwd`, unbound (tests run side by side), as root too (CI),
+/// with no stdin.
 fn mpirun_cmd(np: usize, args: &[&str], cwd: &Path) -> Command {
     let mut c = Command::new("mpirun");
     c.args([
@@ -28,6 +29,22 @@ fn mpirun_cmd(np: usize, args: &[&str], cwd: &Path) -> Command {
     .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
     .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     c
+}
+
+/// A run of the tiny config that trains until it is stopped, with `checkpoints` (a
+/// `training.checkpoint_interval=` override).
+fn endless(checkpoints: &'static str) -> Vec<&'static str> {
+    train_args(
+        "run",
+        "training.grad_accum_steps=2",
+        "training.max_iters=1000000",
+        &[
+            "--set",
+            checkpoints,
+            "--set",
+            "training.lr_decay_iters=1000000",
+        ],
+    )
 }
 
 fn mpirun(np: usize, args: &[&str], cwd: &Path) -> Output {
@@ -218,17 +235,7 @@ fn an_accumulation_count_that_does_not_divide_is_refused_before_anything_starts(
 fn killing_one_rank_ends_the_job_and_leaves_a_checkpoint_that_resumes() {
     let ws = Workspace::new(20_000);
     let cwd = ws.dir.path();
-    let args = train_args(
-        "run",
-        "training.grad_accum_steps=2",
-        "training.max_iters=1000000",
-        &[
-            "--set",
-            "training.checkpoint_interval=5",
-            "--set",
-            "training.lr_decay_iters=1000000",
-        ],
-    );
+    let args = endless("training.checkpoint_interval=5");
     let mut job = mpirun_cmd(2, &args, cwd)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -323,17 +330,7 @@ fn is_zombie(pid: u32) -> bool {
 fn sigterm_to_mpirun_stops_every_rank_at_one_step_and_rank_0_saves_it() {
     let ws = Workspace::new(20_000);
     let cwd = ws.dir.path();
-    let args = train_args(
-        "run",
-        "training.grad_accum_steps=2",
-        "training.max_iters=1000000",
-        &[
-            "--set",
-            "training.checkpoint_interval=1000000",
-            "--set",
-            "training.lr_decay_iters=1000000",
-        ],
-    );
+    let args = endless("training.checkpoint_interval=1000000");
     let job = mpirun_cmd(2, &args, cwd)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -416,6 +413,9 @@ fn bench_under_mpirun_reports_the_ranks_and_the_all_reduce_share() {
     ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["ranks"], 2);
+    // Unbound ranks share the host's cores out.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(v["threads"], (cores / 2).max(1));
     let share = v["allreduce_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 1.0, "{share}");
     assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -426,19 +426,14 @@ fn a_rank_that_cannot_reach_the_others_fails_in_bounded_time_with_one_line() {
     let ws = Workspace::new(5_000);
     // Rank 1 is a program that never joins MPI: rank 0 waits for it in vain.
     let started = Instant::now();
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
-        .arg(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(train_args(
-            "run",
-            "training.grad_accum_steps=2",
-            "training.max_iters=5",
-            &[],
-        ))
+    let args = train_args(
+        "run",
+        "training.grad_accum_steps=2",
+        "training.max_iters=5",
+        &[],
+    );
+    let o = mpirun_cmd(1, &args, ws.dir.path())
         .args([":", "-np", "1", "sleep", "120"])
-        .current_dir(ws.dir.path())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("TINYGPT_MPI_TIMEOUT", "3")
         .output()
         .unwrap();
@@ -474,17 +469,11 @@ fn ranks_that_read_different_corpora_are_refused_naming_the_rank() {
         &[],
     );
     // Rank 1 trains on another corpus, as a host with other files would.
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
-        .arg(env!("CARGO_BIN_EXE_tinygpt"))
-        .args(&args)
+    let o = mpirun_cmd(1, &args, ws.dir.path())
         .args([":", "-np", "1"])
         .arg(env!("CARGO_BIN_EXE_tinygpt"))
         .args(&args)
         .args(["--data", "other.txt"])
-        .current_dir(ws.dir.path())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .output()
         .unwrap();
     fails_with(
