@@ -286,6 +286,27 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
     let o = tinygpt(&["prepare", "--data", "d.jsonl", "--out", "prep-j"], dir);
     fails_with(&o, "line 2 has no string field \"text\"");
     assert!(!ws.path("prep-j").exists());
+    // A BPE vocabulary smaller than its byte symbols is refused, naming the minimum, as train
+    // refuses it (it used to make 257 tokens silently).
+    let o = tinygpt(
+        &[
+            "prepare",
+            "--data",
+            "corpus.txt",
+            "--out",
+            "prep-v",
+            "--set",
+            "tokenizer.kind=\"bpe\"",
+            "--set",
+            "tokenizer.vocab_size=3",
+        ],
+        dir,
+    );
+    fails_with(
+        &o,
+        "tokenizer.vocab_size = 3 is too small for a byte-level BPE: it needs at least 257",
+    );
+    assert!(!ws.path("prep-v").exists());
     // An empty input set says what was searched.
     std::fs::create_dir_all(ws.path("empty")).unwrap();
     let o = tinygpt(&["prepare", "--data", "empty", "--out", "prep-e"], dir);
@@ -329,6 +350,38 @@ fn bad_inputs_are_named_and_nothing_half_written_is_read() {
         .unwrap();
     let o = train_on_prep();
     fails_with(&o, "train-000.bin");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    // An id beyond the vocabulary (a damaged file) names the shard and the offset where the
+    // window is read (train and eval both read there), instead of an index error from the
+    // embedding.
+    use std::os::unix::fs::FileExt;
+    let vocab = Manifest::load(&ws.path("prep"))
+        .unwrap()
+        .tokenizer
+        .vocab_size;
+    assert!(vocab < 65_000);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    let header = 32;
+    for t in 0..(len - header) / 2 {
+        f.write_all_at(&65_000u16.to_le_bytes(), header + 2 * t)
+            .unwrap();
+    }
+    let o = train_on_prep();
+    fails_with(&o, "train-000.bin: token 65000 at offset");
+    assert!(
+        stderr(&o).contains(&format!("is not below the vocabulary size {vocab}"))
+            && stderr(&o).contains("run tinygpt prepare again"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// An interrupted preparation (its folder of half-written shards left behind, as a kill -9

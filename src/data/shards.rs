@@ -257,6 +257,8 @@ pub struct Shard {
     path: PathBuf,
     width: u32,
     tokens: u64,
+    /// Ids at or above this are a damaged file, caught where a window is read.
+    vocab: u32,
 }
 
 impl Shard {
@@ -310,6 +312,7 @@ impl Shard {
             path: path.to_path_buf(),
             width,
             tokens,
+            vocab: vocab_size as u32,
         })
     }
 
@@ -323,8 +326,27 @@ impl Shard {
         self.tokens == 0
     }
 
-    /// Appends tokens `range` to `out`.
+    /// Appends tokens `range` to `out`; an id beyond the vocabulary (a damaged shard) is
+    /// refused naming the file and the token's offset, instead of failing in the embedding.
     pub fn read(&self, range: std::ops::Range<u64>, out: &mut Vec<u32>) -> Result<()> {
+        let first = out.len();
+        self.read_ids(range.clone(), out)?;
+        match out[first..].iter().position(|&t| t >= self.vocab) {
+            None => Ok(()),
+            Some(k) => Err(Error::data(
+                &self.path,
+                format!(
+                    "token {} at offset {} (byte {}) is not below the vocabulary size {}: the shard is damaged; run tinygpt prepare again",
+                    out[first + k],
+                    range.start + k as u64,
+                    HEADER_BYTES + (range.start + k as u64) * self.width as u64,
+                    self.vocab
+                ),
+            )),
+        }
+    }
+
+    fn read_ids(&self, range: std::ops::Range<u64>, out: &mut Vec<u32>) -> Result<()> {
         let w = self.width as u64;
         let mut buf = vec![0u8; ((range.end - range.start) * w) as usize];
         self.file

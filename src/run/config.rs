@@ -382,8 +382,11 @@ impl TokenizerConfig {
         let t = table
             .remove("tokenizer")
             .unwrap_or_else(|| toml::Value::Table(Default::default()));
-        t.try_into()
-            .map_err(|e: toml::de::Error| Error::Config(one_line(&e.to_string())))
+        let tok: TokenizerConfig = t
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(one_line(&e.to_string())))?;
+        validate_tokenizer(&tok)?;
+        Ok(tok)
     }
 }
 
