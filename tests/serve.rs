@@ -482,3 +482,113 @@ fn it_binds_loopback_refuses_a_taken_port_and_stops_on_ctrl_c() {
     assert!(status.success(), "{status:?}");
     assert!(out.contains("stopped"), "{out}");
 }
+
+/// OpenAI's completions API: its shapes, sampling that repeats with the seed, `n`, `stop`,
+/// `echo`, usage, and errors in OpenAI's shape naming the field.
+#[test]
+fn the_openai_completions_api_answers_in_openai_shapes() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    let server = Server::start(&out, ws.dir.path(), &[]);
+    let (status, models) = get(&server, "/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "run", "the run directory's name");
+    let ask = |body: Value| post(&server, "/v1/completions", body);
+    let body = json!({"model": "any name", "prompt": ["The king", "My lord"], "n": 2,
+                      "max_tokens": 12, "temperature": 0.9, "seed": 4});
+    let r = ask(body.clone());
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["model"], "run");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "n for each prompt");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["finish_reason"], "length");
+        assert!(c["logprobs"].is_null());
+    }
+    // Char tokens: the prompts are 8 and 7 tokens, each choice 12.
+    assert_eq!(r["usage"]["prompt_tokens"], 15);
+    assert_eq!(r["usage"]["completion_tokens"], 48);
+    assert_eq!(r["usage"]["total_tokens"], 63);
+    // The same seed and request: the same text; another seed: another text.
+    let again = ask(body.clone());
+    assert_eq!(again["choices"], r["choices"]);
+    let mut other = body.clone();
+    other["seed"] = 5.into();
+    assert_ne!(ask(other)["choices"], r["choices"]);
+    // Greedy is the most likely token each time: a choice of tinygpt generate's.
+    let greedy = |p: &str| {
+        ask(json!({"prompt": p, "max_tokens": 10, "temperature": 0}))["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let g = greedy("The king");
+    let cli = tinygpt(
+        &[
+            "generate",
+            "--checkpoint",
+            "run",
+            "--prompt",
+            "The king",
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        ws.dir.path(),
+    );
+    assert!(
+        stdout(&cli).contains(&format!("The king{g}")),
+        "{} vs {g:?}",
+        stdout(&cli)
+    );
+    // A stop string ends the text before it, finish_reason "stop"; echo puts the prompt first.
+    let long = ask(json!({"prompt": "The king", "max_tokens": 60, "seed": 1}));
+    let text = long["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let cut = ask(
+        json!({"prompt": "The king", "max_tokens": 60, "seed": 1, "stop": [stop.clone()], "echo": true}),
+    );
+    let c = &cut["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    let want = format!("The king{}", &text[..text.find(&stop).unwrap()]);
+    assert_eq!(c["text"], want.as_str());
+    // Errors: OpenAI's shape, the field named, 400 or 413, and the server goes on.
+    let url = format!("{}/v1/completions", server.url);
+    for (body, status, param) in [
+        (
+            r#"{"prompt": "The king", "temperature": "hot"}"#,
+            400,
+            "temperature",
+        ),
+        (
+            r#"{"prompt": "The king", "max_tokens": 0}"#,
+            400,
+            "max_tokens",
+        ),
+        (r#"{"prompt": "The king", "top_p": 1.5}"#, 400, "top_p"),
+        (r#"{"prompt": "The king", "n": 0}"#, 400, "n"),
+        (r#"{"prompt": "The king", "stop": 3}"#, 400, "stop"),
+        (r#"{"max_tokens": 3}"#, 400, "prompt"),
+        (r#"{"prompt": "The king", "stream": true}"#, 400, "stream"),
+        (r#"not json"#, 400, "body"),
+    ] {
+        let (s, v) = post_raw(&url, body);
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(param),
+            "{v}"
+        );
+    }
+    let (s, v) = post_raw(&url, &json!({"prompt": "the king ".repeat(10)}).to_string());
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context is 16"));
+    assert_eq!(get(&server, "/v1/models").0, 200);
+}

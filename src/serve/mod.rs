@@ -9,6 +9,7 @@
 //! HTTP stack whose router and extractors leave only the views to write.
 
 pub mod circuits;
+pub mod openai;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -178,6 +179,7 @@ pub fn router(served: Served) -> Router {
         .merge(model_routes())
         .merge(circuit_routes())
         .merge(extra_routes())
+        .merge(openai::routes())
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

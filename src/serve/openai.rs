@@ -1,0 +1,329 @@
+//! OpenAI's HTTP API on the served checkpoint, so that the clients every tool uses (the
+//! `openai` packages, chat front-ends, evaluation harnesses) can call the model:
+//! `GET /v1/models` and `POST /v1/completions`.
+//!
+//! Requests are read field by field from JSON, so a bad field is named in the 400 it gets;
+//! errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. Any model
+//! name is accepted (there is one model), as llama.cpp's server does. Sampling is `tinygpt
+//! generate`'s: the same seed and request give the same text, `temperature: 0` is greedy, and
+//! `top_k` and `repetition_penalty` are accepted beside OpenAI's fields. Without `seed`, the
+//! seed is `tinygpt generate`'s default, so an unseeded request is repeatable too.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::{Served, Shared};
+use crate::rng::seeded;
+use crate::sample::{generate_with, SampleOptions};
+
+/// The most new tokens one choice may ask for.
+const MAX_TOKENS: usize = 100_000;
+/// The most stop strings a request may give (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+/// The most choices one request may ask for (prompts × n).
+const MAX_CHOICES: usize = 128;
+
+/// An error in OpenAI's shape, with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<String>,
+    kind: &'static str,
+}
+
+impl ApiError {
+    /// A 400 naming the request field `param`.
+    fn field(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param.to_string()),
+            kind: "invalid_request_error",
+        }
+    }
+
+    fn server(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+            param: None,
+            kind: "server_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": Value::Null,
+        }});
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The `/v1` routes.
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route(
+            "/v1/models",
+            get(|State(s): State<Shared>| async move {
+                let m = model_entry(&s);
+                axum::Json(json!({"object": "list", "data": [m]}))
+            }),
+        )
+        .route("/v1/completions", post(completions))
+}
+
+/// The served model's name: its run directory's (or checkpoint directory's) name.
+pub fn model_name(s: &Served) -> String {
+    let dir = &s.ck.dir;
+    let last = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    match last.as_deref() {
+        Some("best" | "last") => dir
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tinygpt".into()),
+        Some(n) => n.to_string(),
+        None => "tinygpt".into(),
+    }
+}
+
+fn model_entry(s: &Served) -> Value {
+    json!({"id": model_name(s), "object": "model", "created": 0, "owned_by": "tinygpt"})
+}
+
+/// A completions request, checked.
+#[derive(Debug, Clone)]
+struct CompletionReq {
+    prompts: Vec<String>,
+    n: usize,
+    stop: Vec<String>,
+    echo: bool,
+    sampling: SampleOptions,
+}
+
+/// `body[name]` as `T`, `None` when absent or null; a value of another type is a 400 naming it.
+fn field<T: serde::de::DeserializeOwned>(
+    body: &Value,
+    name: &str,
+    what: &str,
+) -> ApiResult<Option<T>> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|_| ApiError::field(name, format!("`{name}` must be {what}"))),
+    }
+}
+
+/// A string or a list of strings (`prompt`, `stop`).
+fn strings(body: &Value, name: &str) -> ApiResult<Option<Vec<String>>> {
+    let what = "a string or a list of strings";
+    Ok(match body.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(v) => Some(field::<Vec<String>>(&json!({ name: v }), name, what)?.unwrap_or_default()),
+    })
+}
+
+impl CompletionReq {
+    fn parse(body: &Bytes) -> ApiResult<CompletionReq> {
+        let body: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::field("body", format!("the request body is not JSON: {e}")))?;
+        if !body.is_object() {
+            return Err(ApiError::field(
+                "body",
+                "the request body must be a JSON object",
+            ));
+        }
+        for unsupported in ["stream", "logprobs", "suffix"] {
+            let set = !matches!(
+                body.get(unsupported),
+                None | Some(Value::Null) | Some(Value::Bool(false))
+            );
+            if set {
+                return Err(ApiError::field(
+                    unsupported,
+                    format!("`{unsupported}` is not supported by this server yet"),
+                ));
+            }
+        }
+        let prompts = strings(&body, "prompt")?
+            .ok_or_else(|| ApiError::field("prompt", "`prompt` is required"))?;
+        let stop = strings(&body, "stop")?.unwrap_or_default();
+        if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+            return Err(ApiError::field(
+                "stop",
+                format!("`stop` takes 1 to {MAX_STOPS} non-empty strings"),
+            ));
+        }
+        let n = field::<usize>(&body, "n", "a positive integer")?.unwrap_or(1);
+        if n == 0 || n * prompts.len().max(1) > MAX_CHOICES {
+            return Err(ApiError::field(
+                "n",
+                format!("`n` must be at least 1, and n × prompts at most {MAX_CHOICES}"),
+            ));
+        }
+        let max_tokens = field::<usize>(&body, "max_tokens", "a positive integer")?.unwrap_or(16);
+        if max_tokens == 0 || max_tokens > MAX_TOKENS {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!("`max_tokens` must be in 1..={MAX_TOKENS}"),
+            ));
+        }
+        let defaults = SampleOptions::default();
+        let sampling = SampleOptions {
+            max_new_tokens: max_tokens,
+            temperature: field(&body, "temperature", "a number")?.unwrap_or(1.0),
+            top_k: field(&body, "top_k", "a positive integer")?,
+            top_p: field(&body, "top_p", "a number in (0, 1]")?,
+            repetition_penalty: field(&body, "repetition_penalty", "a number")?.unwrap_or(1.0),
+            seed: field(&body, "seed", "an integer")?.unwrap_or(defaults.seed),
+            use_cache: true,
+        };
+        sampling
+            .validate_named(|name| name.replace('-', "_"))
+            .map_err(|e| {
+                let msg = e.to_string();
+                let param = ["temperature", "top_k", "top_p", "repetition_penalty"]
+                    .into_iter()
+                    .find(|p| msg.contains(p))
+                    .unwrap_or("body");
+                ApiError::field(param, msg)
+            })?;
+        Ok(CompletionReq {
+            prompts,
+            n,
+            stop,
+            echo: field(&body, "echo", "true or false")?.unwrap_or(false),
+            sampling,
+        })
+    }
+}
+
+/// One generated choice: its text and why it ended.
+struct Choice {
+    text: String,
+    finish: &'static str,
+    tokens: usize,
+}
+
+/// Generates one choice for `ids` with `rng`'s stream, ending at `max_tokens` or before the
+/// first stop string.
+fn complete(s: &Served, ids: &[u32], req: &CompletionReq, seed: u64) -> ApiResult<Choice> {
+    let tok = &s.ck.tokenizer;
+    let mut rng = seeded(seed);
+    let mut out: Vec<u32> = Vec::new();
+    let mut stopped_at = None;
+    let generated = s.with_decoder(|d| {
+        generate_with(&s.engine, Some(d), ids, &req.sampling, &mut rng, |id| {
+            out.push(id);
+            if req.stop.is_empty() {
+                return Ok(true);
+            }
+            let text = tok.decode(&out)?;
+            stopped_at = req
+                .stop
+                .iter()
+                .filter_map(|st| text.find(st.as_str()))
+                .min();
+            Ok(stopped_at.is_none())
+        })
+    });
+    let generated = generated.map_err(|e| ApiError::server(e.to_string()))?;
+    let mut text = tok
+        .decode(&generated)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    let finish = match stopped_at {
+        Some(at) => {
+            text.truncate(at);
+            "stop"
+        }
+        None => "length",
+    };
+    Ok(Choice {
+        text,
+        finish,
+        tokens: generated.len(),
+    })
+}
+
+/// `POST /v1/completions`.
+async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
+    let req = match CompletionReq::parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let answer = tokio::task::spawn_blocking(move || answer_completions(&s, &req)).await;
+    match answer {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::server(format!("the generation failed: {e}")).into_response(),
+    }
+}
+
+/// The completions of every prompt, `n` each, in OpenAI's response shape.
+fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
+    let block = s.ck.config.model.block_size;
+    let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
+    for (p, prompt) in req.prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(ApiError::field("prompt", "`prompt` is empty"));
+        }
+        let ids =
+            s.ck.tokenizer
+                .encode(prompt)
+                .map_err(|e| ApiError::field("prompt", format!("`prompt`: {e}")))?;
+        if ids.len() > block {
+            return Err(ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("the prompt is {} tokens; the model's context is {block} (block_size): shorten it", ids.len()),
+                param: Some("prompt".into()),
+                kind: "invalid_request_error",
+            });
+        }
+        prompt_tokens += ids.len();
+        for k in 0..req.n {
+            let index = p * req.n + k;
+            let c = complete(s, &ids, req, req.sampling.seed.wrapping_add(index as u64))?;
+            completion_tokens += c.tokens;
+            let text = if req.echo {
+                format!("{prompt}{}", c.text)
+            } else {
+                c.text
+            };
+            choices.push(json!({"text": text, "index": index, "logprobs": Value::Null, "finish_reason": c.finish}));
+        }
+    }
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(json!({
+        "id": format!("cmpl-{created:x}{:x}", choices.len()),
+        "object": "text_completion",
+        "created": created,
+        "model": model_name(s),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+}
