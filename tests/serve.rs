@@ -572,7 +572,8 @@ fn the_openai_completions_api_answers_in_openai_shapes() {
         (r#"{"prompt": "The king", "n": 0}"#, 400, "n"),
         (r#"{"prompt": "The king", "stop": 3}"#, 400, "stop"),
         (r#"{"max_tokens": 3}"#, 400, "prompt"),
-        (r#"{"prompt": "The king", "stream": true}"#, 400, "stream"),
+        (r#"{"prompt": "The king", "stream": "yes"}"#, 400, "stream"),
+        (r#"{"prompt": "The king", "logprobs": 2}"#, 400, "logprobs"),
         (r#"not json"#, 400, "body"),
     ] {
         let (s, v) = post_raw(&url, body);
@@ -591,4 +592,78 @@ fn the_openai_completions_api_answers_in_openai_shapes() {
         .unwrap()
         .contains("context is 16"));
     assert_eq!(get(&server, "/v1/models").0, 200);
+}
+
+/// `stream: true`: server-sent events whose pieces join to the text the same request gets
+/// unstreamed, each choice ending with its finish_reason, then `[DONE]`; a client that leaves
+/// mid-stream does not stop the server.
+#[test]
+fn streamed_completions_join_to_the_unstreamed_text() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    let server = Server::start(&out, ws.dir.path(), &[]);
+    let url = format!("{}/v1/completions", server.url);
+    for body in [
+        json!({"prompt": ["The king", "My lord"], "n": 2, "max_tokens": 20, "seed": 2}),
+        json!({"prompt": "The king", "max_tokens": 40, "seed": 1, "stop": ["ng", "d "], "echo": true}),
+    ] {
+        let whole = post(&server, "/v1/completions", body.clone());
+        let mut streamed = body.clone();
+        streamed["stream"] = true.into();
+        let mut res = agent()
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(streamed.to_string())
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        let ctype = res
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+        let text = res.body_mut().read_to_string().unwrap();
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"));
+        let choices = whole["choices"].as_array().unwrap();
+        let mut joined = vec![String::new(); choices.len()];
+        let mut finish = vec![Value::Null; choices.len()];
+        for d in &data[..data.len() - 1] {
+            let v: Value = serde_json::from_str(d).unwrap();
+            assert_eq!(v["object"], "text_completion");
+            let c = &v["choices"][0];
+            let i = c["index"].as_u64().unwrap() as usize;
+            assert!(finish[i].is_null(), "nothing after a choice's last chunk");
+            joined[i].push_str(c["text"].as_str().unwrap());
+            finish[i] = c["finish_reason"].clone();
+        }
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(joined[i], c["text"].as_str().unwrap(), "{body}");
+            assert_eq!(finish[i], c["finish_reason"], "{body}");
+        }
+    }
+    // A client that reads one event and hangs up: the server goes on answering.
+    {
+        let mut res = agent()
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(json!({"prompt": "The king", "max_tokens": 100000, "stream": true}).to_string())
+            .unwrap();
+        let mut first = [0u8; 16];
+        std::io::Read::read_exact(&mut res.body_mut().as_reader(), &mut first).unwrap();
+        assert_eq!(&first[..6], b"data: ");
+    }
+    let started = Instant::now();
+    let r = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": "The king", "max_tokens": 5}),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert!(started.elapsed().as_secs() < 30);
 }

@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -112,6 +113,7 @@ fn model_entry(s: &Served) -> Value {
 #[derive(Debug, Clone)]
 struct CompletionReq {
     prompts: Vec<String>,
+    stream: bool,
     n: usize,
     stop: Vec<String>,
     echo: bool,
@@ -152,7 +154,7 @@ impl CompletionReq {
                 "the request body must be a JSON object",
             ));
         }
-        for unsupported in ["stream", "logprobs", "suffix"] {
+        for unsupported in ["logprobs", "suffix"] {
             let set = !matches!(
                 body.get(unsupported),
                 None | Some(Value::Null) | Some(Value::Bool(false))
@@ -209,6 +211,7 @@ impl CompletionReq {
             })?;
         Ok(CompletionReq {
             prompts,
+            stream: field(&body, "stream", "true or false")?.unwrap_or(false),
             n,
             stop,
             echo: field(&body, "echo", "true or false")?.unwrap_or(false),
@@ -224,17 +227,26 @@ struct Choice {
     tokens: usize,
 }
 
-/// Generates one choice for `ids` with `rng`'s stream, ending at `max_tokens` or before the
-/// first stop string.
-fn complete(s: &Served, ids: &[u32], req: &CompletionReq, seed: u64) -> ApiResult<Choice> {
+/// Generates one choice for `ids` with seed `seed`, ending at `max_tokens` or before the
+/// first stop string. `emit` gets the text as it becomes final: held back while its end may
+/// still grow into a stop string or complete a character; `emit` answering false (a client
+/// gone) ends the generation.
+fn complete(
+    s: &Served,
+    ids: &[u32],
+    req: &CompletionReq,
+    seed: u64,
+    emit: &mut dyn FnMut(&str) -> bool,
+) -> ApiResult<Choice> {
     let tok = &s.ck.tokenizer;
     let mut rng = seeded(seed);
     let mut out: Vec<u32> = Vec::new();
-    let mut stopped_at = None;
+    let (mut stopped_at, mut sent) = (None, 0);
+    let hold = req.stop.iter().map(String::len).max().unwrap_or(1) - 1;
     let generated = s.with_decoder(|d| {
         generate_with(&s.engine, Some(d), ids, &req.sampling, &mut rng, |id| {
             out.push(id);
-            if req.stop.is_empty() {
+            if req.stop.is_empty() && !req.stream {
                 return Ok(true);
             }
             let text = tok.decode(&out)?;
@@ -243,6 +255,16 @@ fn complete(s: &Served, ids: &[u32], req: &CompletionReq, seed: u64) -> ApiResul
                 .iter()
                 .filter_map(|st| text.find(st.as_str()))
                 .min();
+            let end = match stopped_at {
+                Some(at) => at,
+                None => final_prefix(&text, hold),
+            };
+            if end > sent {
+                if !emit(&text[sent..end]) {
+                    return Ok(false);
+                }
+                sent = end;
+            }
             Ok(stopped_at.is_none())
         })
     });
@@ -255,7 +277,12 @@ fn complete(s: &Served, ids: &[u32], req: &CompletionReq, seed: u64) -> ApiResul
             text.truncate(at);
             "stop"
         }
-        None => "length",
+        None => {
+            if text.len() > sent {
+                emit(&text[sent..]);
+            }
+            "length"
+        }
     };
     Ok(Choice {
         text,
@@ -264,12 +291,25 @@ fn complete(s: &Served, ids: &[u32], req: &CompletionReq, seed: u64) -> ApiResul
     })
 }
 
+/// The length of `text` that no later token can change: all but its last `hold` bytes (a
+/// stop string's start) and any unfinished character at its end, on a character boundary.
+fn final_prefix(text: &str, hold: usize) -> usize {
+    let mut end = text.len().saturating_sub(hold);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim_end_matches('\u{FFFD}').len()
+}
+
 /// `POST /v1/completions`.
 async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
     let req = match CompletionReq::parse(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    if req.stream {
+        return stream_completions(s, req);
+    }
     let answer = tokio::task::spawn_blocking(move || answer_completions(&s, &req)).await;
     match answer {
         Ok(Ok(v)) => axum::Json(v).into_response(),
@@ -278,30 +318,99 @@ async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
     }
 }
 
+/// Seconds since 1970, OpenAI's `created`.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `prompt`'s token ids: a 400 for an empty prompt or one the tokenizer cannot encode, a 413
+/// for one longer than the model's context.
+fn encode_prompt(s: &Served, prompt: &str) -> ApiResult<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(ApiError::field("prompt", "`prompt` is empty"));
+    }
+    let ids =
+        s.ck.tokenizer
+            .encode(prompt)
+            .map_err(|e| ApiError::field("prompt", format!("`prompt`: {e}")))?;
+    let block = s.ck.config.model.block_size;
+    if ids.len() > block {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the prompt is {} tokens; the model's context is {block} (block_size): shorten it",
+                ids.len()
+            ),
+            param: Some("prompt".into()),
+            kind: "invalid_request_error",
+        });
+    }
+    Ok(ids)
+}
+
+/// `stream: true`: server-sent events, a chunk per piece of text as the tokens come (each
+/// choice in turn), each choice's last chunk with its `finish_reason`, then `[DONE]`. A
+/// client that disconnects closes the channel, which ends the generation.
+fn stream_completions(s: Shared, req: CompletionReq) -> Response {
+    // Checked before the first byte, so a bad prompt still gets its 400 or 413.
+    let prompts = req.prompts.iter().map(|p| encode_prompt(&s, p));
+    let prompts = match prompts.collect::<ApiResult<Vec<_>>>() {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    tokio::task::spawn_blocking(move || {
+        let (created, model) = (now(), model_name(&s));
+        let chunk = |index: usize, text: &str, finish: Option<&str>| {
+            json!({"id": format!("cmpl-{created:x}"), "object": "text_completion",
+                   "created": created, "model": model,
+                   "choices": [{"text": text, "index": index, "logprobs": Value::Null,
+                                "finish_reason": finish}]})
+            .to_string()
+        };
+        for (p, ids) in prompts.iter().enumerate() {
+            for k in 0..req.n {
+                let index = p * req.n + k;
+                let seed = req.sampling.seed.wrapping_add(index as u64);
+                let mut emit = |piece: &str| tx.blocking_send(chunk(index, piece, None)).is_ok();
+                if req.echo && !emit(&req.prompts[p]) {
+                    return;
+                }
+                let last = match complete(&s, ids, &req, seed, &mut emit) {
+                    Ok(c) => chunk(index, "", Some(c.finish)),
+                    Err(e) => json!({"error": {"message": e.message, "type": e.kind,
+                                               "param": e.param, "code": Value::Null}})
+                    .to_string(),
+                };
+                if tx.blocking_send(last).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = tx.blocking_send("[DONE]".into());
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().data(data)),
+            rx,
+        ))
+    });
+    Sse::new(events).into_response()
+}
+
 /// The completions of every prompt, `n` each, in OpenAI's response shape.
 fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
-    let block = s.ck.config.model.block_size;
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
     for (p, prompt) in req.prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(ApiError::field("prompt", "`prompt` is empty"));
-        }
-        let ids =
-            s.ck.tokenizer
-                .encode(prompt)
-                .map_err(|e| ApiError::field("prompt", format!("`prompt`: {e}")))?;
-        if ids.len() > block {
-            return Err(ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("the prompt is {} tokens; the model's context is {block} (block_size): shorten it", ids.len()),
-                param: Some("prompt".into()),
-                kind: "invalid_request_error",
-            });
-        }
+        let ids = encode_prompt(s, prompt)?;
         prompt_tokens += ids.len();
         for k in 0..req.n {
             let index = p * req.n + k;
-            let c = complete(s, &ids, req, req.sampling.seed.wrapping_add(index as u64))?;
+            let seed = req.sampling.seed.wrapping_add(index as u64);
+            let c = complete(s, &ids, req, seed, &mut |_| true)?;
             completion_tokens += c.tokens;
             let text = if req.echo {
                 format!("{prompt}{}", c.text)
@@ -311,9 +420,7 @@ fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
             choices.push(json!({"text": text, "index": index, "logprobs": Value::Null, "finish_reason": c.finish}));
         }
     }
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = now();
     Ok(json!({
         "id": format!("cmpl-{created:x}{:x}", choices.len()),
         "object": "text_completion",
