@@ -667,3 +667,74 @@ fn streamed_completions_join_to_the_unstreamed_text() {
     assert_eq!(r["choices"][0]["finish_reason"], "length");
     assert!(started.elapsed().as_secs() < 30);
 }
+
+/// `--api-key`: every `/api` and `/v1` request needs `Authorization: Bearer KEY` (401
+/// otherwise, OpenAI's shape under /v1); the page itself loads without it. Binding beyond
+/// loopback without a key warns who can reach the model.
+#[test]
+fn an_api_key_guards_every_api_request_but_not_the_page() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    let server = Server::start(&out, ws.dir.path(), &["--api-key", "s3cret"]);
+    let call = |path: &str, key: Option<&str>| {
+        let mut req = agent().get(&format!("{}{path}", server.url));
+        if let Some(k) = key {
+            req = req.header("authorization", &format!("Bearer {k}"));
+        }
+        let mut res = req.call().unwrap();
+        let text = res.body_mut().read_to_string().unwrap();
+        (res.status().as_u16(), text)
+    };
+    for path in ["/api/model", "/v1/models"] {
+        let (status, body) = call(path, None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("needs an API key"), "{body}");
+        let (status, body) = call(path, Some("wrong"));
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("the API key is wrong"), "{body}");
+        assert_eq!(call(path, Some("s3cret")).0, 200, "{path}");
+    }
+    let (_, v1) = call("/v1/models", None);
+    let v1: Value = serde_json::from_str(&v1).unwrap();
+    assert_eq!(v1["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        call("/", None).0,
+        200,
+        "the page loads and asks for the key"
+    );
+    assert_eq!(call("/app.js", None).0, 200);
+    // No key on 0.0.0.0: one warning line saying who can reach it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tinygpt"))
+        .args([
+            "serve",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ])
+        .env_remove("TINYGPT_API_KEY")
+        .current_dir(ws.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    child.kill().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("warning: --host 0.0.0.0 without --api-key"))
+            .count(),
+        1,
+        "{err}"
+    );
+}

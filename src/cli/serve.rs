@@ -24,8 +24,20 @@ pub struct ServeArgs {
     /// data.path).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Require this key of every API request (`Authorization: Bearer KEY`); the page asks for
+    /// it once. Also read from TINYGPT_API_KEY.
+    #[arg(long, env = "TINYGPT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(flatten)]
     engine: super::EngineArg,
+}
+
+/// Whether `host` is this machine only (127.0.0.0/8, ::1, localhost).
+fn is_loopback(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host == "localhost",
+    }
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -40,6 +52,14 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         .flatten()
         .map(|d| d.join("metrics.csv"))
         .find(|p| p.is_file());
-    let served = Served::new(ck, engine, metrics).with_data(args.data);
+    let served = Served::new(ck, engine, metrics)
+        .with_data(args.data)
+        .with_api_key(args.api_key);
+    if served.api_key.is_none() && !is_loopback(&args.host) {
+        eprintln!(
+            "warning: --host {} without --api-key: anyone who can reach this machine on port {} can use the model and read its insides; pass --api-key KEY (or set TINYGPT_API_KEY)",
+            args.host, args.port
+        );
+    }
     run(served, &args.host, args.port)
 }

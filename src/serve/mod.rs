@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::engine::{Decode, Engine};
 use crate::error::{Error, Result};
@@ -47,6 +47,8 @@ pub struct Served {
     pub data: Option<PathBuf>,
     /// The head scores, computed on first request ([`circuits::scores`]).
     head_scores: Mutex<Option<Arc<crate::circuits::scores::HeadReport>>>,
+    /// With a key, every `/api` and `/v1` request must carry `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
 }
 
 impl Served {
@@ -59,7 +61,14 @@ impl Served {
             decoders: Mutex::new(Vec::new()),
             data: None,
             head_scores: Mutex::new(None),
+            api_key: None,
         }
+    }
+
+    /// Requires `key` of every `/api` and `/v1` request (the page itself loads without it).
+    pub fn with_api_key(mut self, key: Option<String>) -> Served {
+        self.api_key = key.filter(|k| !k.is_empty());
+        self
     }
 
     /// Scores heads on `data` instead of the run's own corpus.
@@ -172,14 +181,21 @@ where
     })
 }
 
-/// The routes: the page, its two assets, and the API.
+/// The routes: the page, its two assets, and the API (behind the key when there is one).
 pub fn router(served: Served) -> Router {
-    Router::new()
-        .merge(page_routes())
+    let shared = Arc::new(served);
+    let api = Router::new()
         .merge(model_routes())
         .merge(circuit_routes())
         .merge(extra_routes())
         .merge(openai::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(page_routes())
+        .merge(api)
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -187,7 +203,48 @@ pub fn router(served: Served) -> Router {
                 json!({"error": "no such page or API endpoint; the page is at /"}).to_string(),
             )
         })
-        .with_state(Arc::new(served))
+        .with_state(shared)
+}
+
+/// Lets a request through when the server has no key or the request carries it
+/// (`Authorization: Bearer KEY`); otherwise a 401, in OpenAI's error shape under `/v1`.
+async fn require_key(
+    State(s): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = &s.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+        return next.run(req).await;
+    }
+    let message = match given {
+        None => "this server needs an API key: send the header `Authorization: Bearer KEY` (the key tinygpt serve was started with)",
+        Some(_) => "the API key is wrong: send the key tinygpt serve was started with (--api-key or TINYGPT_API_KEY)",
+    };
+    let body = match req.uri().path().starts_with("/v1/") {
+        true => json!({"error": {"message": message, "type": "invalid_request_error",
+                                  "param": Value::Null, "code": "invalid_api_key"}}),
+        false => json!({"error": message}),
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Compares two secrets in time that depends on their lengths only, not on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The page and its two assets, each with a policy that lets it load nothing from elsewhere.

@@ -49,11 +49,23 @@ function showError(msg) {
   if (msg) { box.textContent = msg; box.hidden = false; } else { box.textContent = ''; box.hidden = true; }
 }
 
-async function api(path, body) {
-  const opts = body === undefined ? {} : {
-    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
+// A server started with --api-key answers 401 until a request carries its key: the page asks
+// for it once and keeps it for the tab (sessionStorage), never in the URL.
+async function api(path, body, askedForKey = false) {
+  const headers = body === undefined ? {} : { 'Content-Type': 'application/json' };
+  const key = sessionStorage.getItem('tinygpt-api-key');
+  if (key) headers.Authorization = 'Bearer ' + key;
+  const opts = body === undefined ? { headers } : {
+    method: 'POST', headers, body: JSON.stringify(body),
   };
   const res = await fetch(path, opts);
+  if (res.status === 401 && !askedForKey) {
+    const given = window.prompt('This server needs its API key (tinygpt serve --api-key):');
+    if (given) {
+      sessionStorage.setItem('tinygpt-api-key', given.trim());
+      return api(path, body, true);
+    }
+  }
   const data = await res.json();
   if (!res.ok) throw new ApiError(data.error || ('HTTP ' + res.status));
   return data;
