@@ -738,3 +738,94 @@ fn an_api_key_guards_every_api_request_but_not_the_page() {
         "{err}"
     );
 }
+
+/// Chat completions: messages as a transcript the model continues (the same text
+/// /v1/completions gives for that transcript, stopped at the next user turn), written as a
+/// template file says; bad messages named, and a default transcript that the model's
+/// characters cannot spell refused naming `messages`.
+#[test]
+fn chat_completions_continue_a_transcript_of_the_messages() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    // Labels spelled with the test corpus's characters (it has no 'U' or ':').
+    std::fs::write(
+        ws.path("chat.toml"),
+        "user = \"Say, {content}\\n\"\nassistant = \"Sir, {content}\\n\"\ngeneration = \"Sir,\"\nstop = [\"\\nSay,\"]\n",
+    )
+    .unwrap();
+    let messages = json!([{"role": "system", "content": "The king"},
+                          {"role": "user", "content": "my lord"},
+                          {"role": "assistant", "content": [{"type": "text", "text": "good sir"}]},
+                          {"role": "user", "content": "say"}]);
+    let server = Server::start(&out, ws.dir.path(), &["--chat-template", "chat.toml"]);
+    let chat = post(
+        &server,
+        "/v1/chat/completions",
+        json!({"model": "x", "messages": messages, "max_tokens": 40, "temperature": 0}),
+    );
+    assert_eq!(chat["object"], "chat.completion");
+    let c = &chat["choices"][0];
+    assert_eq!(c["message"]["role"], "assistant");
+    let transcript = "The king\n\nSay, my lord\nSir, good sir\nSay, say\nSir,";
+    // The model's context is 16 characters: it reads the transcript's last 16.
+    assert_eq!(chat["usage"]["prompt_tokens"], transcript.len());
+    let tail = &transcript[transcript.len() - 16..];
+    let plain = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": tail, "max_tokens": 40, "temperature": 0, "stop": ["\nSay,"]}),
+    );
+    let want = plain["choices"][0]["text"].as_str().unwrap().trim_start();
+    assert_eq!(c["message"]["content"], want);
+    assert_eq!(c["finish_reason"], plain["choices"][0]["finish_reason"]);
+    assert_eq!(
+        chat["usage"]["completion_tokens"],
+        plain["usage"]["completion_tokens"]
+    );
+    let url = format!("{}/v1/chat/completions", server.url);
+    for (body, param) in [
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "king", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": 3}]}),
+            "messages[0].content",
+        ),
+    ] {
+        let (s, v) = post_raw(&url, &body.to_string());
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    // The default template's "User:" has characters this model never saw.
+    let server = Server::start(&out, ws.dir.path(), &[]);
+    let url = format!("{}/v1/chat/completions", server.url);
+    let (s, v) = post_raw(&url, &json!({"messages": messages}).to_string());
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("--chat-template") && msg.contains("unknown character 'U'"),
+        "{msg}"
+    );
+    std::fs::write(ws.path("bad.toml"), "user = \"Q:\"\n").unwrap();
+    let o = tinygpt(
+        &[
+            "serve",
+            "--checkpoint",
+            "run",
+            "--chat-template",
+            "bad.toml",
+            "--port",
+            "0",
+        ],
+        ws.dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("`user` has no {content}"),
+        "{}",
+        stderr(&o)
+    );
+}

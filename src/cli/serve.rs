@@ -28,6 +28,10 @@ pub struct ServeArgs {
     /// it once. Also read from TINYGPT_API_KEY.
     #[arg(long, env = "TINYGPT_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// How /v1/chat/completions writes messages as text (TOML: system, user, assistant with
+    /// {content}, generation, stop); default `User:` / `Assistant:` lines.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     #[command(flatten)]
     engine: super::EngineArg,
 }
@@ -41,6 +45,10 @@ fn is_loopback(host: &str) -> bool {
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let template = match &args.chat_template {
+        Some(p) => crate::serve::openai::ChatTemplate::load(p)?,
+        None => Default::default(),
+    };
     let dir = super::checkpoint_dir(&args.checkpoint);
     let (ck, mut ctx) = super::load_with_context(&args.checkpoint, args.engine)?;
     // Requests decode side by side: one core each, no partner threads spinning for a second.
@@ -54,7 +62,8 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         .find(|p| p.is_file());
     let served = Served::new(ck, engine, metrics)
         .with_data(args.data)
-        .with_api_key(args.api_key);
+        .with_api_key(args.api_key)
+        .with_chat_template(template);
     if served.api_key.is_none() && !is_loopback(&args.host) {
         eprintln!(
             "warning: --host {} without --api-key: anyone who can reach this machine on port {} can use the model and read its insides; pass --api-key KEY (or set TINYGPT_API_KEY)",

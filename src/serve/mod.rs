@@ -49,6 +49,8 @@ pub struct Served {
     head_scores: Mutex<Option<Arc<crate::circuits::scores::HeadReport>>>,
     /// With a key, every `/api` and `/v1` request must carry `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
+    /// How `/v1/chat/completions` turns messages into text ([`openai::ChatTemplate`]).
+    pub chat_template: openai::ChatTemplate,
 }
 
 impl Served {
@@ -62,7 +64,14 @@ impl Served {
             data: None,
             head_scores: Mutex::new(None),
             api_key: None,
+            chat_template: openai::ChatTemplate::default(),
         }
+    }
+
+    /// Writes chat messages as `template` says.
+    pub fn with_chat_template(mut self, template: openai::ChatTemplate) -> Served {
+        self.chat_template = template;
+        self
     }
 
     /// Requires `key` of every `/api` and `/v1` request (the page itself loads without it).

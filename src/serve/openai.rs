@@ -1,6 +1,11 @@
 //! OpenAI's HTTP API on the served checkpoint, so that the clients every tool uses (the
 //! `openai` packages, chat front-ends, evaluation harnesses) can call the model:
-//! `GET /v1/models` and `POST /v1/completions`.
+//! `GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions`.
+//!
+//! A base model has no chat format, so chat messages become a plain transcript that the model
+//! continues ([`ChatTemplate`]: by default `User:` / `Assistant:` lines, the model writing
+//! after `Assistant:` and stopped at the next `User:`), replaceable by a template file
+//! (`serve --chat-template FILE`).
 //!
 //! Requests are read field by field from JSON, so a bad field is named in the 400 it gets;
 //! errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. Any model
@@ -88,6 +93,7 @@ pub fn routes() -> Router<Shared> {
             }),
         )
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
 }
 
 /// The served model's name: its run directory's (or checkpoint directory's) name.
@@ -113,6 +119,8 @@ fn model_entry(s: &Served) -> Value {
 #[derive(Debug, Clone)]
 struct CompletionReq {
     prompts: Vec<String>,
+    /// A chat request: chat shapes, the assistant's text without its leading whitespace.
+    chat: bool,
     stream: bool,
     n: usize,
     stop: Vec<String>,
@@ -144,16 +152,45 @@ fn strings(body: &Value, name: &str) -> ApiResult<Option<Vec<String>>> {
     })
 }
 
+/// The request body as a JSON object.
+fn json_body(body: &Bytes) -> ApiResult<Value> {
+    let body: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::field("body", format!("the request body is not JSON: {e}")))?;
+    match body.is_object() {
+        true => Ok(body),
+        false => Err(ApiError::field(
+            "body",
+            "the request body must be a JSON object",
+        )),
+    }
+}
+
 impl CompletionReq {
+    /// A `/v1/completions` request.
     fn parse(body: &Bytes) -> ApiResult<CompletionReq> {
-        let body: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::field("body", format!("the request body is not JSON: {e}")))?;
-        if !body.is_object() {
-            return Err(ApiError::field(
-                "body",
-                "the request body must be a JSON object",
-            ));
-        }
+        let body = json_body(body)?;
+        let prompts = strings(&body, "prompt")?
+            .ok_or_else(|| ApiError::field("prompt", "`prompt` is required"))?;
+        CompletionReq::with_prompts(&body, prompts, 16, &[])
+    }
+
+    /// A `/v1/chat/completions` request: its messages as `template`'s transcript.
+    fn parse_chat(body: &Bytes, template: &ChatTemplate) -> ApiResult<CompletionReq> {
+        let body = json_body(body)?;
+        let transcript = template.transcript(&body)?;
+        let mut req = CompletionReq::with_prompts(&body, vec![transcript], 256, &template.stop)?;
+        req.chat = true;
+        Ok(req)
+    }
+
+    /// The fields both endpoints share, for `prompts`; `extra_stops` end the text as `stop`
+    /// does (the chat template's).
+    fn with_prompts(
+        body: &Value,
+        prompts: Vec<String>,
+        default_max: usize,
+        extra_stops: &[String],
+    ) -> ApiResult<CompletionReq> {
         for unsupported in ["logprobs", "suffix"] {
             let set = !matches!(
                 body.get(unsupported),
@@ -166,23 +203,27 @@ impl CompletionReq {
                 ));
             }
         }
-        let prompts = strings(&body, "prompt")?
-            .ok_or_else(|| ApiError::field("prompt", "`prompt` is required"))?;
-        let stop = strings(&body, "stop")?.unwrap_or_default();
+        let mut stop = strings(body, "stop")?.unwrap_or_default();
         if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
             return Err(ApiError::field(
                 "stop",
                 format!("`stop` takes 1 to {MAX_STOPS} non-empty strings"),
             ));
         }
-        let n = field::<usize>(&body, "n", "a positive integer")?.unwrap_or(1);
+        stop.extend(extra_stops.iter().filter(|s| !s.is_empty()).cloned());
+        let n = field::<usize>(body, "n", "a positive integer")?.unwrap_or(1);
         if n == 0 || n * prompts.len().max(1) > MAX_CHOICES {
             return Err(ApiError::field(
                 "n",
                 format!("`n` must be at least 1, and n × prompts at most {MAX_CHOICES}"),
             ));
         }
-        let max_tokens = field::<usize>(&body, "max_tokens", "a positive integer")?.unwrap_or(16);
+        let max_tokens = match field::<usize>(body, "max_completion_tokens", "a positive integer")?
+        {
+            Some(m) => Some(m),
+            None => field::<usize>(body, "max_tokens", "a positive integer")?,
+        };
+        let max_tokens = max_tokens.unwrap_or(default_max);
         if max_tokens == 0 || max_tokens > MAX_TOKENS {
             return Err(ApiError::field(
                 "max_tokens",
@@ -192,11 +233,11 @@ impl CompletionReq {
         let defaults = SampleOptions::default();
         let sampling = SampleOptions {
             max_new_tokens: max_tokens,
-            temperature: field(&body, "temperature", "a number")?.unwrap_or(1.0),
-            top_k: field(&body, "top_k", "a positive integer")?,
-            top_p: field(&body, "top_p", "a number in (0, 1]")?,
-            repetition_penalty: field(&body, "repetition_penalty", "a number")?.unwrap_or(1.0),
-            seed: field(&body, "seed", "an integer")?.unwrap_or(defaults.seed),
+            temperature: field(body, "temperature", "a number")?.unwrap_or(1.0),
+            top_k: field(body, "top_k", "a positive integer")?,
+            top_p: field(body, "top_p", "a number in (0, 1]")?,
+            repetition_penalty: field(body, "repetition_penalty", "a number")?.unwrap_or(1.0),
+            seed: field(body, "seed", "an integer")?.unwrap_or(defaults.seed),
             use_cache: true,
         };
         sampling
@@ -211,10 +252,11 @@ impl CompletionReq {
             })?;
         Ok(CompletionReq {
             prompts,
-            stream: field(&body, "stream", "true or false")?.unwrap_or(false),
+            chat: false,
+            stream: field(body, "stream", "true or false")?.unwrap_or(false),
             n,
             stop,
-            echo: field(&body, "echo", "true or false")?.unwrap_or(false),
+            echo: field(body, "echo", "true or false")?.unwrap_or(false),
             sampling,
         })
     }
@@ -303,10 +345,22 @@ fn final_prefix(text: &str, hold: usize) -> usize {
 
 /// `POST /v1/completions`.
 async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
-    let req = match CompletionReq::parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+    match CompletionReq::parse(&body) {
+        Ok(req) => respond(s, req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response {
+    match CompletionReq::parse_chat(&body, &s.chat_template) {
+        Ok(req) => respond(s, req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The answer to a checked request: streamed, or whole.
+async fn respond(s: Shared, req: CompletionReq) -> Response {
     if req.stream {
         return stream_completions(s, req);
     }
@@ -327,23 +381,28 @@ fn now() -> u64 {
 
 /// `prompt`'s token ids: a 400 for an empty prompt or one the tokenizer cannot encode, a 413
 /// for one longer than the model's context.
-fn encode_prompt(s: &Served, prompt: &str) -> ApiResult<Vec<u32>> {
+fn encode_prompt(s: &Served, prompt: &str, chat: bool) -> ApiResult<Vec<u32>> {
+    let param = if chat { "messages" } else { "prompt" };
     if prompt.is_empty() {
-        return Err(ApiError::field("prompt", "`prompt` is empty"));
+        return Err(ApiError::field(param, "`prompt` is empty"));
     }
-    let ids =
-        s.ck.tokenizer
-            .encode(prompt)
-            .map_err(|e| ApiError::field("prompt", format!("`prompt`: {e}")))?;
+    let ids = s.ck.tokenizer.encode(prompt).map_err(|e| {
+        let what = match chat {
+            true => "the transcript of `messages` (see --chat-template)",
+            false => "`prompt`",
+        };
+        ApiError::field(param, format!("{what}: {e}"))
+    })?;
     let block = s.ck.config.model.block_size;
-    if ids.len() > block {
+    // A conversation may outgrow the context: the model reads its end, as generation would.
+    if ids.len() > block && !chat {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             message: format!(
                 "the prompt is {} tokens; the model's context is {block} (block_size): shorten it",
                 ids.len()
             ),
-            param: Some("prompt".into()),
+            param: Some(param.into()),
             kind: "invalid_request_error",
         });
     }
@@ -355,7 +414,7 @@ fn encode_prompt(s: &Served, prompt: &str) -> ApiResult<Vec<u32>> {
 /// client that disconnects closes the channel, which ends the generation.
 fn stream_completions(s: Shared, req: CompletionReq) -> Response {
     // Checked before the first byte, so a bad prompt still gets its 400 or 413.
-    let prompts = req.prompts.iter().map(|p| encode_prompt(&s, p));
+    let prompts = req.prompts.iter().map(|p| encode_prompt(&s, p, req.chat));
     let prompts = match prompts.collect::<ApiResult<Vec<_>>>() {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -364,17 +423,45 @@ fn stream_completions(s: Shared, req: CompletionReq) -> Response {
     tokio::task::spawn_blocking(move || {
         let (created, model) = (now(), model_name(&s));
         let chunk = |index: usize, text: &str, finish: Option<&str>| {
-            json!({"id": format!("cmpl-{created:x}"), "object": "text_completion",
-                   "created": created, "model": model,
-                   "choices": [{"text": text, "index": index, "logprobs": Value::Null,
-                                "finish_reason": finish}]})
+            let (id, object, choice) = match req.chat {
+                false => (
+                    "cmpl",
+                    "text_completion",
+                    json!({"text": text, "index": index,
+                          "logprobs": Value::Null, "finish_reason": finish}),
+                ),
+                true => (
+                    "chatcmpl",
+                    "chat.completion.chunk",
+                    json!({"index": index,
+                          "delta": match (text, finish) {
+                              ("", Some(_)) => json!({}),
+                              _ => json!({"role": "assistant", "content": text}),
+                          },
+                          "logprobs": Value::Null, "finish_reason": finish}),
+                ),
+            };
+            json!({"id": format!("{id}-{created:x}"), "object": object, "created": created,
+                   "model": model, "choices": [choice]})
             .to_string()
         };
         for (p, ids) in prompts.iter().enumerate() {
             for k in 0..req.n {
                 let index = p * req.n + k;
                 let seed = req.sampling.seed.wrapping_add(index as u64);
-                let mut emit = |piece: &str| tx.blocking_send(chunk(index, piece, None)).is_ok();
+                // A chat answer starts at its first visible character (after "Assistant:").
+                let mut started = !req.chat;
+                let mut emit = |piece: &str| {
+                    let piece = match started {
+                        true => piece,
+                        false => piece.trim_start(),
+                    };
+                    if piece.is_empty() {
+                        return true;
+                    }
+                    started = true;
+                    tx.blocking_send(chunk(index, piece, None)).is_ok()
+                };
                 if req.echo && !emit(&req.prompts[p]) {
                     return;
                 }
@@ -405,25 +492,35 @@ fn stream_completions(s: Shared, req: CompletionReq) -> Response {
 fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
     for (p, prompt) in req.prompts.iter().enumerate() {
-        let ids = encode_prompt(s, prompt)?;
+        let ids = encode_prompt(s, prompt, req.chat)?;
         prompt_tokens += ids.len();
         for k in 0..req.n {
             let index = p * req.n + k;
             let seed = req.sampling.seed.wrapping_add(index as u64);
             let c = complete(s, &ids, req, seed, &mut |_| true)?;
             completion_tokens += c.tokens;
-            let text = if req.echo {
-                format!("{prompt}{}", c.text)
-            } else {
-                c.text
-            };
-            choices.push(json!({"text": text, "index": index, "logprobs": Value::Null, "finish_reason": c.finish}));
+            choices.push(match req.chat {
+                false => {
+                    let text = match req.echo {
+                        true => format!("{prompt}{}", c.text),
+                        false => c.text,
+                    };
+                    json!({"text": text, "index": index, "logprobs": Value::Null,
+                           "finish_reason": c.finish})
+                }
+                true => json!({"index": index, "logprobs": Value::Null, "finish_reason": c.finish,
+                               "message": {"role": "assistant", "content": c.text.trim_start()}}),
+            });
         }
     }
     let created = now();
+    let (id, object) = match req.chat {
+        false => ("cmpl", "text_completion"),
+        true => ("chatcmpl", "chat.completion"),
+    };
     Ok(json!({
-        "id": format!("cmpl-{created:x}{:x}", choices.len()),
-        "object": "text_completion",
+        "id": format!("{id}-{created:x}{:x}", choices.len()),
+        "object": object,
         "created": created,
         "model": model_name(s),
         "choices": choices,
@@ -433,4 +530,112 @@ fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }))
+}
+
+/// How chat messages become the text a base model continues. Each part's `{content}` is the
+/// message's text; the transcript ends with `generation`, and `stop` ends the answer. A
+/// template file (`serve --chat-template FILE`, TOML) sets any of the fields.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatTemplate {
+    pub system: String,
+    pub user: String,
+    pub assistant: String,
+    pub generation: String,
+    pub stop: Vec<String>,
+}
+
+impl Default for ChatTemplate {
+    /// `User:` / `Assistant:` lines, a system message as a first paragraph.
+    fn default() -> ChatTemplate {
+        ChatTemplate {
+            system: "{content}\n\n".into(),
+            user: "User: {content}\n".into(),
+            assistant: "Assistant: {content}\n".into(),
+            generation: "Assistant:".into(),
+            stop: vec!["\nUser:".into()],
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// Reads a template file, naming what is wrong with it.
+    pub fn load(path: &std::path::Path) -> crate::error::Result<ChatTemplate> {
+        use crate::error::Error;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let t: ChatTemplate = toml::from_str(&text).map_err(|e| {
+            Error::Usage(format!(
+                "--chat-template {}: {}; its keys are system, user, assistant (each with {{content}}), generation and stop",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        for (key, part) in [
+            ("system", &t.system),
+            ("user", &t.user),
+            ("assistant", &t.assistant),
+        ] {
+            if !part.contains("{content}") {
+                return Err(Error::Usage(format!(
+                    "--chat-template {}: `{key}` has no {{content}} for the message's text",
+                    path.display()
+                )));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The transcript of `body`'s `messages`, ending where the assistant's answer begins.
+    fn transcript(&self, body: &Value) -> ApiResult<String> {
+        let messages = match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => m,
+            _ => {
+                return Err(ApiError::field(
+                    "messages",
+                    "`messages` must be a non-empty list of {role, content}",
+                ))
+            }
+        };
+        let mut text = String::new();
+        for (i, m) in messages.iter().enumerate() {
+            let part = match m.get("role").and_then(Value::as_str) {
+                Some("system" | "developer") => &self.system,
+                Some("user") => &self.user,
+                Some("assistant") => &self.assistant,
+                _ => {
+                    return Err(ApiError::field(
+                        &format!("messages[{i}].role"),
+                        format!("`messages[{i}].role` must be system, user or assistant"),
+                    ))
+                }
+            };
+            text.push_str(&part.replace("{content}", &message_text(m, i)?));
+        }
+        text.push_str(&self.generation);
+        Ok(text)
+    }
+}
+
+/// A message's text: a string, or a list of parts of which the `text` ones count.
+fn message_text(m: &Value, i: usize) -> ApiResult<String> {
+    let bad = || {
+        ApiError::field(
+            &format!("messages[{i}].content"),
+            format!("`messages[{i}].content` must be a string or a list of text parts"),
+        )
+    };
+    match m.get("content") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                    _ => Err(bad()),
+                },
+            )
+            .collect::<ApiResult<Vec<_>>>()
+            .map(|t| t.concat()),
+        _ => Err(bad()),
+    }
 }
