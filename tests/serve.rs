@@ -829,3 +829,63 @@ fn chat_completions_continue_a_transcript_of_the_messages() {
         stderr(&o)
     );
 }
+
+/// The load limit: 16 concurrent streamed requests on 2 slots and a queue of 2 each end in a
+/// whole answer or a 429 with Retry-After, and the server serves on.
+#[test]
+fn sixteen_concurrent_streams_end_whole_or_in_a_429() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    let server = Server::start(&out, ws.dir.path(), &["--slots", "2", "--queue", "2"]);
+    let url = format!("{}/v1/completions", server.url);
+    let body = json!({"prompt": "The king", "max_tokens": 3000, "stream": true}).to_string();
+    let outcomes: Vec<(u16, String, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut res = agent()
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(&body)
+                        .unwrap();
+                    let retry = res
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    let status = res.status().as_u16();
+                    (status, res.body_mut().read_to_string().unwrap(), retry)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (mut whole, mut refused) = (0, 0);
+    for (status, text, retry) in &outcomes {
+        match status {
+            200 => {
+                assert!(text.trim_end().ends_with("data: [DONE]"), "a whole answer");
+                assert!(text.contains("\"finish_reason\":\"length\""));
+                whole += 1;
+            }
+            429 => {
+                assert_eq!(retry.as_deref(), Some("1"));
+                let v: Value = serde_json::from_str(text).unwrap();
+                assert_eq!(v["error"]["type"], "rate_limit_error");
+                refused += 1;
+            }
+            s => panic!("status {s}: {text}"),
+        }
+    }
+    assert_eq!(whole + refused, 16);
+    assert!(
+        whole >= 4,
+        "two slots and two waiting are always served: {whole}"
+    );
+    assert!(refused >= 1, "16 at once overflow 2 slots and a queue of 2");
+    let r = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": "The king", "max_tokens": 3}),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+}

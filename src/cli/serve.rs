@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// {content}, generation, stop); default `User:` / `Assistant:` lines.
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
+    /// /v1 generations that run at once (default: the cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    slots: Option<u64>,
+    /// /v1 requests that may wait for a slot; any beyond get a 429 (default: 4 a core).
+    #[arg(long)]
+    queue: Option<usize>,
     #[command(flatten)]
     engine: super::EngineArg,
 }
@@ -63,7 +69,11 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     let served = Served::new(ck, engine, metrics)
         .with_data(args.data)
         .with_api_key(args.api_key)
-        .with_chat_template(template);
+        .with_chat_template(template)
+        .with_limit(
+            args.slots.map_or(crate::serve::cores(), |n| n as usize),
+            args.queue.unwrap_or(4 * crate::serve::cores()),
+        );
     if served.api_key.is_none() && !is_loopback(&args.host) {
         eprintln!(
             "warning: --host {} without --api-key: anyone who can reach this machine on port {} can use the model and read its insides; pass --api-key KEY (or set TINYGPT_API_KEY)",

@@ -51,6 +51,8 @@ pub struct Served {
     pub api_key: Option<String>,
     /// How `/v1/chat/completions` turns messages into text ([`openai::ChatTemplate`]).
     pub chat_template: openai::ChatTemplate,
+    /// How many `/v1` generations run at once, and wait ([`openai::Limit`]).
+    pub limit: openai::Limit,
 }
 
 impl Served {
@@ -65,7 +67,15 @@ impl Served {
             head_scores: Mutex::new(None),
             api_key: None,
             chat_template: openai::ChatTemplate::default(),
+            // One generation a core, four waiting a core.
+            limit: openai::Limit::new(cores(), 4 * cores()),
         }
+    }
+
+    /// At most `slots` generations at once and `queue` waiting.
+    pub fn with_limit(mut self, slots: usize, queue: usize) -> Served {
+        self.limit = openai::Limit::new(slots, queue);
+        self
     }
 
     /// Writes chat messages as `template` says.
@@ -103,6 +113,11 @@ impl Served {
 }
 
 type Shared = Arc<Served>;
+
+/// This machine's cores (as the process may use them).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// A JSON answer, or a 4xx/5xx with `{"error": "..."}`.
 struct Answer(Result<String>);

@@ -359,12 +359,64 @@ async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response {
     }
 }
 
-/// The answer to a checked request: streamed, or whole.
-async fn respond(s: Shared, req: CompletionReq) -> Response {
-    if req.stream {
-        return stream_completions(s, req);
+/// Generation's load limit: `slots` requests generate at once, at most `queue` more wait for
+/// a slot, and any beyond get a 429 at once, so a burst neither piles up threads and memory
+/// nor stalls the page's own requests.
+pub struct Limit {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    queue: usize,
+}
+
+impl Limit {
+    pub fn new(slots: usize, queue: usize) -> Limit {
+        Limit {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(slots.max(1))),
+            waiting: Default::default(),
+            queue,
+        }
     }
-    let answer = tokio::task::spawn_blocking(move || answer_completions(&s, &req)).await;
+
+    /// A slot, after waiting in the queue; a 429 with `Retry-After` when the queue is full.
+    async fn acquire(&self) -> std::result::Result<tokio::sync::OwnedSemaphorePermit, Response> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, SeqCst) >= self.queue {
+            self.waiting.fetch_sub(1, SeqCst);
+            let mut r = ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "every generation slot is busy and the queue is full; retry in a moment (serve --slots and --queue set the limit)".into(),
+                param: None,
+                kind: "rate_limit_error",
+            }
+            .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return Err(r);
+        }
+        let permit = self.slots.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, SeqCst);
+        permit.map_err(|_| ApiError::server("the server is stopping".into()).into_response())
+    }
+}
+
+/// The answer to a checked request, streamed or whole, once it has a generation slot (held
+/// until its last token).
+async fn respond(s: Shared, req: CompletionReq) -> Response {
+    let permit = match s.limit.acquire().await {
+        Ok(p) => p,
+        Err(busy) => return busy,
+    };
+    if req.stream {
+        return stream_completions(s, req, permit);
+    }
+    let answer = tokio::task::spawn_blocking(move || {
+        let _slot = permit;
+        answer_completions(&s, &req)
+    })
+    .await;
     match answer {
         Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => e.into_response(),
@@ -412,7 +464,11 @@ fn encode_prompt(s: &Served, prompt: &str, chat: bool) -> ApiResult<Vec<u32>> {
 /// `stream: true`: server-sent events, a chunk per piece of text as the tokens come (each
 /// choice in turn), each choice's last chunk with its `finish_reason`, then `[DONE]`. A
 /// client that disconnects closes the channel, which ends the generation.
-fn stream_completions(s: Shared, req: CompletionReq) -> Response {
+fn stream_completions(
+    s: Shared,
+    req: CompletionReq,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
     // Checked before the first byte, so a bad prompt still gets its 400 or 413.
     let prompts = req.prompts.iter().map(|p| encode_prompt(&s, p, req.chat));
     let prompts = match prompts.collect::<ApiResult<Vec<_>>>() {
@@ -421,6 +477,7 @@ fn stream_completions(s: Shared, req: CompletionReq) -> Response {
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let (created, model) = (now(), model_name(&s));
         let chunk = |index: usize, text: &str, finish: Option<&str>| {
             let (id, object, choice) = match req.chat {
