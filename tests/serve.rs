@@ -573,7 +573,11 @@ fn the_openai_completions_api_answers_in_openai_shapes() {
         (r#"{"prompt": "The king", "stop": 3}"#, 400, "stop"),
         (r#"{"max_tokens": 3}"#, 400, "prompt"),
         (r#"{"prompt": "The king", "stream": "yes"}"#, 400, "stream"),
-        (r#"{"prompt": "The king", "logprobs": 2}"#, 400, "logprobs"),
+        (
+            r#"{"prompt": "The king", "logprobs": "all"}"#,
+            400,
+            "logprobs",
+        ),
         (r#"not json"#, 400, "body"),
     ] {
         let (s, v) = post_raw(&url, body);
@@ -888,4 +892,55 @@ fn sixteen_concurrent_streams_end_whole_or_in_a_429() {
         json!({"prompt": "The king", "max_tokens": 3}),
     );
     assert_eq!(r["choices"][0]["finish_reason"], "length");
+}
+
+/// `logprobs: k`: each completion token's log-probability under the model, the k most likely
+/// there, and where its text starts; greedy picks the most likely, and the tokens spell the text.
+#[test]
+fn completion_logprobs_are_the_models_distribution() {
+    let ws = Workspace::new(8000);
+    let (out, _) = train_tiny(&ws, "run", 12);
+    let server = Server::start(&out, ws.dir.path(), &[]);
+    let r = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": "The king", "max_tokens": 12, "temperature": 0, "logprobs": 3}),
+    );
+    let c = &r["choices"][0];
+    let lp = &c["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 12);
+    assert_eq!(tokens.concat(), c["text"].as_str().unwrap());
+    let mut at = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][i], at);
+        at += t.len();
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() <= 3 && !top.is_empty());
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let mine = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(
+            (mine - best).abs() < 1e-9,
+            "greedy takes the most likely: {mine} vs {best}"
+        );
+        let mass: f64 = top.values().map(|v| v.as_f64().unwrap().exp()).sum();
+        assert!(mass <= 1.0 + 1e-9 && mine <= 0.0);
+    }
+    let url = format!("{}/v1/completions", server.url);
+    for body in [
+        json!({"prompt": "The king", "logprobs": 99}),
+        json!({"prompt": "The king", "logprobs": 2, "stream": true}),
+    ] {
+        let (s, v) = post_raw(&url, &body.to_string());
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["error"]["param"], "logprobs");
+    }
 }

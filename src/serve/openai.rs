@@ -27,12 +27,14 @@ use serde_json::{json, Value};
 
 use super::{Served, Shared};
 use crate::rng::seeded;
-use crate::sample::{generate_with, SampleOptions};
+use crate::sample::{generate_with, next_logits_with, SampleOptions};
 
 /// The most new tokens one choice may ask for.
 const MAX_TOKENS: usize = 100_000;
 /// The most stop strings a request may give (OpenAI's limit).
 const MAX_STOPS: usize = 4;
+/// The most alternatives `logprobs` may ask for at each position.
+const MAX_LOGPROBS: usize = 20;
 /// The most choices one request may ask for (prompts × n).
 const MAX_CHOICES: usize = 128;
 
@@ -121,6 +123,8 @@ struct CompletionReq {
     prompts: Vec<String>,
     /// A chat request: chat shapes, the assistant's text without its leading whitespace.
     chat: bool,
+    /// How many most likely tokens to list at each position (`logprobs`), if any.
+    logprobs: Option<usize>,
     stream: bool,
     n: usize,
     stop: Vec<String>,
@@ -191,7 +195,7 @@ impl CompletionReq {
         default_max: usize,
         extra_stops: &[String],
     ) -> ApiResult<CompletionReq> {
-        for unsupported in ["logprobs", "suffix"] {
+        for unsupported in ["suffix", "top_logprobs"] {
             let set = !matches!(
                 body.get(unsupported),
                 None | Some(Value::Null) | Some(Value::Bool(false))
@@ -203,6 +207,19 @@ impl CompletionReq {
                 ));
             }
         }
+        // Completions' `logprobs: k` (chat's `logprobs: true` is not served yet).
+        let logprobs = match body.get("logprobs") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(v) => match v.as_u64() {
+                Some(k) if k <= MAX_LOGPROBS as u64 && extra_stops.is_empty() => Some(k as usize),
+                _ => {
+                    return Err(ApiError::field(
+                        "logprobs",
+                        format!("`logprobs` must be an integer in 0..={MAX_LOGPROBS} (completions; not yet on chat)"),
+                    ))
+                }
+            },
+        };
         let mut stop = strings(body, "stop")?.unwrap_or_default();
         if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
             return Err(ApiError::field(
@@ -250,10 +267,18 @@ impl CompletionReq {
                     .unwrap_or("body");
                 ApiError::field(param, msg)
             })?;
+        let stream = field(body, "stream", "true or false")?.unwrap_or(false);
+        if stream && logprobs.is_some() {
+            return Err(ApiError::field(
+                "logprobs",
+                "`logprobs` with `stream` is not supported yet",
+            ));
+        }
         Ok(CompletionReq {
             prompts,
             chat: false,
-            stream: field(body, "stream", "true or false")?.unwrap_or(false),
+            logprobs,
+            stream,
             n,
             stop,
             echo: field(body, "echo", "true or false")?.unwrap_or(false),
@@ -266,7 +291,8 @@ impl CompletionReq {
 struct Choice {
     text: String,
     finish: &'static str,
-    tokens: usize,
+    /// The tokens generated (past the stop string too, when one ended it).
+    ids: Vec<u32>,
 }
 
 /// Generates one choice for `ids` with seed `seed`, ending at `max_tokens` or before the
@@ -329,8 +355,54 @@ fn complete(
     Ok(Choice {
         text,
         finish,
-        tokens: generated.len(),
+        ids: generated,
     })
+}
+
+/// OpenAI's `logprobs` of a completion: each token of `c` that made it into its text, the
+/// model's log-probability of it (temperature 1, before any sampling option), the `top` most
+/// likely tokens there, and where each token's text starts (after `base` bytes: an echoed
+/// prompt).
+fn logprobs(s: &Served, prompt: &[u32], c: &Choice, top: usize, base: usize) -> ApiResult<Value> {
+    let (tok, block) = (&s.ck.tokenizer, s.ck.config.model.block_size);
+    let server = |e: crate::error::Error| ApiError::server(e.to_string());
+    let seq = [prompt, &c.ids].concat();
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let mut at = 0;
+    for (j, &id) in c.ids.iter().enumerate() {
+        if at >= c.text.len() && j > 0 {
+            break; // past the stop string
+        }
+        let p = prompt.len() + j;
+        let logits = s
+            .with_decoder(|d| {
+                next_logits_with(&s.engine, Some(d), &seq[p.saturating_sub(block)..p])
+            })
+            .map_err(server)?;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        let text = tok.decode(&[id]).map_err(server)?;
+        let best: serde_json::Map<String, Value> = order[..top.min(order.len())]
+            .iter()
+            .map(|&i| Ok((tok.decode(&[i])?, json!(logits[i as usize] as f64 - lse))))
+            .collect::<crate::error::Result<_>>()
+            .map_err(server)?;
+        tokens.push(json!(text));
+        lps.push(json!(logits[id as usize] as f64 - lse));
+        tops.push(Value::Object(best));
+        offsets.push(json!(base + at));
+        at += text.len();
+    }
+    Ok(
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}),
+    )
 }
 
 /// The length of `text` that no later token can change: all but its last `hold` bytes (a
@@ -555,14 +627,18 @@ fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
             let index = p * req.n + k;
             let seed = req.sampling.seed.wrapping_add(index as u64);
             let c = complete(s, &ids, req, seed, &mut |_| true)?;
-            completion_tokens += c.tokens;
+            completion_tokens += c.ids.len();
+            let lp = match req.logprobs {
+                Some(k) => logprobs(s, &ids, &c, k, if req.echo { prompt.len() } else { 0 })?,
+                None => Value::Null,
+            };
             choices.push(match req.chat {
                 false => {
                     let text = match req.echo {
                         true => format!("{prompt}{}", c.text),
                         false => c.text,
                     };
-                    json!({"text": text, "index": index, "logprobs": Value::Null,
+                    json!({"text": text, "index": index, "logprobs": lp,
                            "finish_reason": c.finish})
                 }
                 true => json!({"index": index, "logprobs": Value::Null, "finish_reason": c.finish,
