@@ -8,6 +8,7 @@
 //! on tokio's blocking pool, so a slow one never stalls the server. axum serves: a well-kept
 //! HTTP stack whose router and extractors leave only the views to write.
 
+pub mod chat;
 pub mod circuits;
 pub mod openai;
 pub mod views;

@@ -25,6 +25,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
+pub use super::chat::ChatTemplate;
 use super::{Served, Shared};
 use crate::rng::seeded;
 use crate::sample::{generate_with, next_logits_with, SampleOptions};
@@ -49,7 +50,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// A 400 naming the request field `param`.
-    fn field(param: &str, message: impl Into<String>) -> ApiError {
+    pub fn field(param: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
@@ -82,7 +83,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = std::result::Result<T, ApiError>;
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// The `/v1` routes.
 pub fn routes() -> Router<Shared> {
@@ -247,26 +248,7 @@ impl CompletionReq {
                 format!("`max_tokens` must be in 1..={MAX_TOKENS}"),
             ));
         }
-        let defaults = SampleOptions::default();
-        let sampling = SampleOptions {
-            max_new_tokens: max_tokens,
-            temperature: field(body, "temperature", "a number")?.unwrap_or(1.0),
-            top_k: field(body, "top_k", "a positive integer")?,
-            top_p: field(body, "top_p", "a number in (0, 1]")?,
-            repetition_penalty: field(body, "repetition_penalty", "a number")?.unwrap_or(1.0),
-            seed: field(body, "seed", "an integer")?.unwrap_or(defaults.seed),
-            use_cache: true,
-        };
-        sampling
-            .validate_named(|name| name.replace('-', "_"))
-            .map_err(|e| {
-                let msg = e.to_string();
-                let param = ["temperature", "top_k", "top_p", "repetition_penalty"]
-                    .into_iter()
-                    .find(|p| msg.contains(p))
-                    .unwrap_or("body");
-                ApiError::field(param, msg)
-            })?;
+        let sampling = sampling(body, max_tokens)?;
         let stream = field(body, "stream", "true or false")?.unwrap_or(false);
         if stream && logprobs.is_some() {
             return Err(ApiError::field(
@@ -285,6 +267,30 @@ impl CompletionReq {
             sampling,
         })
     }
+}
+
+/// The sampler's options from `body`'s fields, checked, for `max_tokens` new tokens.
+fn sampling(body: &Value, max_tokens: usize) -> ApiResult<SampleOptions> {
+    let sampling = SampleOptions {
+        max_new_tokens: max_tokens,
+        temperature: field(body, "temperature", "a number")?.unwrap_or(1.0),
+        top_k: field(body, "top_k", "a positive integer")?,
+        top_p: field(body, "top_p", "a number in (0, 1]")?,
+        repetition_penalty: field(body, "repetition_penalty", "a number")?.unwrap_or(1.0),
+        seed: field(body, "seed", "an integer")?.unwrap_or(SampleOptions::default().seed),
+        use_cache: true,
+    };
+    sampling
+        .validate_named(|name| name.replace('-', "_"))
+        .map_err(|e| {
+            let msg = e.to_string();
+            let param = ["temperature", "top_k", "top_p", "repetition_penalty"]
+                .into_iter()
+                .find(|p| msg.contains(p))
+                .unwrap_or("body");
+            ApiError::field(param, msg)
+        })?;
+    Ok(sampling)
 }
 
 /// One generated choice: its text and why it ended.
@@ -663,112 +669,4 @@ fn answer_completions(s: &Served, req: &CompletionReq) -> ApiResult<Value> {
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }))
-}
-
-/// How chat messages become the text a base model continues. Each part's `{content}` is the
-/// message's text; the transcript ends with `generation`, and `stop` ends the answer. A
-/// template file (`serve --chat-template FILE`, TOML) sets any of the fields.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ChatTemplate {
-    pub system: String,
-    pub user: String,
-    pub assistant: String,
-    pub generation: String,
-    pub stop: Vec<String>,
-}
-
-impl Default for ChatTemplate {
-    /// `User:` / `Assistant:` lines, a system message as a first paragraph.
-    fn default() -> ChatTemplate {
-        ChatTemplate {
-            system: "{content}\n\n".into(),
-            user: "User: {content}\n".into(),
-            assistant: "Assistant: {content}\n".into(),
-            generation: "Assistant:".into(),
-            stop: vec!["\nUser:".into()],
-        }
-    }
-}
-
-impl ChatTemplate {
-    /// Reads a template file, naming what is wrong with it.
-    pub fn load(path: &std::path::Path) -> crate::error::Result<ChatTemplate> {
-        use crate::error::Error;
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let t: ChatTemplate = toml::from_str(&text).map_err(|e| {
-            Error::Usage(format!(
-                "--chat-template {}: {}; its keys are system, user, assistant (each with {{content}}), generation and stop",
-                path.display(),
-                e.message()
-            ))
-        })?;
-        for (key, part) in [
-            ("system", &t.system),
-            ("user", &t.user),
-            ("assistant", &t.assistant),
-        ] {
-            if !part.contains("{content}") {
-                return Err(Error::Usage(format!(
-                    "--chat-template {}: `{key}` has no {{content}} for the message's text",
-                    path.display()
-                )));
-            }
-        }
-        Ok(t)
-    }
-
-    /// The transcript of `body`'s `messages`, ending where the assistant's answer begins.
-    fn transcript(&self, body: &Value) -> ApiResult<String> {
-        let messages = match body.get("messages") {
-            Some(Value::Array(m)) if !m.is_empty() => m,
-            _ => {
-                return Err(ApiError::field(
-                    "messages",
-                    "`messages` must be a non-empty list of {role, content}",
-                ))
-            }
-        };
-        let mut text = String::new();
-        for (i, m) in messages.iter().enumerate() {
-            let part = match m.get("role").and_then(Value::as_str) {
-                Some("system" | "developer") => &self.system,
-                Some("user") => &self.user,
-                Some("assistant") => &self.assistant,
-                _ => {
-                    return Err(ApiError::field(
-                        &format!("messages[{i}].role"),
-                        format!("`messages[{i}].role` must be system, user or assistant"),
-                    ))
-                }
-            };
-            text.push_str(&part.replace("{content}", &message_text(m, i)?));
-        }
-        text.push_str(&self.generation);
-        Ok(text)
-    }
-}
-
-/// A message's text: a string, or a list of parts of which the `text` ones count.
-fn message_text(m: &Value, i: usize) -> ApiResult<String> {
-    let bad = || {
-        ApiError::field(
-            &format!("messages[{i}].content"),
-            format!("`messages[{i}].content` must be a string or a list of text parts"),
-        )
-    };
-    match m.get("content") {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(
-                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
-                    _ => Err(bad()),
-                },
-            )
-            .collect::<ApiResult<Vec<_>>>()
-            .map(|t| t.concat()),
-        _ => Err(bad()),
-    }
 }

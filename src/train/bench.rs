@@ -157,6 +157,28 @@ fn synthetic_trainer(config: Config, ctx: &RunContext) -> Result<Trainer> {
     Trainer::from_parts(config, tokenizer, dataset, ctx)
 }
 
+/// `opts.warmup` untimed training steps, then each of `opts.iters` timed, in milliseconds;
+/// and the share of the timed steps spent summing gradients across ranks.
+fn time_steps(trainer: &mut Trainer, opts: &BenchOptions) -> Result<(Vec<f64>, f64)> {
+    let device = &opts.ctx.device;
+    trainer.micro_batches()?;
+    for _ in 0..opts.warmup {
+        trainer.train_step()?;
+    }
+    device.synchronize()?;
+    trainer.reduce_s = 0.0;
+    let mut times = Vec::with_capacity(opts.iters);
+    for _ in 0..opts.iters {
+        let t = Instant::now();
+        trainer.train_step()?;
+        // A GPU runs the step's last kernels after train_step returns: wait for them.
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let timed_s = times.iter().sum::<f64>() / 1000.0;
+    Ok((times, trainer.reduce_s / timed_s))
+}
+
 /// Measures `config` (trained on `data`, or on random tokens when `None`). `say` gets a line
 /// per stage as it starts.
 pub fn run(
@@ -185,26 +207,11 @@ pub fn run(
         "training: {} warm-up + {} timed steps of {} tokens",
         opts.warmup, opts.iters, tokens_per_iter
     ));
-    trainer.micro_batches()?;
-    for _ in 0..opts.warmup {
-        trainer.train_step()?;
-    }
-    device.synchronize()?;
-    trainer.reduce_s = 0.0;
-    let mut times = Vec::with_capacity(opts.iters);
-    for _ in 0..opts.iters {
-        let t = Instant::now();
-        trainer.train_step()?;
-        // A GPU runs the step's last kernels after train_step returns: wait for them.
-        device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
+    let (mut times, allreduce_share) = time_steps(&mut trainer, opts)?;
     let peak_device_memory_mb = crate::engine::device::peak_memory(&device).map(|b| b as f64 / 1e6);
     let peak_rss_mb = peak_rss_mb();
     let min = times.iter().cloned().fold(f64::MAX, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
-    let timed_s = times.iter().sum::<f64>() / 1000.0;
-    let allreduce_share = trainer.reduce_s / timed_s;
     let ms = median(&mut times);
 
     let gen = |use_cache: bool| -> Result<f64> {
