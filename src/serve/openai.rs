@@ -302,9 +302,9 @@ struct Choice {
 }
 
 /// Generates one choice for `ids` with seed `seed`, ending at `max_tokens` or before the
-/// first stop string. `emit` gets the text as it becomes final: held back while its end may
-/// still grow into a stop string or complete a character; `emit` answering false (a client
-/// gone) ends the generation.
+/// first stop string. `emit` gets the text as it becomes final: whole characters, held back
+/// while their end may still grow into a stop string; `emit` answering false (a client gone)
+/// ends the generation.
 fn complete(
     s: &Served,
     ids: &[u32],
@@ -314,24 +314,29 @@ fn complete(
 ) -> ApiResult<Choice> {
     let tok = &s.ck.tokenizer;
     let mut rng = seeded(seed);
-    let mut out: Vec<u32> = Vec::new();
+    // The text so far, a whole character at a time (`tinygpt generate`'s streaming decoder).
+    let (mut stream, mut text) = (tok.stream(), String::new());
     let (mut stopped_at, mut sent) = (None, 0);
     let hold = req.stop.iter().map(String::len).max().unwrap_or(1) - 1;
     let generated = s.with_decoder(|d| {
         generate_with(&s.engine, Some(d), ids, &req.sampling, &mut rng, |id| {
-            out.push(id);
             if req.stop.is_empty() && !req.stream {
                 return Ok(true);
             }
-            let text = tok.decode(&out)?;
+            let Some(piece) = stream.step(id)? else {
+                return Ok(true);
+            };
+            // A stop string not found before must end in the new piece.
+            let from = floor_boundary(&text, text.len().saturating_sub(hold));
+            text.push_str(&piece);
             stopped_at = req
                 .stop
                 .iter()
-                .filter_map(|st| text.find(st.as_str()))
+                .filter_map(|st| text[from..].find(st.as_str()).map(|at| from + at))
                 .min();
             let end = match stopped_at {
                 Some(at) => at,
-                None => final_prefix(&text, hold),
+                None => floor_boundary(&text, text.len().saturating_sub(hold)),
             };
             if end > sent {
                 if !emit(&text[sent..end]) {
@@ -411,14 +416,12 @@ fn logprobs(s: &Served, prompt: &[u32], c: &Choice, top: usize, base: usize) -> 
     )
 }
 
-/// The length of `text` that no later token can change: all but its last `hold` bytes (a
-/// stop string's start) and any unfinished character at its end, on a character boundary.
-fn final_prefix(text: &str, hold: usize) -> usize {
-    let mut end = text.len().saturating_sub(hold);
-    while !text.is_char_boundary(end) {
-        end -= 1;
+/// The largest character boundary of `text` at or below `at`.
+fn floor_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
     }
-    text[..end].trim_end_matches('\u{FFFD}').len()
+    at
 }
 
 /// `POST /v1/completions`.
