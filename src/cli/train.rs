@@ -195,10 +195,8 @@ fn digest(t: &Trainer) -> Result<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.config.to_toml()?.hash(&mut h);
-    t.tokenizer.vocab_size().hash(&mut h);
-    for id in 0..t.tokenizer.vocab_size() as u32 {
-        t.tokenizer.decode(&[id]).unwrap_or_default().hash(&mut h);
-    }
+    // Written in a fixed order: checkpoints hold the same tokenizer.json bytes run after run.
+    t.tokenizer.to_json()?.hash(&mut h);
     for split in [
         crate::data::corpus::Split::Train,
         crate::data::corpus::Split::Val,
@@ -215,9 +213,12 @@ fn digest(t: &Trainer) -> Result<u64> {
             .as_tensor()
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?;
-        for x in v.to_vec1::<f32>()? {
-            x.to_bits().hash(&mut h);
-        }
+        let bytes: Vec<u8> = v
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        h.write(&bytes);
     }
     Ok(h.finish())
 }
