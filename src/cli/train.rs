@@ -99,7 +99,7 @@ fn start_resumed(
 ) -> Result<Started> {
     let dir = match comm.is_root() {
         true => RunDir::resume(resume, args.out.clone())?,
-        false => RunDir::follower(PathBuf::new(), Some(resume), args.out.clone()),
+        false => RunDir::resume_follower(resume, args.out.clone()),
     };
     let ck_dir = dir.resume.clone().unwrap_or_default();
     let ck = crate::run::checkpoint::load(&ck_dir, device)?;
@@ -146,7 +146,7 @@ fn start_fresh(
         .unwrap_or_else(|| PathBuf::from("checkpoints").join(name));
     let dir = match comm.is_root() {
         true => RunDir::fresh(out, args.force)?,
-        false => RunDir::follower(out, None, None),
+        false => RunDir::fresh_follower(out),
     };
     let trainer = match &args.init_from {
         Some(ck) => Trainer::init_from(config, &super::checkpoint_dir(ck), &ctx, progress),

@@ -108,16 +108,19 @@ impl RunDir {
         })
     }
 
-    /// The run directory as a rank other than 0 sees it: [`RunDir::resume`]'s paths (or the
-    /// fresh run's `path`) with no lock taken and nothing created; rank 0 holds the directory.
-    pub fn follower(path: PathBuf, resume: Option<&Path>, out: Option<PathBuf>) -> RunDir {
-        let (path, resume) = match resume {
-            Some(arg) => {
-                let (ck_dir, run_dir) = resume_paths(arg);
-                (out.unwrap_or(run_dir), Some(ck_dir))
-            }
-            None => (path, None),
-        };
+    /// [`RunDir::resume`]'s directory and checkpoint as a rank other than 0 sees them: no
+    /// lock taken and nothing checked or created; rank 0 holds the directory.
+    pub fn resume_follower(arg: &Path, out: Option<PathBuf>) -> RunDir {
+        let (ck_dir, run_dir) = resume_paths(arg);
+        RunDir::follower(out.unwrap_or(run_dir), Some(ck_dir))
+    }
+
+    /// [`RunDir::fresh`]'s directory as a rank other than 0 sees it (see above).
+    pub fn fresh_follower(path: PathBuf) -> RunDir {
+        RunDir::follower(path, None)
+    }
+
+    fn follower(path: PathBuf, resume: Option<PathBuf>) -> RunDir {
         RunDir {
             path,
             resume,
