@@ -63,6 +63,12 @@ impl Comm {
         self.local_size
     }
 
+    /// This rank's contiguous share of `n` items (micro-batches, evaluation batches): ranks
+    /// take them in order, the shares differing by at most one.
+    pub fn share(&self, n: usize) -> std::ops::Range<usize> {
+        self.rank * n / self.size..(self.rank + 1) * n / self.size
+    }
+
     /// Rank 0, the one that writes: the lock, checkpoints, metrics, progress, samples.
     pub fn is_root(&self) -> bool {
         self.rank == 0

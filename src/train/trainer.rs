@@ -167,8 +167,7 @@ impl Trainer {
         ctx: &RunContext,
     ) -> Result<Trainer> {
         let device = &ctx.device;
-        let rng = seeded(config.training.seed);
-        let mut params = Params::fresh(rng, device);
+        let mut params = Params::fresh(seeded(config.training.seed), device);
         let vocab = tokenizer.vocab_size();
         let model = params.build(|vb| Gpt::new(&config.model, vocab, vb))?;
         let engine = ctx
@@ -316,9 +315,8 @@ impl Trainer {
         let t = &self.config.training;
         let n = t.eval_iters;
         let mut losses = vec![0.0f64; 2 * n];
-        let (r, size) = (self.comm.rank(), self.comm.size());
         for (s, split) in [Split::Train, Split::Val].into_iter().enumerate() {
-            for j in r * n / size..(r + 1) * n / size {
+            for j in self.comm.share(n) {
                 let mut rng = eval_batch(t.seed, self.state.step, s, j);
                 let block = self.config.model.block_size;
                 let (x, y) =
@@ -342,8 +340,7 @@ impl Trainer {
                 a.div_ceil(size) * size
             )));
         }
-        let per = a / size;
-        Ok(self.comm.rank() * per..(self.comm.rank() + 1) * per)
+        Ok(self.comm.share(a))
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss.
