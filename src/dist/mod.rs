@@ -239,6 +239,7 @@ pub fn launched_ranks() -> Option<usize> {
 }
 
 /// This rank's number as the launcher set it, for messages before MPI answers.
+#[cfg(feature = "mpi")]
 fn launched_rank() -> String {
     ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
         .iter()
@@ -321,7 +322,7 @@ pub fn rank_threads(local_ranks: usize) -> usize {
 }
 
 /// Starts rayon's global pool with `n` threads unless `RAYON_NUM_THREADS` is set.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg(feature = "mpi")]
 fn set_threads(n: usize) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Fails only when the pool already runs; then it keeps its size.
@@ -333,10 +334,10 @@ fn set_threads(n: usize) {
 
 /// Ends the process with one line when the ranks have not all answered in time: a host that
 /// cannot be reached must not leave the others waiting forever.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg(feature = "mpi")]
 struct Watchdog(std::sync::mpsc::Sender<()>);
 
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg(feature = "mpi")]
 impl Watchdog {
     fn arm(seconds: f64) -> Watchdog {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
